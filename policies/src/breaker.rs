@@ -1,0 +1,320 @@
+//! The circuit breaker: one small state machine, every transition named.
+//!
+//! ```text
+//!            trip condition                 open period over
+//!   Closed ─────────────────▶ Open ─────────────────────────▶ HalfOpen
+//!     ▲                        ▲                                 │
+//!     │  successes_to_close    │ a probe fails: period doubles   │
+//!     └────────────────────────┴─────────────────────────────────┘
+//! ```
+//! * **Closed**: every call is allowed and its outcome recorded. It trips on `consecutive_failures`,
+//!   on the failure rate or on the slow-call rate over the sliding window.
+//! * **Open**: calls are rejected until the open period ends.
+//! * **HalfOpen**: up to `max_probes` calls at a time are let through as probes;
+//!   `successes_to_close` successful probes close it, one failed probe re-opens it with the period
+//!   doubled (with ±10% jitter) up to `max_open_for`. A probe slot held longer than
+//!   `probe_timeout` is taken back, so a lost probe can never wedge the breaker.
+//!
+//! Outcomes of calls that were admitted under an earlier phase (for example a call let through
+//! while Closed that completes after the breaker opened) are ignored: they say nothing about
+//! the upstream since the trip.
+
+use crate::codec::{Reader, Writer};
+use crate::window::{Totals, Window, BUCKETS};
+use crate::SECOND;
+
+const VERSION: u8 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateRule {
+    pub threshold: u8,
+    pub minimum_requests: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlowRule {
+    pub duration_ns: u64,
+    pub threshold: u8,
+    pub minimum_requests: u32,
+}
+
+/// A validated breaker configuration, all times in nanoseconds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// 0 disables the consecutive-failure trip.
+    pub consecutive_failures: u32,
+    pub failure_rate: Option<RateRule>,
+    pub slow_call: Option<SlowRule>,
+    pub window_ns: u64,
+    pub open_for_ns: u64,
+    pub max_open_for_ns: u64,
+    pub max_probes: u32,
+    pub successes_to_close: u32,
+    pub probe_timeout_ns: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            consecutive_failures: 5,
+            failure_rate: None,
+            slow_call: None,
+            window_ns: 10 * SECOND,
+            open_for_ns: 30 * SECOND,
+            max_open_for_ns: 300 * SECOND,
+            max_probes: 1,
+            successes_to_close: 1,
+            probe_timeout_ns: 30 * SECOND,
+        }
+    }
+}
+
+impl BreakerConfig {
+    fn bucket_ns(&self) -> u64 {
+        (self.window_ns / BUCKETS as u64).max(1)
+    }
+    fn uses_window(&self) -> bool {
+        self.failure_rate.is_some() || self.slow_call.is_some()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Closed,
+    Open { until: u64 },
+    HalfOpen { probes: u32, successes: u32, last_probe_at: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TripReason {
+    ConsecutiveFailures(u32),
+    FailureRate { percent: u32, requests: u32 },
+    SlowCalls { percent: u32, requests: u32 },
+    ProbeFailed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    Opened { reason: TripReason, period_ns: u64 },
+    HalfOpened,
+    Closed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Closed: go ahead, record the outcome.
+    Allow,
+    /// Half-open: go ahead as a probe; its outcome (or [`BreakerState::release_probe`]) must follow.
+    Probe,
+    Reject { retry_after_ns: u64 },
+}
+
+/// What one finished call tells the breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Outcome {
+    pub failure: bool,
+    pub slow: bool,
+}
+
+/// The result of a step: whether the state must be written back, and the transition made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step<T> {
+    pub value: T,
+    pub changed: bool,
+    pub transition: Option<Transition>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BreakerState {
+    pub phase: Phase,
+    pub consecutive_failures: u32,
+    /// The open period of the latest trip; doubles on every re-trip from half-open.
+    pub open_period_ns: u64,
+    /// The bucket length the window was recorded with; a config change of window resets it.
+    bucket_ns: u64,
+    pub window: Window,
+}
+
+impl Default for BreakerState {
+    fn default() -> Self {
+        BreakerState { phase: Phase::Closed, consecutive_failures: 0, open_period_ns: 0, bucket_ns: 0, window: Window::default() }
+    }
+}
+
+impl BreakerState {
+    /// Decides whether a call may go ahead now.
+    pub fn admit(&mut self, cfg: &BreakerConfig, now: u64) -> Step<Admission> {
+        match self.phase {
+            Phase::Closed => step(Admission::Allow, false, None),
+            Phase::Open { until } if now < until => {
+                step(Admission::Reject { retry_after_ns: until - now }, false, None)
+            }
+            Phase::Open { .. } => {
+                self.phase = Phase::HalfOpen { probes: 1, successes: 0, last_probe_at: now };
+                step(Admission::Probe, true, Some(Transition::HalfOpened))
+            }
+            Phase::HalfOpen { probes, successes, last_probe_at } => {
+                // Probes unheard of for probe_timeout are presumed lost (their VM died): reclaim.
+                let probes = if now.saturating_sub(last_probe_at) >= cfg.probe_timeout_ns { 0 } else { probes };
+                if probes < cfg.max_probes {
+                    self.phase = Phase::HalfOpen { probes: probes + 1, successes, last_probe_at: now };
+                    step(Admission::Probe, true, None)
+                } else {
+                    step(Admission::Reject { retry_after_ns: SECOND }, false, None)
+                }
+            }
+        }
+    }
+
+    /// Records the outcome of a call admitted as `probe` (or not). `jitter` is any random number.
+    pub fn record(&mut self, cfg: &BreakerConfig, now: u64, outcome: Outcome, probe: bool, jitter: u64) -> Step<()> {
+        match self.phase {
+            Phase::Closed => self.record_closed(cfg, now, outcome),
+            Phase::HalfOpen { probes, successes, last_probe_at } if probe => {
+                if outcome.failure {
+                    let period = self.next_period(cfg, jitter);
+                    self.open(now, period);
+                    return step((), true, Some(Transition::Opened { reason: TripReason::ProbeFailed, period_ns: period }));
+                }
+                let successes = successes + 1;
+                if successes >= cfg.successes_to_close {
+                    self.close();
+                    return step((), true, Some(Transition::Closed));
+                }
+                self.phase = Phase::HalfOpen { probes: probes.saturating_sub(1), successes, last_probe_at };
+                step((), true, None)
+            }
+            // Admitted before the latest trip: it says nothing about the upstream since then.
+            Phase::Open { .. } | Phase::HalfOpen { .. } => step((), false, None),
+        }
+    }
+
+    /// A probe ended without an outcome that counts (client abort, ignored error): free its slot.
+    pub fn release_probe(&mut self) -> bool {
+        match self.phase {
+            Phase::HalfOpen { probes, successes, last_probe_at } if probes > 0 => {
+                self.phase = Phase::HalfOpen { probes: probes - 1, successes, last_probe_at };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn record_closed(&mut self, cfg: &BreakerConfig, now: u64, outcome: Outcome) -> Step<()> {
+        let before = self.consecutive_failures;
+        self.consecutive_failures = if outcome.failure { self.consecutive_failures.saturating_add(1) } else { 0 };
+        if cfg.consecutive_failures > 0 && self.consecutive_failures >= cfg.consecutive_failures {
+            let reason = TripReason::ConsecutiveFailures(self.consecutive_failures);
+            return self.trip(cfg, now, reason);
+        }
+        if !cfg.uses_window() {
+            return step((), before != self.consecutive_failures, None);
+        }
+        let bucket_ns = cfg.bucket_ns();
+        if self.bucket_ns != bucket_ns {
+            self.window.clear();
+            self.bucket_ns = bucket_ns;
+        }
+        self.window.record(now, bucket_ns, outcome.failure, outcome.slow);
+        let t = self.window.totals(now, bucket_ns);
+        if let Some(reason) = window_trip(cfg, t) {
+            return self.trip(cfg, now, reason);
+        }
+        step((), true, None)
+    }
+
+    fn trip(&mut self, cfg: &BreakerConfig, now: u64, reason: TripReason) -> Step<()> {
+        let period = cfg.open_for_ns;
+        self.open(now, period);
+        step((), true, Some(Transition::Opened { reason, period_ns: period }))
+    }
+
+    fn open(&mut self, now: u64, period: u64) {
+        self.phase = Phase::Open { until: now.saturating_add(period) };
+        self.open_period_ns = period;
+        self.consecutive_failures = 0;
+        self.window.clear();
+    }
+
+    fn close(&mut self) {
+        self.phase = Phase::Closed;
+        self.open_period_ns = 0;
+        self.consecutive_failures = 0;
+        self.window.clear();
+    }
+
+    /// Doubles the last period, ±10% jitter so re-opened breakers on many proxies don't probe in step.
+    fn next_period(&self, cfg: &BreakerConfig, jitter: u64) -> u64 {
+        let doubled = self.open_period_ns.max(cfg.open_for_ns).saturating_mul(2);
+        let spread = doubled / 10;
+        let jittered = if spread == 0 { doubled } else { doubled - spread + jitter % (2 * spread + 1) };
+        jittered.clamp(cfg.open_for_ns, cfg.max_open_for_ns.max(cfg.open_for_ns))
+    }
+
+    pub fn encode(&self) -> alloc::vec::Vec<u8> {
+        let mut w = Writer::with_capacity(48);
+        w.u8(VERSION);
+        match self.phase {
+            Phase::Closed => w.u8(0),
+            Phase::Open { until } => {
+                w.u8(1);
+                w.u64(until);
+            }
+            Phase::HalfOpen { probes, successes, last_probe_at } => {
+                w.u8(2);
+                w.u32(probes);
+                w.u32(successes);
+                w.u64(last_probe_at);
+            }
+        }
+        w.u32(self.consecutive_failures);
+        w.u64(self.open_period_ns);
+        w.u64(self.bucket_ns);
+        self.window.encode(&mut w);
+        w.buf
+    }
+
+    /// None for bytes of another version or cut short: the caller starts from a fresh state.
+    pub fn decode(bytes: &[u8]) -> Option<BreakerState> {
+        let mut r = Reader::new(bytes);
+        if r.u8()? != VERSION {
+            return None;
+        }
+        let phase = match r.u8()? {
+            0 => Phase::Closed,
+            1 => Phase::Open { until: r.u64()? },
+            2 => Phase::HalfOpen { probes: r.u32()?, successes: r.u32()?, last_probe_at: r.u64()? },
+            _ => return None,
+        };
+        let state = BreakerState {
+            phase,
+            consecutive_failures: r.u32()?,
+            open_period_ns: r.u64()?,
+            bucket_ns: r.u64()?,
+            window: Window::decode(&mut r)?,
+        };
+        r.is_empty().then_some(state)
+    }
+}
+
+fn step<T>(value: T, changed: bool, transition: Option<Transition>) -> Step<T> {
+    Step { value, changed, transition }
+}
+
+fn window_trip(cfg: &BreakerConfig, t: Totals) -> Option<TripReason> {
+    let percent = |part: u32| (u64::from(part) * 100 / u64::from(t.total.max(1))) as u32;
+    if let Some(rule) = cfg.failure_rate {
+        if t.total >= rule.minimum_requests && Totals::at_least(t.failures, t.total, rule.threshold) {
+            return Some(TripReason::FailureRate { percent: percent(t.failures), requests: t.total });
+        }
+    }
+    if let Some(rule) = cfg.slow_call {
+        if t.total >= rule.minimum_requests && Totals::at_least(t.slow, t.total, rule.threshold) {
+            return Some(TripReason::SlowCalls { percent: percent(t.slow), requests: t.total });
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;

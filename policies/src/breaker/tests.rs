@@ -1,0 +1,252 @@
+//! Scenarios, in the style of sony/gobreaker's: what an operator would expect, step by step.
+
+use super::*;
+use crate::MS;
+
+const FAIL: Outcome = Outcome { failure: true, slow: false };
+const OK: Outcome = Outcome { failure: false, slow: false };
+const SLOW: Outcome = Outcome { failure: false, slow: true };
+
+fn consecutive(n: u32) -> BreakerConfig {
+    BreakerConfig { consecutive_failures: n, open_for_ns: 30 * SECOND, ..BreakerConfig::default() }
+}
+
+fn run(b: &mut BreakerState, cfg: &BreakerConfig, now: u64, o: Outcome) -> Option<Transition> {
+    assert_eq!(b.admit(cfg, now).value, Admission::Allow);
+    b.record(cfg, now, o, false, 0).transition
+}
+
+fn open_breaker(cfg: &BreakerConfig, now: u64) -> BreakerState {
+    let mut b = BreakerState::default();
+    for _ in 0..cfg.consecutive_failures {
+        run(&mut b, cfg, now, FAIL);
+    }
+    assert!(matches!(b.phase, Phase::Open { .. }));
+    b
+}
+
+#[test]
+fn fifth_failure_trips_with_consecutive_failures_5() {
+    let cfg = consecutive(5);
+    let mut b = BreakerState::default();
+    for _ in 0..4 {
+        assert_eq!(run(&mut b, &cfg, 0, FAIL), None);
+    }
+    assert_eq!(
+        run(&mut b, &cfg, 0, FAIL),
+        Some(Transition::Opened { reason: TripReason::ConsecutiveFailures(5), period_ns: 30 * SECOND })
+    );
+    assert_eq!(b.admit(&cfg, 0).value, Admission::Reject { retry_after_ns: 30 * SECOND });
+}
+
+#[test]
+fn a_success_resets_the_consecutive_count() {
+    let cfg = consecutive(3);
+    let mut b = BreakerState::default();
+    run(&mut b, &cfg, 0, FAIL);
+    run(&mut b, &cfg, 0, FAIL);
+    run(&mut b, &cfg, 0, OK);
+    run(&mut b, &cfg, 0, FAIL);
+    assert_eq!(run(&mut b, &cfg, 0, FAIL), None);
+    assert_eq!(b.phase, Phase::Closed);
+}
+
+#[test]
+fn open_for_minus_one_ms_is_still_open_and_then_a_probe_goes() {
+    let cfg = consecutive(1);
+    let mut b = open_breaker(&cfg, 0);
+    assert_eq!(b.admit(&cfg, 30 * SECOND - MS).value, Admission::Reject { retry_after_ns: MS });
+    let s = b.admit(&cfg, 30 * SECOND);
+    assert_eq!((s.value, s.transition), (Admission::Probe, Some(Transition::HalfOpened)));
+}
+
+#[test]
+fn half_open_lets_only_max_probes_through_at_a_time() {
+    let cfg = BreakerConfig { max_probes: 2, successes_to_close: 2, ..consecutive(1) };
+    let mut b = open_breaker(&cfg, 0);
+    let t = 30 * SECOND;
+    assert_eq!(b.admit(&cfg, t).value, Admission::Probe);
+    assert_eq!(b.admit(&cfg, t).value, Admission::Probe);
+    assert!(matches!(b.admit(&cfg, t).value, Admission::Reject { .. }));
+    // One probe succeeds: its slot frees, but one success is not enough to close.
+    assert_eq!(b.record(&cfg, t, OK, true, 0).transition, None);
+    assert_eq!(b.admit(&cfg, t).value, Admission::Probe);
+    assert!(matches!(b.admit(&cfg, t).value, Admission::Reject { .. }));
+    assert_eq!(b.record(&cfg, t, OK, true, 0).transition, Some(Transition::Closed));
+    assert_eq!(b.admit(&cfg, t).value, Admission::Allow);
+}
+
+#[test]
+fn a_failed_probe_reopens_for_double_the_period_with_jitter() {
+    let cfg = BreakerConfig { max_open_for_ns: 100 * SECOND, ..consecutive(1) };
+    let mut b = open_breaker(&cfg, 0);
+    let t = 30 * SECOND;
+    b.admit(&cfg, t);
+    let Some(Transition::Opened { reason: TripReason::ProbeFailed, period_ns }) = b.record(&cfg, t, FAIL, true, 12345).transition else {
+        panic!("a failed probe must re-open the breaker");
+    };
+    assert!((54 * SECOND..=66 * SECOND).contains(&period_ns), "60 s ±10%, got {period_ns}");
+    // And again: doubling stops at max_open_for.
+    let t2 = t + period_ns;
+    b.admit(&cfg, t2);
+    b.record(&cfg, t2, FAIL, true, 999);
+    let t3 = t2 + 100 * SECOND;
+    b.admit(&cfg, t3);
+    let s = b.record(&cfg, t3, FAIL, true, u64::MAX);
+    assert_eq!(s.transition, Some(Transition::Opened { reason: TripReason::ProbeFailed, period_ns: 100 * SECOND }));
+}
+
+#[test]
+fn closing_resets_the_period_so_the_next_trip_starts_at_open_for() {
+    let cfg = consecutive(1);
+    let mut b = open_breaker(&cfg, 0);
+    b.admit(&cfg, 30 * SECOND);
+    b.record(&cfg, 30 * SECOND, OK, true, 0);
+    assert_eq!(b.phase, Phase::Closed);
+    let s = run(&mut b, &cfg, 31 * SECOND, FAIL);
+    assert_eq!(s, Some(Transition::Opened { reason: TripReason::ConsecutiveFailures(1), period_ns: 30 * SECOND }));
+}
+
+#[test]
+fn a_released_probe_gives_its_slot_back() {
+    let cfg = consecutive(1);
+    let mut b = open_breaker(&cfg, 0);
+    assert_eq!(b.admit(&cfg, 30 * SECOND).value, Admission::Probe);
+    assert!(matches!(b.admit(&cfg, 30 * SECOND).value, Admission::Reject { .. }));
+    assert!(b.release_probe());
+    assert_eq!(b.admit(&cfg, 30 * SECOND).value, Admission::Probe);
+}
+
+#[test]
+fn a_lost_probe_is_reclaimed_after_probe_timeout() {
+    let cfg = BreakerConfig { probe_timeout_ns: 5 * SECOND, ..consecutive(1) };
+    let mut b = open_breaker(&cfg, 0);
+    let t = 30 * SECOND;
+    assert_eq!(b.admit(&cfg, t).value, Admission::Probe);
+    assert!(matches!(b.admit(&cfg, t + 5 * SECOND - MS).value, Admission::Reject { .. }));
+    assert_eq!(b.admit(&cfg, t + 5 * SECOND).value, Admission::Probe);
+}
+
+#[test]
+fn outcomes_from_before_the_trip_are_ignored() {
+    let cfg = consecutive(1);
+    let mut b = open_breaker(&cfg, 0);
+    let s = b.record(&cfg, MS, OK, false, 0);
+    assert!(!s.changed);
+    b.admit(&cfg, 30 * SECOND);
+    // A straggler admitted while closed cannot close a half-open breaker.
+    assert_eq!(b.record(&cfg, 30 * SECOND, OK, false, 0).transition, None);
+    assert!(matches!(b.phase, Phase::HalfOpen { probes: 1, .. }));
+}
+
+fn rate(threshold: u8, minimum_requests: u32) -> BreakerConfig {
+    BreakerConfig {
+        consecutive_failures: 0,
+        failure_rate: Some(RateRule { threshold, minimum_requests }),
+        ..BreakerConfig::default()
+    }
+}
+
+#[test]
+fn failure_rate_waits_for_minimum_requests() {
+    let cfg = rate(50, 20);
+    let mut b = BreakerState::default();
+    // Alternate: 50% failures, but only the 20th call reaches minimum_requests.
+    for i in 0..19 {
+        assert_eq!(run(&mut b, &cfg, i * MS, if i % 2 == 0 { FAIL } else { OK }), None, "call {i}");
+    }
+    assert_eq!(
+        run(&mut b, &cfg, 19 * MS, OK),
+        Some(Transition::Opened { reason: TripReason::FailureRate { percent: 50, requests: 20 }, period_ns: 30 * SECOND })
+    );
+}
+
+#[test]
+fn failure_rate_below_threshold_does_not_trip() {
+    let cfg = rate(50, 10);
+    let mut b = BreakerState::default();
+    for i in 0..100 {
+        // 1 failure in 3 = 33%.
+        assert_eq!(run(&mut b, &cfg, i * MS, if i % 3 == 0 { FAIL } else { OK }), None);
+    }
+}
+
+#[test]
+fn failures_that_slid_out_of_the_window_do_not_count() {
+    let cfg = rate(50, 4);
+    let mut b = BreakerState::default();
+    run(&mut b, &cfg, 0, FAIL);
+    run(&mut b, &cfg, 0, FAIL);
+    run(&mut b, &cfg, 0, FAIL);
+    // 10 s later those three are gone: 1 failure of 4 is 25%.
+    for o in [FAIL, OK, OK] {
+        assert_eq!(run(&mut b, &cfg, 10 * SECOND, o), None);
+    }
+    assert_eq!(run(&mut b, &cfg, 10 * SECOND, OK), None);
+}
+
+#[test]
+fn slow_calls_trip_on_their_own_rate() {
+    let cfg = BreakerConfig {
+        consecutive_failures: 0,
+        slow_call: Some(SlowRule { duration_ns: 500 * MS, threshold: 80, minimum_requests: 5 }),
+        ..BreakerConfig::default()
+    };
+    let mut b = BreakerState::default();
+    run(&mut b, &cfg, 0, OK);
+    for _ in 0..3 {
+        assert_eq!(run(&mut b, &cfg, 0, SLOW), None);
+    }
+    // 4 slow of 5 = 80%.
+    assert_eq!(
+        run(&mut b, &cfg, 0, SLOW),
+        Some(Transition::Opened { reason: TripReason::SlowCalls { percent: 80, requests: 5 }, period_ns: 30 * SECOND })
+    );
+}
+
+#[test]
+fn state_round_trips_through_bytes_in_every_phase() {
+    let cfg = BreakerConfig { failure_rate: Some(RateRule { threshold: 90, minimum_requests: 100 }), ..consecutive(3) };
+    let mut b = BreakerState::default();
+    run(&mut b, &cfg, 0, FAIL);
+    run(&mut b, &cfg, SECOND, OK);
+    assert_eq!(BreakerState::decode(&b.encode()), Some(b.clone()));
+    let mut open = open_breaker(&cfg, 0);
+    assert_eq!(BreakerState::decode(&open.encode()), Some(open.clone()));
+    open.admit(&cfg, 30 * SECOND);
+    assert_eq!(BreakerState::decode(&open.encode()), Some(open.clone()));
+    assert!(open.encode().len() < 64, "state must stay compact");
+}
+
+#[test]
+fn foreign_or_truncated_bytes_decode_to_none() {
+    let b = open_breaker(&consecutive(1), 0).encode();
+    assert_eq!(BreakerState::decode(&[]), None);
+    assert_eq!(BreakerState::decode(&b[..b.len() - 1]), None);
+    let mut other_version = b.clone();
+    other_version[0] = 99;
+    assert_eq!(BreakerState::decode(&other_version), None);
+    let mut trailing = b;
+    trailing.push(0);
+    assert_eq!(BreakerState::decode(&trailing), None);
+}
+
+#[test]
+fn changing_the_window_length_starts_a_fresh_window() {
+    let mut cfg = rate(50, 2);
+    let mut b = BreakerState::default();
+    run(&mut b, &cfg, 0, FAIL);
+    cfg.window_ns = 20 * SECOND;
+    // The old failure was kept in 1 s buckets; with 2 s buckets it is dropped, so 1 of 1 → not yet 2 requests.
+    assert_eq!(run(&mut b, &cfg, 0, FAIL), None);
+    assert_eq!(b.window.totals(0, 2 * SECOND).total, 1);
+}
+
+#[test]
+fn a_success_with_nothing_to_count_needs_no_write() {
+    let cfg = consecutive(5);
+    let mut b = BreakerState::default();
+    assert!(!b.admit(&cfg, 0).changed);
+    assert!(!b.record(&cfg, 0, OK, false, 0).changed);
+    assert!(b.record(&cfg, 0, FAIL, false, 0).changed);
+}

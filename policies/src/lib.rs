@@ -1,0 +1,20 @@
+//! Breakwater's resilience policies as pure state machines.
+//!
+//! `no_std` + `alloc`, no I/O and no clock: the caller passes the time in (nanoseconds) and
+//! stores the state wherever it likes. The plugin keeps it in proxy-wasm shared data, so every
+//! state encodes to compact, versioned bytes ([`codec`]).
+#![no_std]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
+
+extern crate alloc;
+
+pub mod breaker;
+pub mod codec;
+pub mod window;
+
+pub use breaker::{Admission, BreakerConfig, BreakerState, Outcome, Phase, Transition, TripReason};
+pub use window::Window;
+
+/// Nanoseconds per millisecond / second, for readable constants.
+pub const MS: u64 = 1_000_000;
+pub const SECOND: u64 = 1_000_000_000;
