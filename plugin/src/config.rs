@@ -1,0 +1,509 @@
+//! The plugin configuration: parsed and compiled once, in `on_configure`.
+//!
+//! Parsing walks `serde_json::Value` by hand so that every error names the JSON path of the
+//! offending field and what was expected, e.g.
+//! `policies.checkout.circuit_breaker.open_for: expected a duration such as "250ms", "10s" or "5m", got "30 seconds"`.
+//! Unknown keys are errors: a typo must not silently disable a policy.
+
+use crate::routes::{HostPattern, Route, RouteTable};
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use breakwater_policies::breaker::{RateRule, SlowRule};
+use breakwater_policies::{BreakerConfig, MS, SECOND};
+use core::fmt;
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+type Result<T> = core::result::Result<T, ConfigError>;
+
+fn err<T>(path: &str, message: impl Into<String>) -> Result<T> {
+    Err(ConfigError { path: path.to_string(), message: message.into() })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    DryRun,
+}
+
+/// Which finished calls count as failures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailureOn {
+    /// Status classes and codes, as inclusive ranges: "5xx" is 500..=599.
+    pub status: Vec<(u16, u16)>,
+    pub grpc_status: Vec<u32>,
+    pub reset: bool,
+    pub connect_failure: bool,
+    pub timeout: bool,
+}
+
+impl Default for FailureOn {
+    fn default() -> Self {
+        FailureOn {
+            status: alloc::vec![(500, 599)],
+            grpc_status: alloc::vec![4, 13, 14], // DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE
+            reset: true,
+            connect_failure: true,
+            timeout: true,
+        }
+    }
+}
+
+/// What a fast-failed request gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reject {
+    pub status: u32,
+    /// None: a short text naming the reason.
+    pub body: Option<String>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Default for Reject {
+    fn default() -> Self {
+        Reject { status: 503, body: None, headers: Vec::new() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Breaker {
+    pub machine: BreakerConfig,
+    pub failure_on: FailureOn,
+    /// From slow_call.duration; None when slow calls are not tracked (no clock read needed).
+    pub slow_ns: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub mode: Mode,
+    pub breaker: Option<Breaker>,
+    pub reject: Reject,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub policies: Vec<Policy>,
+    pub routes: RouteTable,
+}
+
+/// Parses and validates the whole configuration; nothing is applied unless all of it is valid.
+pub fn parse(bytes: &[u8]) -> Result<Config> {
+    let root: Value = serde_json::from_slice(bytes).map_err(|e| ConfigError {
+        path: String::new(),
+        message: format!("configuration is not valid JSON: {e}"),
+    })?;
+    let mut root = Obj::new(&root, "")?;
+    let mut policies = Vec::new();
+    if let Some(v) = root.opt("policies") {
+        let path = root.path("policies");
+        let map = v.as_object().ok_or_else(|| expected(&path, "an object of policies by name", v))?;
+        for (name, body) in map {
+            let path = join(&path, name);
+            check_name(&path, name)?;
+            policies.push(policy(name, body, &path)?);
+        }
+    }
+    let mut routes = Vec::new();
+    if let Some(v) = root.opt("routes") {
+        let path = root.path("routes");
+        let list = v.as_array().ok_or_else(|| expected(&path, "a list of routes", v))?;
+        for (i, r) in list.iter().enumerate() {
+            routes.push(route(r, &format!("{path}[{i}]"), &policies)?);
+        }
+    }
+    root.finish()?;
+    Ok(Config { policies, routes: RouteTable::new(routes) })
+}
+
+fn policy(name: &str, v: &Value, path: &str) -> Result<Policy> {
+    let mut o = Obj::new(v, path)?;
+    let mode = match o.opt("mode") {
+        None => Mode::Enforce,
+        Some(v) => match v.as_str() {
+            Some("enforce") => Mode::Enforce,
+            Some("dry_run") => Mode::DryRun,
+            _ => return Err(expected(&o.path("mode"), "\"enforce\" or \"dry_run\"", v)),
+        },
+    };
+    let breaker = match o.opt("circuit_breaker") {
+        Some(v) => Some(breaker(v, &o.path("circuit_breaker"))?),
+        None => None,
+    };
+    let reject = match o.opt("reject") {
+        Some(v) => reject(v, &o.path("reject"))?,
+        None => Reject::default(),
+    };
+    o.finish()?;
+    Ok(Policy { name: name.to_string(), mode, breaker, reject })
+}
+
+fn breaker(v: &Value, path: &str) -> Result<Breaker> {
+    let mut o = Obj::new(v, path)?;
+    let mut m = BreakerConfig { consecutive_failures: 0, ..BreakerConfig::default() };
+    let consecutive = o.opt("consecutive_failures");
+    if let Some(v) = consecutive {
+        m.consecutive_failures = positive_u32(v, &o.path("consecutive_failures"))?;
+    }
+    let mut window: Option<(u64, String)> = None;
+    if let Some(v) = o.opt("failure_rate") {
+        let path = o.path("failure_rate");
+        let mut r = Obj::new(v, &path)?;
+        let threshold = percent(r.req("threshold")?, &r.path("threshold"))?;
+        let minimum_requests = match r.opt("minimum_requests") {
+            Some(v) => positive_u32(v, &r.path("minimum_requests"))?,
+            None => 20,
+        };
+        if let Some(v) = r.opt("window") {
+            window = Some((duration(v, &r.path("window"))?, r.path("window")));
+        }
+        r.finish()?;
+        m.failure_rate = Some(RateRule { threshold, minimum_requests });
+    }
+    let mut slow_ns = None;
+    if let Some(v) = o.opt("slow_call") {
+        let path = o.path("slow_call");
+        let mut s = Obj::new(v, &path)?;
+        let duration_ns = duration(s.req("duration")?, &s.path("duration"))?;
+        let threshold = percent(s.req("threshold")?, &s.path("threshold"))?;
+        let minimum_requests = match s.opt("minimum_requests") {
+            Some(v) => positive_u32(v, &s.path("minimum_requests"))?,
+            None => m.failure_rate.map_or(20, |r| r.minimum_requests),
+        };
+        if let Some(v) = s.opt("window") {
+            let w = duration(v, &s.path("window"))?;
+            if let Some((other, other_path)) = &window {
+                if *other != w {
+                    return err(&s.path("window"), format!("must equal {other_path}: a breaker has one sliding window"));
+                }
+            }
+            window = Some((w, s.path("window")));
+        }
+        s.finish()?;
+        slow_ns = Some(duration_ns);
+        m.slow_call = Some(SlowRule { duration_ns, threshold, minimum_requests });
+    }
+    if let Some((w, wpath)) = &window {
+        if *w < 10 * MS {
+            return err(wpath, "must be at least 10ms");
+        }
+        m.window_ns = *w;
+    }
+    if consecutive.is_none() && m.failure_rate.is_none() && m.slow_call.is_none() {
+        m.consecutive_failures = 5;
+    }
+    if let Some(v) = o.opt("open_for") {
+        m.open_for_ns = duration(v, &o.path("open_for"))?;
+    }
+    m.max_open_for_ns = match o.opt("max_open_for") {
+        Some(v) => duration(v, &o.path("max_open_for"))?,
+        None => (10 * m.open_for_ns).max(300 * SECOND),
+    };
+    if m.max_open_for_ns < m.open_for_ns {
+        return err(&o.path("max_open_for"), "must be at least open_for");
+    }
+    if let Some(v) = o.opt("half_open") {
+        let mut h = Obj::new(v, &o.path("half_open"))?;
+        if let Some(v) = h.opt("max_probes") {
+            m.max_probes = positive_u32(v, &h.path("max_probes"))?;
+        }
+        if let Some(v) = h.opt("successes_to_close") {
+            m.successes_to_close = positive_u32(v, &h.path("successes_to_close"))?;
+        }
+        if let Some(v) = h.opt("probe_timeout") {
+            m.probe_timeout_ns = duration(v, &h.path("probe_timeout"))?;
+        }
+        h.finish()?;
+    }
+    let failure_on = match o.opt("failure_on") {
+        Some(v) => failure_on(v, &o.path("failure_on"))?,
+        None => FailureOn::default(),
+    };
+    o.finish()?;
+    Ok(Breaker { machine: m, failure_on, slow_ns })
+}
+
+fn failure_on(v: &Value, path: &str) -> Result<FailureOn> {
+    let mut o = Obj::new(v, path)?;
+    let mut f = FailureOn::default();
+    if let Some(v) = o.opt("status") {
+        let p = o.path("status");
+        let list = v.as_array().ok_or_else(|| expected(&p, "a list such as [\"5xx\", 429]", v))?;
+        f.status = list
+            .iter()
+            .enumerate()
+            .map(|(i, s)| status_range(s, &format!("{p}[{i}]")))
+            .collect::<Result<_>>()?;
+    }
+    if let Some(v) = o.opt("grpc_status") {
+        let p = o.path("grpc_status");
+        let list = v.as_array().ok_or_else(|| expected(&p, "a list such as [UNAVAILABLE]", v))?;
+        f.grpc_status = list
+            .iter()
+            .enumerate()
+            .map(|(i, s)| grpc_code(s, &format!("{p}[{i}]")))
+            .collect::<Result<_>>()?;
+    }
+    for (key, slot) in [("reset", &mut f.reset), ("connect_failure", &mut f.connect_failure), ("timeout", &mut f.timeout)] {
+        if let Some(v) = o.opt(key) {
+            *slot = v.as_bool().ok_or_else(|| expected(&o.path(key), "true or false", v))?;
+        }
+    }
+    o.finish()?;
+    Ok(f)
+}
+
+fn reject(v: &Value, path: &str) -> Result<Reject> {
+    let mut o = Obj::new(v, path)?;
+    let mut r = Reject::default();
+    if let Some(v) = o.opt("status") {
+        let p = o.path("status");
+        r.status = match v.as_u64() {
+            Some(s @ 200..=599) => s as u32,
+            _ => return Err(expected(&p, "an HTTP status from 200 to 599", v)),
+        };
+    }
+    if let Some(v) = o.opt("body") {
+        r.body = Some(v.as_str().ok_or_else(|| expected(&o.path("body"), "a string", v))?.to_string());
+    }
+    if let Some(v) = o.opt("headers") {
+        let p = o.path("headers");
+        let map = v.as_object().ok_or_else(|| expected(&p, "an object of header names to strings", v))?;
+        for (name, value) in map {
+            let hp = join(&p, name);
+            if name.is_empty() || name.starts_with(':') || name.bytes().any(|b| !b.is_ascii_graphic() || b.is_ascii_uppercase()) {
+                return err(&hp, "expected a lower-case HTTP header name");
+            }
+            let value = value.as_str().ok_or_else(|| expected(&hp, "a string", value))?;
+            r.headers.push((name.clone(), value.to_string()));
+        }
+    }
+    o.finish()?;
+    Ok(r)
+}
+
+fn route(v: &Value, path: &str, policies: &[Policy]) -> Result<Route> {
+    let mut o = Obj::new(v, path)?;
+    let policy_path = o.path("policy");
+    let name = o.req("policy")?;
+    let name = name.as_str().ok_or_else(|| expected(&policy_path, "a policy name", name))?;
+    let policy = policies
+        .iter()
+        .position(|p| p.name == name)
+        .ok_or_else(|| ConfigError { path: policy_path.clone(), message: format!("no policy named \"{name}\" in policies") })?;
+    let mpath = o.path("match");
+    let m = o.req("match")?;
+    let mut mo = Obj::new(m, &mpath)?;
+    let mut r = Route { policy, ..Route::default() };
+    let string = |v: &Value, p: &str| -> Result<String> {
+        match v.as_str() {
+            Some(s) if !s.is_empty() => Ok(s.to_string()),
+            _ => Err(expected(p, "a non-empty string", v)),
+        }
+    };
+    if let Some(v) = mo.opt("route_name") {
+        r.route_name = Some(string(v, &mo.path("route_name"))?);
+    }
+    if let Some(v) = mo.opt("path_prefix") {
+        let p = mo.path("path_prefix");
+        let s = string(v, &p)?;
+        if !s.starts_with('/') {
+            return err(&p, format!("expected a path starting with \"/\", got \"{s}\""));
+        }
+        r.path_prefix = Some(s);
+    }
+    if let Some(v) = mo.opt("methods") {
+        let p = mo.path("methods");
+        let list = v.as_array().ok_or_else(|| expected(&p, "a list of HTTP methods", v))?;
+        for (i, m) in list.iter().enumerate() {
+            let mp = format!("{p}[{i}]");
+            let s = string(m, &mp)?;
+            if !s.bytes().all(|b| b.is_ascii_uppercase()) {
+                return err(&mp, format!("expected an upper-case HTTP method such as GET, got \"{s}\""));
+            }
+            r.methods.push(s);
+        }
+        if r.methods.is_empty() {
+            return err(&p, "expected at least one method (omit the key to match any)");
+        }
+    }
+    if let Some(v) = mo.opt("host") {
+        let p = mo.path("host");
+        r.host = Some(HostPattern::parse(&string(v, &p)?).map_err(|m| ConfigError { path: p, message: m.to_string() })?);
+    }
+    if let Some(v) = mo.opt("headers") {
+        let p = mo.path("headers");
+        let map = v.as_object().ok_or_else(|| expected(&p, "an object of header names to exact values", v))?;
+        for (name, value) in map {
+            let hp = join(&p, name);
+            let value = value.as_str().ok_or_else(|| expected(&hp, "a string", value))?;
+            r.headers.push((name.to_ascii_lowercase(), value.to_string()));
+        }
+    }
+    if let Some(v) = mo.opt("cluster") {
+        r.cluster = Some(string(v, &mo.path("cluster"))?);
+    }
+    mo.finish()?;
+    o.finish()?;
+    Ok(r)
+}
+
+/// Policy names become stat name segments and shared-data keys: keep them to a safe alphabet.
+fn check_name(path: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        err(path, "a policy name must be 1-64 characters of letters, digits, '_' or '-'")
+    }
+}
+
+fn positive_u32(v: &Value, path: &str) -> Result<u32> {
+    match v.as_u64() {
+        Some(n) if n > 0 && n <= u64::from(u32::MAX) => Ok(n as u32),
+        _ => Err(expected(path, "a whole number greater than 0", v)),
+    }
+}
+
+fn percent(v: &Value, path: &str) -> Result<u8> {
+    match v.as_u64() {
+        Some(n @ 1..=100) => Ok(n as u8),
+        _ => Err(expected(path, "a percent from 1 to 100", v)),
+    }
+}
+
+/// "250ms", "10s", "1.5s", "5m", "1h" → nanoseconds; zero is refused.
+pub fn parse_duration(s: &str) -> Option<u64> {
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = s.split_at(split);
+    let unit_ns = match unit {
+        "ms" => MS,
+        "s" => SECOND,
+        "m" => 60 * SECOND,
+        "h" => 3600 * SECOND,
+        _ => return None,
+    };
+    let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() || frac.len() > 3 || (number.contains('.') && frac.is_empty()) {
+        return None;
+    }
+    let whole: u64 = whole.parse().ok()?;
+    let frac_value: u64 = if frac.is_empty() { 0 } else { frac.parse().ok()? };
+    let frac_ns = unit_ns / 10u64.pow(frac.len() as u32) * frac_value;
+    let ns = whole.checked_mul(unit_ns)?.checked_add(frac_ns)?;
+    (ns > 0).then_some(ns)
+}
+
+fn duration(v: &Value, path: &str) -> Result<u64> {
+    v.as_str()
+        .and_then(parse_duration)
+        .ok_or_else(|| expected(path, "a duration greater than zero such as \"250ms\", \"10s\" or \"5m\"", v))
+}
+
+fn status_range(v: &Value, path: &str) -> Result<(u16, u16)> {
+    if let Some(n) = v.as_u64() {
+        if (100..=599).contains(&n) {
+            return Ok((n as u16, n as u16));
+        }
+    }
+    if let Some(s) = v.as_str() {
+        if let [d @ b'1'..=b'5', b'x', b'x'] = s.as_bytes() {
+            let base = u16::from(d - b'0') * 100;
+            return Ok((base, base + 99));
+        }
+        if let Ok(n @ 100..=599) = s.parse::<u16>() {
+            return Ok((n, n));
+        }
+    }
+    Err(expected(path, "a status code (100-599) or class such as \"5xx\"", v))
+}
+
+const GRPC_CODES: [&str; 17] = [
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+];
+
+fn grpc_code(v: &Value, path: &str) -> Result<u32> {
+    if let Some(n) = v.as_u64().filter(|n| *n < 17) {
+        return Ok(n as u32);
+    }
+    if let Some(i) = v.as_str().and_then(|s| GRPC_CODES.iter().position(|c| *c == s)) {
+        return Ok(i as u32);
+    }
+    Err(expected(path, "a gRPC status name such as UNAVAILABLE, or its number 0-16", v))
+}
+
+fn expected(path: &str, what: &str, got: &Value) -> ConfigError {
+    let got = match got {
+        Value::Null => "null".to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!("\"{s}\""),
+        Value::Array(_) => "a list".to_string(),
+        Value::Object(_) => "an object".to_string(),
+    };
+    ConfigError { path: path.to_string(), message: format!("expected {what}, got {got}") }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// A JSON object being read field by field; `finish` rejects whatever was not read.
+struct Obj<'a> {
+    path: String,
+    map: &'a Map<String, Value>,
+    read: Vec<&'a str>,
+}
+
+impl<'a> Obj<'a> {
+    fn new(v: &'a Value, path: &str) -> Result<Self> {
+        let what = if path.is_empty() { "the configuration to be a JSON object" } else { "an object" };
+        let map = v.as_object().ok_or_else(|| expected(path, what, v))?;
+        Ok(Obj { path: path.to_string(), map, read: Vec::new() })
+    }
+    fn path(&self, key: &str) -> String {
+        join(&self.path, key)
+    }
+    fn opt(&mut self, key: &'a str) -> Option<&'a Value> {
+        self.read.push(key);
+        self.map.get(key)
+    }
+    fn req(&mut self, key: &'a str) -> Result<&'a Value> {
+        match self.opt(key) {
+            Some(v) => Ok(v),
+            None => err(&self.path(key), "is required"),
+        }
+    }
+    fn finish(self) -> Result<()> {
+        match self.map.keys().find(|k| !self.read.contains(&k.as_str())) {
+            Some(k) => err(&self.path(k), format!("unknown key (expected one of: {})", self.read.join(", "))),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

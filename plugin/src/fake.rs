@@ -1,0 +1,127 @@
+//! A fake host for fast native tests of the request logic. Several `FakeHost`s made with
+//! [`FakeHost::worker_of`] share shared data and metrics, like Envoy's workers do.
+
+use crate::host::{Host, MetricKind, SharedError};
+use alloc::rc::Rc;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
+use hashbrown::HashMap;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Http { status: u32, headers: Vec<(String, String)>, body: String },
+    GrpcUnavailable { message: String, headers: Vec<(String, String)> },
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let (Reply::Http { headers, .. } | Reply::GrpcUnavailable { headers, .. }) = self;
+        headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+pub struct Process {
+    shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    metrics: RefCell<Vec<(String, i64)>>,
+    /// Fail this many CAS writes with a mismatch, to exercise retry loops.
+    pub cas_conflicts: Cell<u32>,
+}
+
+#[derive(Default)]
+pub struct FakeHost {
+    pub process: Rc<Process>,
+    pub now: Cell<u64>,
+    /// Attributes by dotted path, e.g. "response.code".
+    pub props: RefCell<HashMap<String, Vec<u8>>>,
+    pub headers: RefCell<HashMap<String, String>>,
+    pub replies: RefCell<Vec<Reply>>,
+}
+
+impl FakeHost {
+    pub fn new() -> Self {
+        FakeHost::default()
+    }
+    /// Another worker of the same process.
+    pub fn worker_of(other: &FakeHost) -> Self {
+        FakeHost { process: other.process.clone(), ..FakeHost::default() }
+    }
+    pub fn set_prop(&self, path: &str, value: &[u8]) {
+        self.props.borrow_mut().insert(path.to_string(), value.to_vec());
+    }
+    pub fn set_prop_u64(&self, path: &str, value: u64) {
+        self.set_prop(path, &value.to_le_bytes());
+    }
+    pub fn set_header(&self, name: &str, value: &str) {
+        self.headers.borrow_mut().insert(name.to_string(), value.to_string());
+    }
+    /// Forget the last stream's attributes and headers, as a new stream would.
+    pub fn new_stream(&self) {
+        self.props.borrow_mut().clear();
+        self.headers.borrow_mut().clear();
+    }
+    pub fn metric(&self, name: &str) -> i64 {
+        let full = alloc::format!("breakwater.{name}");
+        self.process.metrics.borrow().iter().find(|(n, _)| *n == full).map_or(0, |(_, v)| *v)
+    }
+    pub fn last_reply(&self) -> Option<Reply> {
+        self.replies.borrow().last().cloned()
+    }
+}
+
+impl Host for FakeHost {
+    fn now_ns(&self) -> u64 {
+        self.now.get()
+    }
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.props.borrow().get(&path.join(".")).cloned()
+    }
+    fn request_header(&self, name: &str) -> Option<String> {
+        self.headers.borrow().get(name).cloned()
+    }
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.process.shared.borrow().get(key).cloned()
+    }
+    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SharedError> {
+        let conflicts = self.process.cas_conflicts.get();
+        if conflicts > 0 {
+            self.process.cas_conflicts.set(conflicts - 1);
+            return Err(SharedError::CasMismatch);
+        }
+        let mut map = self.process.shared.borrow_mut();
+        let current = map.get(key).map_or(0, |(_, c)| *c);
+        if cas != 0 && cas != current {
+            return Err(SharedError::CasMismatch);
+        }
+        map.insert(key.to_string(), (value.to_vec(), current + 1));
+        Ok(())
+    }
+    fn send_http_reply(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+        let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let body = String::from_utf8_lossy(body).into_owned();
+        self.replies.borrow_mut().push(Reply::Http { status, headers, body });
+    }
+    fn send_grpc_unavailable(&self, message: &str, headers: &[(&str, &str)]) {
+        let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.replies.borrow_mut().push(Reply::GrpcUnavailable { message: message.to_string(), headers });
+    }
+    fn define_metric(&self, _kind: MetricKind, name: &str) -> Option<u32> {
+        let mut m = self.process.metrics.borrow_mut();
+        let i = m.iter().position(|(n, _)| n == name).unwrap_or_else(|| {
+            m.push((name.to_string(), 0));
+            m.len() - 1
+        });
+        Some(i as u32)
+    }
+    fn metric_add(&self, id: u32, delta: i64) {
+        if let Some((_, v)) = self.process.metrics.borrow_mut().get_mut(id as usize) {
+            *v += delta;
+        }
+    }
+    fn metric_set(&self, id: u32, value: u64) {
+        if let Some((_, v)) = self.process.metrics.borrow_mut().get_mut(id as usize) {
+            *v = value as i64;
+        }
+    }
+}

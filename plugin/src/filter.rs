@@ -1,0 +1,275 @@
+//! The request logic, host-agnostic: admission on the request headers, outcome accounting when
+//! the stream ends (`on_log`, which Envoy calls for every stream: responses, resets, timeouts
+//! and client aborts alike).
+
+use crate::config::{FailureOn, Mode, Policy};
+use crate::host::{property_u64, Host};
+use crate::metrics::{self, PolicyMetrics};
+use crate::routes::Attributes;
+use crate::store;
+use crate::Compiled;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use breakwater_policies::breaker::Step;
+use breakwater_policies::{Admission, Outcome, Transition, TripReason, SECOND};
+
+/// Envoy's legacy response-flag bits (`response.flags`).
+pub mod flags {
+    pub const NO_HEALTHY_UPSTREAM: u64 = 0x2; // UH
+    pub const UPSTREAM_REQUEST_TIMEOUT: u64 = 0x4; // UT
+    pub const UPSTREAM_REMOTE_RESET: u64 = 0x10; // UR
+    pub const UPSTREAM_CONNECTION_FAILURE: u64 = 0x20; // UF
+    pub const UPSTREAM_CONNECTION_TERMINATION: u64 = 0x40; // UC
+    pub const UPSTREAM_OVERFLOW: u64 = 0x80; // UO: Envoy's own circuit breaker
+    pub const RATE_LIMITED: u64 = 0x800; // RL
+    pub const UNAUTHORIZED_EXTERNAL_SERVICE: u64 = 0x1000; // UAEX
+    pub const DOWNSTREAM_CONNECTION_TERMINATION: u64 = 0x4000; // DC
+    pub const UPSTREAM_PROTOCOL_ERROR: u64 = 0x80_0000; // UPE
+}
+
+/// How one finished stream is classified for the breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Success,
+    Failure,
+    /// Neither: the client went away first, another filter answered, or an error kind the
+    /// policy does not count (`failure_on.reset: false`, …). A probe's slot is given back.
+    Ignored,
+}
+
+/// Per-stream state; lives in the HTTP context.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Stream {
+    /// No policy applies, or the breaker already rejected it: nothing to account.
+    #[default]
+    Untracked,
+    Admitted { policy: usize, probe: bool, start_ns: u64 },
+}
+
+/// What the HTTP context should return from on_http_request_headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    /// A local reply was sent: stop iteration.
+    Rejected,
+}
+
+/// Request attributes read from the host on first use, at most once each.
+pub struct HostAttributes<'h, H: Host> {
+    host: &'h H,
+    route_name: Option<Option<String>>,
+    path: Option<Option<String>>,
+    method: Option<Option<String>>,
+    authority: Option<Option<String>>,
+    cluster: Option<Option<String>>,
+}
+
+impl<'h, H: Host> HostAttributes<'h, H> {
+    pub fn new(host: &'h H) -> Self {
+        HostAttributes { host, route_name: None, path: None, method: None, authority: None, cluster: None }
+    }
+}
+
+fn text(bytes: Option<Vec<u8>>) -> Option<String> {
+    bytes.and_then(|b| String::from_utf8(b).ok()).filter(|s| !s.is_empty())
+}
+
+impl<H: Host> Attributes for HostAttributes<'_, H> {
+    fn route_name(&mut self) -> Option<&str> {
+        let host = self.host;
+        self.route_name.get_or_insert_with(|| text(host.property(&["xds", "route_name"]))).as_deref()
+    }
+    fn path(&mut self) -> Option<&str> {
+        let host = self.host;
+        self.path.get_or_insert_with(|| host.request_header(":path")).as_deref()
+    }
+    fn method(&mut self) -> Option<&str> {
+        let host = self.host;
+        self.method.get_or_insert_with(|| host.request_header(":method")).as_deref()
+    }
+    fn host(&mut self) -> Option<&str> {
+        let host = self.host;
+        self.authority.get_or_insert_with(|| host.request_header(":authority")).as_deref()
+    }
+    fn header(&mut self, name: &str) -> Option<String> {
+        self.host.request_header(name)
+    }
+    fn cluster(&mut self) -> Option<&str> {
+        let host = self.host;
+        self.cluster.get_or_insert_with(|| text(host.property(&["xds", "cluster_name"]))).as_deref()
+    }
+}
+
+/// Admission, on the request headers.
+pub fn on_request_headers(c: &Compiled, host: &impl Host) -> (Action, Stream) {
+    let Some(policy) = c.config.routes.find(&mut HostAttributes::new(host)) else {
+        return (Action::Continue, Stream::Untracked);
+    };
+    let (Some(p), Some(m)) = (c.config.policies.get(policy), c.metrics.get(policy)) else {
+        return (Action::Continue, Stream::Untracked);
+    };
+    let Some(b) = &p.breaker else {
+        return (Action::Continue, Stream::Untracked);
+    };
+    let now = host.now_ns();
+    let key = c.breaker_key(policy);
+    // If shared data fails us entirely, fail open: the breaker must never become the outage.
+    let Some(step) = store::update(host, &key, |s| s.admit(&b.machine, now)) else {
+        return (Action::Continue, Stream::Admitted { policy, probe: false, start_ns: now });
+    };
+    if let Some(t) = step.transition {
+        on_transition(host, p, m, t);
+    }
+    match step.value {
+        Admission::Allow => (Action::Continue, Stream::Admitted { policy, probe: false, start_ns: now }),
+        Admission::Probe => (Action::Continue, Stream::Admitted { policy, probe: true, start_ns: now }),
+        Admission::Reject { retry_after_ns } => match p.mode {
+            Mode::Enforce => {
+                metrics::inc(host, m.rejected_circuit_open);
+                reject(host, p, "circuit-open", retry_after_ns);
+                (Action::Rejected, Stream::Untracked)
+            }
+            // Would have been rejected: count it, let it pass, and keep its outcome out of the
+            // breaker so that dry_run walks through exactly the states enforce would.
+            Mode::DryRun => {
+                metrics::inc(host, m.dry_run_rejected_circuit_open);
+                (Action::Continue, Stream::Untracked)
+            }
+        },
+    }
+}
+
+/// Accounting, when the stream is over.
+pub fn on_log(c: &Compiled, host: &impl Host, stream: Stream) {
+    let Stream::Admitted { policy, probe, start_ns } = stream else { return };
+    let (Some(p), Some(m)) = (c.config.policies.get(policy), c.metrics.get(policy)) else { return };
+    let Some(b) = &p.breaker else { return };
+    let now = host.now_ns();
+    let verdict = classify(host, &b.failure_on);
+    let slow = b.slow_ns.is_some_and(|limit| now.saturating_sub(start_ns) >= limit);
+    metrics::inc(
+        host,
+        match verdict {
+            Verdict::Success => m.success,
+            Verdict::Failure => m.failure,
+            Verdict::Ignored => m.ignored,
+        },
+    );
+    if slow {
+        metrics::inc(host, m.slow);
+    }
+    let key = c.breaker_key(policy);
+    let transition = match verdict {
+        Verdict::Ignored if probe => store::update(host, &key, |s| {
+            let changed = s.release_probe();
+            Step { value: (), changed, transition: None }
+        })
+        .and_then(|s| s.transition),
+        Verdict::Ignored => None,
+        _ => {
+            let outcome = Outcome { failure: verdict == Verdict::Failure, slow };
+            let jitter = splitmix64(now);
+            store::update(host, &key, |s| s.record(&b.machine, now, outcome, probe, jitter)).and_then(|s| s.transition)
+        }
+    };
+    if let Some(t) = transition {
+        on_transition(host, p, m, t);
+    }
+}
+
+/// Classifies a finished stream from Envoy's attributes. Transport errors are judged by their
+/// response flags before the status code, since Envoy answers them with a local 503/504.
+pub fn classify(host: &impl Host, on: &FailureOn) -> Verdict {
+    use flags::*;
+    let f = property_u64(host, &["response", "flags"]).unwrap_or(0);
+    let counted = |yes: bool| if yes { Verdict::Failure } else { Verdict::Ignored };
+    if f & (UPSTREAM_CONNECTION_FAILURE | NO_HEALTHY_UPSTREAM) != 0 {
+        return counted(on.connect_failure);
+    }
+    if f & UPSTREAM_REQUEST_TIMEOUT != 0 {
+        return counted(on.timeout);
+    }
+    if f & (UPSTREAM_REMOTE_RESET | UPSTREAM_CONNECTION_TERMINATION | UPSTREAM_PROTOCOL_ERROR) != 0 {
+        return counted(on.reset);
+    }
+    // The client left, or Envoy itself (its own breakers, rate limit, ext_authz) answered.
+    if f & (DOWNSTREAM_CONNECTION_TERMINATION | UPSTREAM_OVERFLOW | RATE_LIMITED | UNAUTHORIZED_EXTERNAL_SERVICE) != 0 {
+        return Verdict::Ignored;
+    }
+    let code = property_u64(host, &["response", "code"]).unwrap_or(0);
+    if code == 0 {
+        return Verdict::Ignored;
+    }
+    if on.status.iter().any(|&(lo, hi)| (u64::from(lo)..=u64::from(hi)).contains(&code)) {
+        return Verdict::Failure;
+    }
+    if !on.grpc_status.is_empty() {
+        if let Some(g) = property_u64(host, &["response", "grpc_status"]) {
+            if on.grpc_status.iter().any(|&s| u64::from(s) == g) {
+                return Verdict::Failure;
+            }
+        }
+    }
+    Verdict::Success
+}
+
+fn reject(host: &impl Host, p: &Policy, reason: &str, retry_after_ns: u64) {
+    let retry_after = format!("{}", retry_after_ns.div_ceil(SECOND).max(1));
+    let mut headers: Vec<(&str, &str)> = Vec::with_capacity(2 + p.reject.headers.len());
+    headers.push(("x-breakwater", reason));
+    headers.push(("retry-after", &retry_after));
+    headers.extend(p.reject.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let default_body;
+    let body = match &p.reject.body {
+        Some(b) => b.as_str(),
+        None => {
+            default_body = format!("breakwater: {reason} (policy {})\n", p.name);
+            default_body.as_str()
+        }
+    };
+    let grpc = host.request_header("content-type").is_some_and(|ct| ct.starts_with("application/grpc"));
+    if grpc {
+        // UNAVAILABLE: what gRPC clients treat as "try again later".
+        host.send_grpc_unavailable(body.trim_end(), &headers);
+    } else {
+        host.send_http_reply(p.reject.status, &headers, body.as_bytes());
+    }
+}
+
+fn on_transition(host: &impl Host, p: &Policy, m: &PolicyMetrics, t: Transition) {
+    let (to, id, gauge, why) = match t {
+        Transition::Opened { reason, period_ns } => {
+            let why = match reason {
+                TripReason::ConsecutiveFailures(n) => format!("{n} consecutive failures"),
+                TripReason::FailureRate { percent, requests } => format!("failure rate {percent}% of {requests} requests"),
+                TripReason::SlowCalls { percent, requests } => format!("slow calls {percent}% of {requests} requests"),
+                TripReason::ProbeFailed => "a half-open probe failed".into(),
+            };
+            ("open", m.to_open, 1, format!("{why}; open for {}", fmt_duration(period_ns)))
+        }
+        Transition::HalfOpened => ("half-open", m.to_half_open, 2, "open period over; probing".into()),
+        Transition::Closed => ("closed", m.to_closed, 0, "probes succeeded".into()),
+    };
+    metrics::inc(host, id);
+    metrics::set(host, m.circuit_state, gauge);
+    log::info!("policy {}: circuit {}: {}", p.name, to, why);
+}
+
+/// "250ms", "10s", "1.5s": readable in a log line.
+fn fmt_duration(ns: u64) -> String {
+    let ms = ns / 1_000_000;
+    match ms {
+        0..=999 => format!("{ms}ms"),
+        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        _ => format!("{}.{:03}s", ms / 1000, ms % 1000).trim_end_matches('0').into(),
+    }
+}
+
+/// A cheap mix of the clock for jitter; no need for cryptographic randomness here.
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}

@@ -1,0 +1,172 @@
+//! Route rules: which policy, if any, governs a request. The first matching rule wins.
+//!
+//! Rules that name an Envoy route (`route_name`) are indexed by that name, so a request only
+//! looks at the rules that could match it: the cost per request does not grow with the number
+//! of named rules. Only the attributes some rule needs are read from the host, each at most once.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use hashbrown::HashMap;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Route {
+    pub route_name: Option<String>,
+    pub path_prefix: Option<String>,
+    pub methods: Vec<String>,
+    pub host: Option<HostPattern>,
+    /// Lower-case names, exact values.
+    pub headers: Vec<(String, String)>,
+    pub cluster: Option<String>,
+    /// Index into `Config::policies`.
+    pub policy: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostPattern {
+    Any,
+    Exact(String),
+    /// "*.example.com" is stored as ".example.com".
+    Suffix(String),
+}
+
+impl HostPattern {
+    pub fn parse(s: &str) -> Result<HostPattern, &'static str> {
+        let s = s.to_ascii_lowercase();
+        if s == "*" {
+            Ok(HostPattern::Any)
+        } else if let Some(rest) = s.strip_prefix('*') {
+            if rest.starts_with('.') && rest.len() > 1 && !rest.contains('*') {
+                Ok(HostPattern::Suffix(rest.into()))
+            } else {
+                Err("expected a host such as \"api.example.com\", \"*.example.com\" or \"*\"")
+            }
+        } else if s.contains('*') {
+            Err("a wildcard is only allowed as the first label, as in \"*.example.com\"")
+        } else {
+            Ok(HostPattern::Exact(s))
+        }
+    }
+
+    /// `host` is the request's :authority; its port, if any, is ignored.
+    pub fn matches(&self, host: &str) -> bool {
+        let host = strip_port(host);
+        match self {
+            HostPattern::Any => true,
+            HostPattern::Exact(h) => host.eq_ignore_ascii_case(h),
+            HostPattern::Suffix(sfx) => {
+                host.len() > sfx.len()
+                    && host.get(host.len() - sfx.len()..).is_some_and(|tail| tail.eq_ignore_ascii_case(sfx))
+            }
+        }
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        // An IPv6 literal without port ("[::1]") has its last ':' inside the brackets.
+        Some((h, port)) if !port.contains(']') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// The request attributes rules look at, fetched lazily through `fetch`.
+pub trait Attributes {
+    fn route_name(&mut self) -> Option<&str>;
+    fn path(&mut self) -> Option<&str>;
+    fn method(&mut self) -> Option<&str>;
+    fn host(&mut self) -> Option<&str>;
+    fn header(&mut self, name: &str) -> Option<String>;
+    fn cluster(&mut self) -> Option<&str>;
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteTable {
+    rules: Vec<Route>,
+    /// Rule indices by route_name, ascending.
+    by_name: HashMap<String, Vec<u32>>,
+    /// Rules without a route_name, ascending.
+    unnamed: Vec<u32>,
+}
+
+impl RouteTable {
+    pub fn new(rules: Vec<Route>) -> Self {
+        let mut by_name: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut unnamed = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            match &r.route_name {
+                Some(n) => by_name.entry(n.clone()).or_default().push(i as u32),
+                None => unnamed.push(i as u32),
+            }
+        }
+        RouteTable { rules, by_name, unnamed }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn rules(&self) -> &[Route] {
+        &self.rules
+    }
+
+    /// The policy index of the first rule that matches, if any.
+    pub fn find(&self, a: &mut impl Attributes) -> Option<usize> {
+        let named: &[u32] = if self.by_name.is_empty() {
+            &[]
+        } else {
+            a.route_name().and_then(|n| self.by_name.get(n)).map_or(&[], |v| v.as_slice())
+        };
+        // Merge the two ascending lists so that rule order decides, as written.
+        let (mut i, mut j) = (0, 0);
+        loop {
+            let next = match (named.get(i), self.unnamed.get(j)) {
+                (Some(&x), Some(&y)) if x < y => {
+                    i += 1;
+                    x
+                }
+                (_, Some(&y)) => {
+                    j += 1;
+                    y
+                }
+                (Some(&x), None) => {
+                    i += 1;
+                    x
+                }
+                (None, None) => return None,
+            };
+            if let Some(rule) = self.rules.get(next as usize) {
+                if rule_matches(rule, a) {
+                    return Some(rule.policy);
+                }
+            }
+        }
+    }
+}
+
+/// The route_name condition is settled by the index; the others are checked here.
+fn rule_matches(r: &Route, a: &mut impl Attributes) -> bool {
+    if let Some(prefix) = &r.path_prefix {
+        if !a.path().is_some_and(|p| p.starts_with(prefix.as_str())) {
+            return false;
+        }
+    }
+    if !r.methods.is_empty() && !a.method().is_some_and(|m| r.methods.iter().any(|x| x == m)) {
+        return false;
+    }
+    if let Some(h) = &r.host {
+        if !a.host().is_some_and(|host| h.matches(host)) {
+            return false;
+        }
+    }
+    for (name, value) in &r.headers {
+        if a.header(name).as_deref() != Some(value.as_str()) {
+            return false;
+        }
+    }
+    if let Some(c) = &r.cluster {
+        if a.cluster() != Some(c.as_str()) {
+            return false;
+        }
+    }
+    true
+}

@@ -1,0 +1,137 @@
+//! The proxy-wasm adapter: Envoy's callbacks in, [`Host`] calls out. Nothing else lives here.
+
+use crate::config;
+use crate::filter::{self, Stream};
+use crate::host::{Host, MetricKind, SharedError};
+use crate::Compiled;
+use alloc::boxed::Box;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec::Vec;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, GrpcStatusCode, LogLevel, MapType, MetricType, Status};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { compiled: None }) });
+}}
+
+/// Host calls for the current context (proxy-wasm calls are implicitly scoped to it).
+pub struct WasmHost;
+
+impl Host for WasmHost {
+    fn now_ns(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64)
+    }
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        hostcalls::get_property(path.to_vec()).ok().flatten()
+    }
+    fn request_header(&self, name: &str) -> Option<String> {
+        hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
+    }
+    fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(bytes), cas)) if !bytes.is_empty() => Some((bytes, cas.unwrap_or(0))),
+            _ => None,
+        }
+    }
+    fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SharedError> {
+        match hostcalls::set_shared_data(key, Some(value), (cas != 0).then_some(cas)) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(SharedError::CasMismatch),
+            Err(_) => Err(SharedError::Other),
+        }
+    }
+    fn send_http_reply(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+        if let Err(e) = hostcalls::send_http_response(status, headers.to_vec(), Some(body)) {
+            log::warn!("local reply failed: {e:?}");
+        }
+    }
+    fn send_grpc_unavailable(&self, message: &str, headers: &[(&str, &str)]) {
+        let metadata = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+        if let Err(e) = hostcalls::send_grpc_response(GrpcStatusCode::Unavailable, Some(message), metadata) {
+            log::warn!("local gRPC reply failed: {e:?}");
+        }
+    }
+    fn define_metric(&self, kind: MetricKind, name: &str) -> Option<u32> {
+        let t = match kind {
+            MetricKind::Counter => MetricType::Counter,
+            MetricKind::Gauge => MetricType::Gauge,
+        };
+        hostcalls::define_metric(t, name).ok()
+    }
+    fn metric_add(&self, id: u32, delta: i64) {
+        let _ = hostcalls::increment_metric(id, delta);
+    }
+    fn metric_set(&self, id: u32, value: u64) {
+        let _ = hostcalls::record_metric(id, value);
+    }
+}
+
+struct Root {
+    compiled: Option<Rc<Compiled>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
+        // No configuration at all means no policies: every request passes untouched.
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
+        match config::parse(bytes) {
+            Ok(cfg) => {
+                let namespace = WasmHost.property(&["plugin_root_id"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
+                let (policies, routes) = (cfg.policies.len(), cfg.routes.rules().len());
+                self.compiled = Some(Rc::new(Compiled::new(cfg, &WasmHost, &namespace)));
+                log::debug!("configured {policies} policies, {routes} routes");
+                true
+            }
+            Err(e) => {
+                // One line naming the field; returning false makes Envoy refuse the whole config.
+                log::error!("invalid configuration: {e}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http { compiled: self.compiled.clone(), stream: Stream::Untracked }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Http {
+    compiled: Option<Rc<Compiled>>,
+    stream: Stream,
+}
+
+impl Context for Http {}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(c) = &self.compiled else { return Action::Continue };
+        if c.config.routes.is_empty() {
+            return Action::Continue;
+        }
+        let (action, stream) = filter::on_request_headers(c, &WasmHost);
+        self.stream = stream;
+        match action {
+            filter::Action::Continue => Action::Continue,
+            filter::Action::Rejected => Action::Pause,
+        }
+    }
+
+    fn on_log(&mut self) {
+        if let Some(c) = &self.compiled {
+            filter::on_log(c, &WasmHost, core::mem::take(&mut self.stream));
+        }
+    }
+}
