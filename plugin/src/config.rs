@@ -104,10 +104,8 @@ pub struct Config {
 
 /// Parses and validates the whole configuration; nothing is applied unless all of it is valid.
 pub fn parse(bytes: &[u8]) -> Result<Config> {
-    let root: Value = serde_json::from_slice(bytes).map_err(|e| ConfigError {
-        path: String::new(),
-        message: format!("configuration is not valid JSON: {e}"),
-    })?;
+    let root: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ConfigError { path: String::new(), message: format!("configuration is not valid JSON: {e}") })?;
     let mut root = Obj::new(&root, "")?;
     let mut policies = Vec::new();
     if let Some(v) = root.opt("policies") {
@@ -189,7 +187,10 @@ fn breaker(v: &Value, path: &str) -> Result<Breaker> {
             let w = duration(v, &s.path("window"))?;
             if let Some((other, other_path)) = &window {
                 if *other != w {
-                    return err(&s.path("window"), format!("must equal {other_path}: a breaker has one sliding window"));
+                    return err(
+                        &s.path("window"),
+                        format!("must equal {other_path}: a breaker has one sliding window"),
+                    );
                 }
             }
             window = Some((w, s.path("window")));
@@ -244,22 +245,18 @@ fn failure_on(v: &Value, path: &str) -> Result<FailureOn> {
     if let Some(v) = o.opt("status") {
         let p = o.path("status");
         let list = v.as_array().ok_or_else(|| expected(&p, "a list such as [\"5xx\", 429]", v))?;
-        f.status = list
-            .iter()
-            .enumerate()
-            .map(|(i, s)| status_range(s, &format!("{p}[{i}]")))
-            .collect::<Result<_>>()?;
+        f.status =
+            list.iter().enumerate().map(|(i, s)| status_range(s, &format!("{p}[{i}]"))).collect::<Result<_>>()?;
     }
     if let Some(v) = o.opt("grpc_status") {
         let p = o.path("grpc_status");
         let list = v.as_array().ok_or_else(|| expected(&p, "a list such as [UNAVAILABLE]", v))?;
-        f.grpc_status = list
-            .iter()
-            .enumerate()
-            .map(|(i, s)| grpc_code(s, &format!("{p}[{i}]")))
-            .collect::<Result<_>>()?;
+        f.grpc_status =
+            list.iter().enumerate().map(|(i, s)| grpc_code(s, &format!("{p}[{i}]"))).collect::<Result<_>>()?;
     }
-    for (key, slot) in [("reset", &mut f.reset), ("connect_failure", &mut f.connect_failure), ("timeout", &mut f.timeout)] {
+    for (key, slot) in
+        [("reset", &mut f.reset), ("connect_failure", &mut f.connect_failure), ("timeout", &mut f.timeout)]
+    {
         if let Some(v) = o.opt(key) {
             *slot = v.as_bool().ok_or_else(|| expected(&o.path(key), "true or false", v))?;
         }
@@ -286,7 +283,10 @@ fn reject(v: &Value, path: &str) -> Result<Reject> {
         let map = v.as_object().ok_or_else(|| expected(&p, "an object of header names to strings", v))?;
         for (name, value) in map {
             let hp = join(&p, name);
-            if name.is_empty() || name.starts_with(':') || name.bytes().any(|b| !b.is_ascii_graphic() || b.is_ascii_uppercase()) {
+            if name.is_empty()
+                || name.starts_with(':')
+                || name.bytes().any(|b| !b.is_ascii_graphic() || b.is_ascii_uppercase())
+            {
                 return err(&hp, "expected a lower-case HTTP header name");
             }
             let value = value.as_str().ok_or_else(|| expected(&hp, "a string", value))?;
@@ -302,10 +302,10 @@ fn route(v: &Value, path: &str, policies: &[Policy]) -> Result<Route> {
     let policy_path = o.path("policy");
     let name = o.req("policy")?;
     let name = name.as_str().ok_or_else(|| expected(&policy_path, "a policy name", name))?;
-    let policy = policies
-        .iter()
-        .position(|p| p.name == name)
-        .ok_or_else(|| ConfigError { path: policy_path.clone(), message: format!("no policy named \"{name}\" in policies") })?;
+    let policy = policies.iter().position(|p| p.name == name).ok_or_else(|| ConfigError {
+        path: policy_path.clone(),
+        message: format!("no policy named \"{name}\" in policies"),
+    })?;
     let mpath = o.path("match");
     let m = o.req("match")?;
     let mut mo = Obj::new(m, &mpath)?;
@@ -344,7 +344,8 @@ fn route(v: &Value, path: &str, policies: &[Policy]) -> Result<Route> {
     }
     if let Some(v) = mo.opt("host") {
         let p = mo.path("host");
-        r.host = Some(HostPattern::parse(&string(v, &p)?).map_err(|m| ConfigError { path: p, message: m.to_string() })?);
+        r.host =
+            Some(HostPattern::parse(&string(v, &p)?).map_err(|m| ConfigError { path: p, message: m.to_string() })?);
     }
     if let Some(v) = mo.opt("headers") {
         let p = mo.path("headers");
@@ -436,9 +437,23 @@ fn status_range(v: &Value, path: &str) -> Result<(u16, u16)> {
 }
 
 const GRPC_CODES: [&str; 17] = [
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
 ];
 
 fn grpc_code(v: &Value, path: &str) -> Result<u32> {

@@ -44,7 +44,11 @@ pub enum Stream {
     /// No policy applies, or the breaker already rejected it: nothing to account.
     #[default]
     Untracked,
-    Admitted { policy: usize, probe: bool, start_ns: u64 },
+    Admitted {
+        policy: usize,
+        probe: bool,
+        start_ns: u64,
+    },
 }
 
 /// What the HTTP context should return from on_http_request_headers.
@@ -115,7 +119,7 @@ pub fn on_request_headers(c: &Compiled, host: &impl Host) -> (Action, Stream) {
     let now = host.now_ns();
     let key = c.breaker_key(policy);
     // If shared data fails us entirely, fail open: the breaker must never become the outage.
-    let Some(step) = store::update(host, &key, |s| s.admit(&b.machine, now)) else {
+    let Some(step) = store::update(host, key, |s| s.admit(&b.machine, now)) else {
         return (Action::Continue, Stream::Admitted { policy, probe: false, start_ns: now });
     };
     if let Some(t) = step.transition {
@@ -161,7 +165,7 @@ pub fn on_log(c: &Compiled, host: &impl Host, stream: Stream) {
     }
     let key = c.breaker_key(policy);
     let transition = match verdict {
-        Verdict::Ignored if probe => store::update(host, &key, |s| {
+        Verdict::Ignored if probe => store::update(host, key, |s| {
             let changed = s.release_probe();
             Step { value: (), changed, transition: None }
         })
@@ -170,7 +174,7 @@ pub fn on_log(c: &Compiled, host: &impl Host, stream: Stream) {
         _ => {
             let outcome = Outcome { failure: verdict == Verdict::Failure, slow };
             let jitter = splitmix64(now);
-            store::update(host, &key, |s| s.record(&b.machine, now, outcome, probe, jitter)).and_then(|s| s.transition)
+            store::update(host, key, |s| s.record(&b.machine, now, outcome, probe, jitter)).and_then(|s| s.transition)
         }
     };
     if let Some(t) = transition {
@@ -242,7 +246,9 @@ fn on_transition(host: &impl Host, p: &Policy, m: &PolicyMetrics, t: Transition)
         Transition::Opened { reason, period_ns } => {
             let why = match reason {
                 TripReason::ConsecutiveFailures(n) => format!("{n} consecutive failures"),
-                TripReason::FailureRate { percent, requests } => format!("failure rate {percent}% of {requests} requests"),
+                TripReason::FailureRate { percent, requests } => {
+                    format!("failure rate {percent}% of {requests} requests")
+                }
                 TripReason::SlowCalls { percent, requests } => format!("slow calls {percent}% of {requests} requests"),
                 TripReason::ProbeFailed => "a half-open probe failed".into(),
             };
@@ -261,8 +267,8 @@ fn fmt_duration(ns: u64) -> String {
     let ms = ns / 1_000_000;
     match ms {
         0..=999 => format!("{ms}ms"),
-        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
-        _ => format!("{}.{:03}s", ms / 1000, ms % 1000).trim_end_matches('0').into(),
+        _ if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
+        _ => format!("{}.{}s", ms / 1000, format!("{:03}", ms % 1000).trim_end_matches('0')),
     }
 }
 
@@ -273,3 +279,6 @@ fn splitmix64(mut x: u64) -> u64 {
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)
 }
+
+#[cfg(test)]
+mod tests;

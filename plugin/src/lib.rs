@@ -40,7 +40,8 @@ impl Compiled {
     /// proxy shares one key space. The plugin's root id serves.
     pub fn new(config: Config, host: &impl Host, namespace: &str) -> Self {
         let metrics = config.policies.iter().map(|p| PolicyMetrics::define(host, &p.name)).collect();
-        let breaker_keys = config.policies.iter().map(|p| format!("breakwater/v1/{namespace}/breaker/{}", p.name)).collect();
+        let breaker_keys =
+            config.policies.iter().map(|p| format!("breakwater/v1/{namespace}/breaker/{}", p.name)).collect();
         Compiled { config, metrics, breaker_keys }
     }
 

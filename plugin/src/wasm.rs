@@ -80,12 +80,14 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
+        let bytes =
+            hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
         // No configuration at all means no policies: every request passes untouched.
         let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
         match config::parse(bytes) {
             Ok(cfg) => {
-                let namespace = WasmHost.property(&["plugin_root_id"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
+                let namespace =
+                    WasmHost.property(&["plugin_root_id"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
                 let (policies, routes) = (cfg.policies.len(), cfg.routes.rules().len());
                 self.compiled = Some(Rc::new(Compiled::new(cfg, &WasmHost, &namespace)));
                 log::debug!("configured {policies} policies, {routes} routes");

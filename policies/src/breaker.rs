@@ -106,7 +106,9 @@ pub enum Admission {
     Allow,
     /// Half-open: go ahead as a probe; its outcome (or [`BreakerState::release_probe`]) must follow.
     Probe,
-    Reject { retry_after_ns: u64 },
+    Reject {
+        retry_after_ns: u64,
+    },
 }
 
 /// What one finished call tells the breaker.
@@ -137,7 +139,13 @@ pub struct BreakerState {
 
 impl Default for BreakerState {
     fn default() -> Self {
-        BreakerState { phase: Phase::Closed, consecutive_failures: 0, open_period_ns: 0, bucket_ns: 0, window: Window::default() }
+        BreakerState {
+            phase: Phase::Closed,
+            consecutive_failures: 0,
+            open_period_ns: 0,
+            bucket_ns: 0,
+            window: Window::default(),
+        }
     }
 }
 
@@ -174,7 +182,11 @@ impl BreakerState {
                 if outcome.failure {
                     let period = self.next_period(cfg, jitter);
                     self.open(now, period);
-                    return step((), true, Some(Transition::Opened { reason: TripReason::ProbeFailed, period_ns: period }));
+                    return step(
+                        (),
+                        true,
+                        Some(Transition::Opened { reason: TripReason::ProbeFailed, period_ns: period }),
+                    );
                 }
                 let successes = successes + 1;
                 if successes >= cfg.successes_to_close {

@@ -82,7 +82,9 @@ fn a_failed_probe_reopens_for_double_the_period_with_jitter() {
     let mut b = open_breaker(&cfg, 0);
     let t = 30 * SECOND;
     b.admit(&cfg, t);
-    let Some(Transition::Opened { reason: TripReason::ProbeFailed, period_ns }) = b.record(&cfg, t, FAIL, true, 12345).transition else {
+    let Some(Transition::Opened { reason: TripReason::ProbeFailed, period_ns }) =
+        b.record(&cfg, t, FAIL, true, 12345).transition
+    else {
         panic!("a failed probe must re-open the breaker");
     };
     assert!((54 * SECOND..=66 * SECOND).contains(&period_ns), "60 s ±10%, got {period_ns}");
@@ -157,7 +159,10 @@ fn failure_rate_waits_for_minimum_requests() {
     }
     assert_eq!(
         run(&mut b, &cfg, 19 * MS, OK),
-        Some(Transition::Opened { reason: TripReason::FailureRate { percent: 50, requests: 20 }, period_ns: 30 * SECOND })
+        Some(Transition::Opened {
+            reason: TripReason::FailureRate { percent: 50, requests: 20 },
+            period_ns: 30 * SECOND
+        })
     );
 }
 

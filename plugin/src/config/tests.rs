@@ -1,0 +1,139 @@
+use super::*;
+use alloc::string::ToString;
+
+fn parse_str(s: &str) -> Result<Config> {
+    parse(s.as_bytes())
+}
+
+fn error_of(s: &str) -> String {
+    parse_str(s).unwrap_err().to_string()
+}
+
+const ISSUE_EXAMPLE: &str = r#"{
+  "policies": {
+    "checkout": {
+      "mode": "enforce",
+      "circuit_breaker": {
+        "consecutive_failures": 5,
+        "failure_rate": { "threshold": 50, "minimum_requests": 20, "window": "10s" },
+        "slow_call": { "duration": "500ms", "threshold": 80 },
+        "open_for": "30s",
+        "max_open_for": "5m",
+        "half_open": { "max_probes": 1, "successes_to_close": 1 },
+        "failure_on": { "status": ["5xx"], "grpc_status": ["UNAVAILABLE"], "reset": true, "connect_failure": true, "timeout": true }
+      },
+      "reject": { "status": 503, "body": "...", "headers": { "x-example": "1" } }
+    },
+    "reads": { "mode": "dry_run", "circuit_breaker": {} }
+  },
+  "routes": [
+    { "match": { "route_name": "checkout" }, "policy": "checkout" },
+    { "match": { "path_prefix": "/api/", "methods": ["GET"], "host": "*.example.com", "headers": { "x-tenant": "gold" }, "cluster": "backend" }, "policy": "reads" }
+  ]
+}"#;
+
+#[test]
+fn the_documented_example_parses_to_what_it_says() {
+    let c = parse_str(ISSUE_EXAMPLE).unwrap();
+    let checkout = &c.policies[0];
+    assert_eq!(checkout.name, "checkout");
+    assert_eq!(checkout.mode, Mode::Enforce);
+    let b = checkout.breaker.as_ref().unwrap();
+    assert_eq!(b.machine.consecutive_failures, 5);
+    assert_eq!(b.machine.failure_rate, Some(RateRule { threshold: 50, minimum_requests: 20 }));
+    assert_eq!(b.machine.slow_call, Some(SlowRule { duration_ns: 500 * MS, threshold: 80, minimum_requests: 20 }));
+    assert_eq!(b.machine.window_ns, 10 * SECOND);
+    assert_eq!(b.machine.open_for_ns, 30 * SECOND);
+    assert_eq!(b.machine.max_open_for_ns, 300 * SECOND);
+    assert_eq!(b.failure_on.grpc_status, alloc::vec![14]);
+    assert_eq!(b.slow_ns, Some(500 * MS));
+    assert_eq!(checkout.reject.headers, alloc::vec![("x-example".to_string(), "1".to_string())]);
+    let reads = &c.policies[1];
+    assert_eq!(reads.mode, Mode::DryRun);
+    // An empty breaker gets the defaults: 5 consecutive failures, 30 s open.
+    assert_eq!(reads.breaker.as_ref().unwrap().machine.consecutive_failures, 5);
+    assert_eq!(c.routes.rules().len(), 2);
+    assert_eq!(c.routes.rules()[1].policy, 1);
+}
+
+#[test]
+fn an_empty_object_is_a_valid_config_with_nothing_to_do() {
+    let c = parse_str("{}").unwrap();
+    assert!(c.policies.is_empty() && c.routes.is_empty());
+}
+
+#[test]
+fn default_failure_classification_is_5xx_grpc_unavailable_deadline_internal_and_transport_errors() {
+    let f = FailureOn::default();
+    assert_eq!(f.status, alloc::vec![(500, 599)]);
+    assert_eq!(f.grpc_status, alloc::vec![4, 13, 14]);
+    assert!(f.reset && f.connect_failure && f.timeout);
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("250ms"), Some(250 * MS));
+    assert_eq!(parse_duration("10s"), Some(10 * SECOND));
+    assert_eq!(parse_duration("1.5s"), Some(1500 * MS));
+    assert_eq!(parse_duration("5m"), Some(300 * SECOND));
+    assert_eq!(parse_duration("1h"), Some(3600 * SECOND));
+    for bad in ["", "10", "s", "0s", "-1s", "1.s", ".5s", "1.2345s", "10 s", "10sec", "1e3ms", "99999999999999999999h"]
+    {
+        assert_eq!(parse_duration(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
+fn bad_configs_are_refused_with_the_json_path_and_what_was_expected() {
+    let cases: &[(&str, &str)] = &[
+        ("not json", "configuration is not valid JSON"),
+        ("[]", "expected the configuration to be a JSON object, got a list"),
+        (r#"{"polices": {}}"#, "polices: unknown key (expected one of: policies, routes)"),
+        (r#"{"policies": {"p": {"circuit_breaker": {"consecutive_failure": 5}}}}"#,
+         "policies.p.circuit_breaker.consecutive_failure: unknown key"),
+        (r#"{"policies": {"p": {"circuit_breaker": {"consecutive_failures": 0}}}}"#,
+         "policies.p.circuit_breaker.consecutive_failures: expected a whole number greater than 0, got 0"),
+        (r#"{"policies": {"p": {"circuit_breaker": {"consecutive_failures": -3}}}}"#,
+         "policies.p.circuit_breaker.consecutive_failures: expected a whole number greater than 0, got -3"),
+        (r#"{"policies": {"p": {"circuit_breaker": {"failure_rate": {"threshold": 150}}}}}"#,
+         "policies.p.circuit_breaker.failure_rate.threshold: expected a percent from 1 to 100, got 150"),
+        (r#"{"policies": {"p": {"circuit_breaker": {"failure_rate": {"threshold": "fifty"}}}}}"#,
+         "policies.p.circuit_breaker.failure_rate.threshold: expected a percent from 1 to 100, got \"fifty\""),
+        (r#"{"policies": {"p": {"circuit_breaker": {"failure_rate": {}}}}}"#,
+         "policies.p.circuit_breaker.failure_rate.threshold: is required"),
+        (r#"{"policies": {"p": {"circuit_breaker": {"open_for": "30 seconds"}}}}"#,
+         "policies.p.circuit_breaker.open_for: expected a duration greater than zero such as \"250ms\", \"10s\" or \"5m\", got \"30 seconds\""),
+        (r#"{"policies": {"p": {"circuit_breaker": {"open_for": "1m", "max_open_for": "30s"}}}}"#,
+         "policies.p.circuit_breaker.max_open_for: must be at least open_for"),
+        (r#"{"policies": {"p": {"circuit_breaker": {"failure_rate": {"threshold": 50, "window": "10s"}, "slow_call": {"duration": "1s", "threshold": 50, "window": "20s"}}}}}"#,
+         "policies.p.circuit_breaker.slow_call.window: must equal policies.p.circuit_breaker.failure_rate.window"),
+        (r#"{"policies": {"p": {"mode": "observe"}}}"#, "policies.p.mode: expected \"enforce\" or \"dry_run\", got \"observe\""),
+        (r#"{"policies": {"p": {"reject": {"status": 99}}}}"#, "policies.p.reject.status: expected an HTTP status from 200 to 599, got 99"),
+        (r#"{"policies": {"p": {"reject": {"headers": {"X-Bad": "1"}}}}}"#, "policies.p.reject.headers.X-Bad: expected a lower-case HTTP header name"),
+        (r#"{"policies": {"p": {"circuit_breaker": {"failure_on": {"status": ["6xx"]}}}}}"#,
+         "policies.p.circuit_breaker.failure_on.status[0]: expected a status code (100-599) or class such as \"5xx\", got \"6xx\""),
+        (r#"{"policies": {"p": {"circuit_breaker": {"failure_on": {"grpc_status": ["UNAVAILABLE", "SLOW"]}}}}}"#,
+         "policies.p.circuit_breaker.failure_on.grpc_status[1]: expected a gRPC status name"),
+        (r#"{"policies": {"a.b": {}}}"#, "policies.a.b: a policy name must be 1-64 characters"),
+        (r#"{"policies": {}, "routes": [{"match": {}, "policy": "ghost"}]}"#, "routes[0].policy: no policy named \"ghost\" in policies"),
+        (r#"{"policies": {"p": {}}, "routes": [{"policy": "p"}]}"#, "routes[0].match: is required"),
+        (r#"{"policies": {"p": {}}, "routes": [{"match": {"path_prefix": "api"}, "policy": "p"}]}"#,
+         "routes[0].match.path_prefix: expected a path starting with \"/\", got \"api\""),
+        (r#"{"policies": {"p": {}}, "routes": [{"match": {"methods": ["get"]}, "policy": "p"}]}"#,
+         "routes[0].match.methods[0]: expected an upper-case HTTP method such as GET, got \"get\""),
+        (r#"{"policies": {"p": {}}, "routes": [{"match": {"host": "api.*.com"}, "policy": "p"}]}"#,
+         "routes[0].match.host: a wildcard is only allowed as the first label"),
+        (r#"{"policies": {"p": {}}, "routes": [{"match": {"route_name": ""}, "policy": "p"}]}"#,
+         "routes[0].match.route_name: expected a non-empty string, got \"\""),
+    ];
+    for (config, message) in cases {
+        let got = error_of(config);
+        assert!(got.starts_with(message), "config {config}\n  expected: {message}\n  got:      {got}");
+    }
+}
+
+#[test]
+fn only_failure_rate_means_no_consecutive_trip() {
+    let c = parse_str(r#"{"policies": {"p": {"circuit_breaker": {"failure_rate": {"threshold": 50}}}}}"#).unwrap();
+    assert_eq!(c.policies[0].breaker.as_ref().unwrap().machine.consecutive_failures, 0);
+}

@@ -1,0 +1,231 @@
+//! The request logic against a fake host: what Envoy would see, without Envoy.
+
+use super::*;
+use crate::config;
+use crate::fake::{FakeHost, Reply};
+use breakwater_policies::MS;
+
+const CONFIG: &str = r#"{
+  "policies": {
+    "checkout": {
+      "circuit_breaker": { "consecutive_failures": 3, "open_for": "10s", "slow_call": { "duration": "500ms", "threshold": 100, "minimum_requests": 100 } },
+      "reject": { "headers": { "x-team": "payments" } }
+    },
+    "shadow": { "mode": "dry_run", "circuit_breaker": { "consecutive_failures": 1, "open_for": "10s" } }
+  },
+  "routes": [
+    { "match": { "route_name": "checkout" }, "policy": "checkout" },
+    { "match": { "path_prefix": "/shadow" }, "policy": "shadow" }
+  ]
+}"#;
+
+fn compiled(host: &FakeHost) -> Compiled {
+    Compiled::new(config::parse(CONFIG.as_bytes()).unwrap(), host, "test")
+}
+
+/// One request through the filter: headers, then `on_log` with the given response.
+fn request(c: &Compiled, host: &FakeHost, route: &str, path: &str, code: u64, flags: u64) -> Action {
+    host.new_stream();
+    host.set_prop("xds.route_name", route.as_bytes());
+    host.set_header(":path", path);
+    let (action, stream) = on_request_headers(c, host);
+    if action == Action::Continue {
+        host.set_prop_u64("response.code", code);
+        host.set_prop_u64("response.flags", flags);
+        on_log(c, host, stream);
+    }
+    action
+}
+
+fn checkout(c: &Compiled, host: &FakeHost, code: u64) -> Action {
+    request(c, host, "checkout", "/checkout", code, 0)
+}
+
+#[test]
+fn third_consecutive_5xx_trips_and_the_fourth_request_is_fast_failed_with_retry_after() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    for _ in 0..3 {
+        assert_eq!(checkout(&c, &host, 503), Action::Continue);
+    }
+    host.now.set(2500 * MS);
+    assert_eq!(checkout(&c, &host, 200), Action::Rejected);
+    let reply = host.last_reply().unwrap();
+    let Reply::Http { status, body, .. } = &reply else { panic!("expected an HTTP reply") };
+    assert_eq!(*status, 503);
+    assert_eq!(body, "breakwater: circuit-open (policy checkout)\n");
+    assert_eq!(reply.header("x-breakwater"), Some("circuit-open"));
+    assert_eq!(reply.header("retry-after"), Some("8")); // 7.5 s left, rounded up
+    assert_eq!(reply.header("x-team"), Some("payments"));
+    assert_eq!(host.metric("requests.policy.checkout.outcome.failure"), 3);
+    assert_eq!(host.metric("rejections.policy.checkout.reason.circuit_open"), 1);
+    assert_eq!(host.metric("transitions.policy.checkout.to.open"), 1);
+    assert_eq!(host.metric("circuit_state.policy.checkout"), 1);
+}
+
+#[test]
+fn failures_on_different_workers_add_up() {
+    let w1 = FakeHost::new();
+    let w2 = FakeHost::worker_of(&w1);
+    let (c1, c2) = (compiled(&w1), compiled(&w2));
+    checkout(&c1, &w1, 500);
+    checkout(&c2, &w2, 500);
+    checkout(&c1, &w1, 500);
+    assert_eq!(checkout(&c2, &w2, 200), Action::Rejected);
+}
+
+#[test]
+fn a_4xx_is_a_success_and_breaks_the_run_of_failures() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    checkout(&c, &host, 500);
+    checkout(&c, &host, 500);
+    checkout(&c, &host, 404);
+    checkout(&c, &host, 500);
+    assert_eq!(checkout(&c, &host, 200), Action::Continue);
+    assert_eq!(host.metric("requests.policy.checkout.outcome.success"), 2);
+}
+
+#[test]
+fn transport_errors_count_by_their_response_flags() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    request(&c, &host, "checkout", "/", 503, flags::UPSTREAM_CONNECTION_FAILURE);
+    request(&c, &host, "checkout", "/", 504, flags::UPSTREAM_REQUEST_TIMEOUT);
+    request(&c, &host, "checkout", "/", 503, flags::UPSTREAM_REMOTE_RESET);
+    assert_eq!(checkout(&c, &host, 200), Action::Rejected);
+}
+
+#[test]
+fn a_client_abort_is_ignored_and_gives_a_probe_its_slot_back() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    for _ in 0..3 {
+        checkout(&c, &host, 500);
+    }
+    host.now.set(10 * SECOND);
+    // The probe's client goes away (DC, no response code).
+    request(&c, &host, "checkout", "/", 0, flags::DOWNSTREAM_CONNECTION_TERMINATION);
+    assert_eq!(host.metric("requests.policy.checkout.outcome.ignored"), 1);
+    assert_eq!(host.metric("transitions.policy.checkout.to.half_open"), 1);
+    // The slot is free again: the next request is the probe, succeeds and closes the breaker.
+    assert_eq!(checkout(&c, &host, 200), Action::Continue);
+    assert_eq!(host.metric("transitions.policy.checkout.to.closed"), 1);
+    assert_eq!(host.metric("circuit_state.policy.checkout"), 0);
+}
+
+#[test]
+fn only_one_probe_at_a_time_and_the_others_are_rejected() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    for _ in 0..3 {
+        checkout(&c, &host, 500);
+    }
+    host.now.set(10 * SECOND);
+    host.set_prop("xds.route_name", b"checkout");
+    let (first, probe) = on_request_headers(&c, &host);
+    assert_eq!(first, Action::Continue);
+    assert!(matches!(probe, Stream::Admitted { probe: true, .. }));
+    assert_eq!(on_request_headers(&c, &host).0, Action::Rejected);
+    assert_eq!(host.last_reply().unwrap().header("retry-after"), Some("1"));
+}
+
+#[test]
+fn dry_run_counts_what_it_would_reject_and_rejects_nothing() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    for _ in 0..5 {
+        assert_eq!(request(&c, &host, "", "/shadow/x", 500, 0), Action::Continue);
+    }
+    assert!(host.replies.borrow().is_empty());
+    assert_eq!(host.metric("dry_run_rejections.policy.shadow.reason.circuit_open"), 4);
+    assert_eq!(host.metric("rejections.policy.shadow.reason.circuit_open"), 0);
+    // Would-be-rejected requests stay out of the breaker: only the first failure was counted.
+    assert_eq!(host.metric("requests.policy.shadow.outcome.failure"), 1);
+}
+
+#[test]
+fn a_grpc_request_is_rejected_with_grpc_unavailable() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    for _ in 0..3 {
+        checkout(&c, &host, 500);
+    }
+    host.new_stream();
+    host.set_prop("xds.route_name", b"checkout");
+    host.set_header("content-type", "application/grpc+proto");
+    assert_eq!(on_request_headers(&c, &host).0, Action::Rejected);
+    let reply = host.last_reply().unwrap();
+    assert!(
+        matches!(&reply, Reply::GrpcUnavailable { message, .. } if message == "breakwater: circuit-open (policy checkout)")
+    );
+    assert_eq!(reply.header("x-breakwater"), Some("circuit-open"));
+}
+
+#[test]
+fn grpc_status_failures_count_even_with_http_200() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    for _ in 0..3 {
+        host.new_stream();
+        host.set_prop("xds.route_name", b"checkout");
+        let (_, stream) = on_request_headers(&c, &host);
+        host.set_prop_u64("response.code", 200);
+        host.set_prop_u64("response.grpc_status", 14);
+        on_log(&c, &host, stream);
+    }
+    assert_eq!(checkout(&c, &host, 200), Action::Rejected);
+}
+
+#[test]
+fn requests_matching_no_route_pass_untouched_and_are_not_counted() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    for _ in 0..10 {
+        assert_eq!(request(&c, &host, "other", "/other", 500, 0), Action::Continue);
+    }
+    assert_eq!(checkout(&c, &host, 200), Action::Continue);
+    assert_eq!(host.metric("requests.policy.checkout.outcome.failure"), 0);
+}
+
+#[test]
+fn slow_calls_are_counted_from_request_headers_to_log() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    host.set_prop("xds.route_name", b"checkout");
+    let (_, stream) = on_request_headers(&c, &host);
+    host.now.set(600 * MS);
+    host.set_prop_u64("response.code", 200);
+    on_log(&c, &host, stream);
+    assert_eq!(host.metric("requests.policy.checkout.outcome.slow"), 1);
+    assert_eq!(host.metric("requests.policy.checkout.outcome.success"), 1);
+}
+
+#[test]
+fn lost_cas_races_are_retried() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    for _ in 0..3 {
+        host.process.cas_conflicts.set(5);
+        checkout(&c, &host, 500);
+    }
+    assert_eq!(checkout(&c, &host, 200), Action::Rejected);
+}
+
+#[test]
+fn garbage_in_shared_data_is_replaced_by_a_fresh_state() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    host.shared_set(c.breaker_key(0), b"\xff\x00garbage", 0).unwrap();
+    assert_eq!(checkout(&c, &host, 500), Action::Continue);
+    checkout(&c, &host, 500);
+    checkout(&c, &host, 500);
+    assert_eq!(checkout(&c, &host, 200), Action::Rejected);
+}
+
+#[test]
+fn duration_formatting_for_log_lines() {
+    assert_eq!(fmt_duration(250 * MS), "250ms");
+    assert_eq!(fmt_duration(10 * SECOND), "10s");
+    assert_eq!(fmt_duration(1500 * MS), "1.5s");
+}
