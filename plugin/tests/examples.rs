@@ -1,0 +1,56 @@
+//! The configurations users copy from `envoy/` must be valid Breakwater configurations.
+//! (The real-Envoy suite in `integration/` also runs envoy.yaml itself.)
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use serde::Deserialize;
+use serde_yaml::Value as Yaml;
+use std::path::PathBuf;
+
+fn example(path: &str) -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn yaml_docs(path: &str) -> Vec<Yaml> {
+    let text = example(path);
+    serde_yaml::Deserializer::from_str(&text).map(|d| Yaml::deserialize(d).unwrap()).collect()
+}
+
+fn find<'a>(v: &'a Yaml, key: &str) -> Option<&'a Yaml> {
+    match v {
+        Yaml::Mapping(m) => m.get(key).or_else(|| m.values().find_map(|v| find(v, key))),
+        Yaml::Sequence(s) => s.iter().find_map(|v| find(v, key)),
+        _ => None,
+    }
+}
+
+#[test]
+fn the_demo_envoy_yaml_carries_a_valid_plugin_configuration() {
+    let docs = yaml_docs("envoy/envoy.yaml");
+    let configuration = find(&docs[0], "configuration").expect("a wasm configuration");
+    let json = configuration["value"].as_str().expect("a StringValue");
+    let c = breakwater::config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("envoy/envoy.yaml: {e}"));
+    assert_eq!(c.policies.len(), 2);
+}
+
+#[test]
+fn the_istio_wasmplugin_carries_a_valid_plugin_configuration() {
+    let docs = yaml_docs("envoy/istio/wasmplugin.yaml");
+    let plugin_config = &docs[0]["spec"]["pluginConfig"];
+    // Istio hands pluginConfig to the plugin as JSON.
+    let json = serde_json::to_vec(plugin_config).unwrap();
+    let c = breakwater::config::parse(&json).unwrap_or_else(|e| panic!("envoy/istio/wasmplugin.yaml: {e}"));
+    let mut names: Vec<_> = c.policies.iter().map(|p| p.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["catalog", "checkout"]);
+}
+
+#[test]
+fn istio_and_plain_envoy_use_the_same_stats_tag_extractors() {
+    let envoy = yaml_docs("envoy/envoy.yaml");
+    let envoy_tags = serde_json::to_value(&envoy[0]["stats_config"]["stats_tags"]).unwrap();
+    let istio = yaml_docs("envoy/istio/telemetry-stats-tags.yaml");
+    let bootstrap: serde_json::Value =
+        serde_json::from_str(istio[0]["data"]["custom_bootstrap.json"].as_str().unwrap()).unwrap();
+    assert_eq!(bootstrap["stats_config"]["stats_tags"], envoy_tags);
+}

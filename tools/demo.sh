@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# `make run`: the demo upstream on :8081, Envoy with Breakwater on :10000 (admin :9901).
+# Both stop when this script does (Ctrl-C).
+set -euo pipefail
+envoy_bin=$1 upstream_bin=$2
+cd "$(dirname "$0")/.."
+logdir=$(mktemp -d)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+
+"$upstream_bin" --listen 127.0.0.1:8081 >"$logdir/upstream.log" 2>&1 &
+pids+=($!)
+"$envoy_bin" -c envoy/envoy.yaml --concurrency 2 --use-dynamic-base-id --log-path "$logdir/envoy.log" &
+pids+=($!)
+
+for _ in $(seq 100); do
+  curl -fs localhost:9901/ready >/dev/null 2>&1 && break
+  kill -0 "${pids[@]}" 2>/dev/null || { echo "Envoy or the upstream exited:"; tail -20 "$logdir"/*.log; exit 1; }
+  sleep 0.1
+done
+curl -fs localhost:9901/ready >/dev/null || { echo "Envoy did not become ready:"; tail -20 "$logdir/envoy.log"; exit 1; }
+
+cat <<MSG
+
+Breakwater demo: Envoy on http://localhost:10000, admin on http://localhost:9901, logs in $logdir
+The route /checkout has a breaker: 5 consecutive failures trip it, it stays open 10s, then one probe.
+The demo upstream takes its behaviour from the query string: ?status=500, ?delay_ms=800, ?reset=1.
+
+  # 1. healthy
+  curl -i localhost:10000/checkout
+  # 2. five failures trip the breaker
+  for i in 1 2 3 4 5; do curl -s -o /dev/null -w '%{http_code}\n' 'localhost:10000/checkout?status=500'; done
+  # 3. fast-fail: 503, x-breakwater: circuit-open, retry-after; the upstream is not contacted
+  curl -i localhost:10000/checkout
+  # 4. after 10s one probe goes through; its success closes the breaker
+  sleep 10; curl -i localhost:10000/checkout; curl -i localhost:10000/checkout
+  # stats, and the transition log lines
+  curl -s localhost:9901/stats/prometheus | grep breakwater_
+  grep 'circuit' $logdir/envoy.log
+
+Ctrl-C stops Envoy and the upstream.
+MSG
+wait -n "${pids[@]}"
