@@ -208,7 +208,8 @@ pub fn classify(host: &impl Host, on: &FailureOn) -> Verdict {
     if on.status.iter().any(|&(lo, hi)| (u64::from(lo)..=u64::from(hi)).contains(&code)) {
         return Verdict::Failure;
     }
-    if !on.grpc_status.is_empty() {
+    // Envoy derives a grpc_status from any HTTP status (429 → UNAVAILABLE): only trust it for gRPC.
+    if !on.grpc_status.is_empty() && is_grpc(host) {
         if let Some(g) = property_u64(host, &["response", "grpc_status"]) {
             if on.grpc_status.iter().any(|&s| u64::from(s) == g) {
                 return Verdict::Failure;
@@ -216,6 +217,10 @@ pub fn classify(host: &impl Host, on: &FailureOn) -> Verdict {
         }
     }
     Verdict::Success
+}
+
+fn is_grpc(host: &impl Host) -> bool {
+    host.request_header("content-type").is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
 fn reject(host: &impl Host, p: &Policy, reason: &str, retry_after_ns: u64) {
@@ -232,8 +237,7 @@ fn reject(host: &impl Host, p: &Policy, reason: &str, retry_after_ns: u64) {
             default_body.as_str()
         }
     };
-    let grpc = host.request_header("content-type").is_some_and(|ct| ct.starts_with("application/grpc"));
-    if grpc {
+    if is_grpc(host) {
         // UNAVAILABLE: what gRPC clients treat as "try again later".
         host.send_grpc_unavailable(body.trim_end(), &headers);
     } else {

@@ -1,7 +1,8 @@
 //! Envoy stats per policy. Names carry the policy (and outcome, reason, state) as dot-separated
 //! segments that the `stats_config` tag extractors in `envoy/` turn into Prometheus labels:
 //! `wasmcustom.breakwater.requests.policy.checkout.outcome.failure` becomes
-//! `envoy_wasmcustom_breakwater_requests{policy="checkout",outcome="failure"}`.
+//! `breakwater_requests{policy="checkout",outcome="failure"}` in /stats/prometheus (Envoy 1.40 drops the
+//! `wasmcustom` prefix there).
 
 use crate::host::{Host, MetricKind};
 use alloc::format;

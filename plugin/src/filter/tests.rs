@@ -170,6 +170,7 @@ fn grpc_status_failures_count_even_with_http_200() {
         host.new_stream();
         host.set_prop("xds.route_name", b"checkout");
         let (_, stream) = on_request_headers(&c, &host);
+        host.set_header("content-type", "application/grpc");
         host.set_prop_u64("response.code", 200);
         host.set_prop_u64("response.grpc_status", 14);
         on_log(&c, &host, stream);
@@ -228,4 +229,19 @@ fn duration_formatting_for_log_lines() {
     assert_eq!(fmt_duration(250 * MS), "250ms");
     assert_eq!(fmt_duration(10 * SECOND), "10s");
     assert_eq!(fmt_duration(1500 * MS), "1.5s");
+}
+
+#[test]
+fn an_http_429_is_a_success_although_envoy_maps_it_to_grpc_unavailable() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    for _ in 0..5 {
+        host.new_stream();
+        host.set_prop("xds.route_name", b"checkout");
+        let (_, stream) = on_request_headers(&c, &host);
+        host.set_prop_u64("response.code", 429);
+        host.set_prop_u64("response.grpc_status", 14);
+        on_log(&c, &host, stream);
+    }
+    assert_eq!(host.metric("requests.policy.checkout.outcome.success"), 5);
 }
