@@ -1,0 +1,450 @@
+#!/usr/bin/env python3
+"""`make bench`: Breakwater against plain Envoy, a no-op Wasm filter and Envoy's native
+resilience, side by side in one run, on loopback.
+
+Every variant is its own Envoy process, all started up front and all in front of the same fast
+upstream (a second Envoy answering with direct_response). Rounds are interleaved (A B C …,
+A B C …) so that machine drift hits every variant alike. The steady figure is the CPU time of
+the Envoy under test per request (utime+stime from /proc over a fixed number of requests);
+requests/s and latency come from h2load and swing far more on a small machine.
+
+This is a benchmark, not a test: it never fails because the machine is slow.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+STATS_TAGS = ""  # filled from envoy/envoy.yaml so the bench runs what users run
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wasm_filter(name, path, configuration=None):
+    conf = ""
+    if configuration is not None:
+        value = json.dumps(configuration)
+        conf = f"""
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {json.dumps(value)}"""
+    return f"""
+          - name: {name}
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: {name}
+                root_id: {name}
+                failure_policy: FAIL_CLOSED
+                vm_config:
+                  vm_id: {name}
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: {path} }} }}{conf}"""
+
+
+ADMISSION_CONTROL = """
+          - name: envoy.filters.http.admission_control
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.admission_control.v3.AdmissionControl
+              enabled: { default_value: true, runtime_key: ac.enabled }
+              sampling_window: 10s
+              sr_threshold: { default_value: { value: 95.0 }, runtime_key: ac.sr_threshold }
+              aggression: { default_value: 1.0, runtime_key: ac.aggression }
+              success_criteria:
+                http_criteria:
+                  http_success_status: [{ start: 100, end: 500 }]"""
+
+NATIVE_CLUSTER_EXTRAS = """
+    circuit_breakers:
+      thresholds:
+      - priority: DEFAULT
+        max_connections: 1024
+        max_pending_requests: 1024
+        max_requests: 1024
+        max_retries: 3
+        retry_budget: { budget_percent: { value: 20.0 }, min_retry_concurrency: 3 }
+    outlier_detection:
+      consecutive_5xx: 5
+      interval: 10s
+      base_ejection_time: 30s
+      max_ejection_percent: 10"""
+
+
+def envoy_yaml(port, admin_port, upstream_port, filters="", route=None, cluster_extras="", dead_port=None):
+    route = route or "route: { cluster: upstream, timeout: 5s }"
+    dead = ""
+    if dead_port:
+        dead = f"""
+  - name: dead
+    type: STATIC
+    connect_timeout: 0.25s
+    load_assignment:
+      cluster_name: dead
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {dead_port} }} }} }} }}] }}]"""
+    return f"""
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
+{STATS_TAGS}
+static_resources:
+  listeners:
+  - name: ingress
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            virtual_hosts:
+            - name: bench
+              domains: ["*"]
+              routes:
+              - name: bench
+                match: {{ prefix: / }}
+                {route}
+          http_filters:{filters}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: upstream
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {upstream_port} }} }} }} }}] }}]{cluster_extras}{dead}
+"""
+
+
+def upstream_yaml(port, admin_port):
+    return f"""
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
+static_resources:
+  listeners:
+  - name: upstream
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: upstream
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{ match: {{ prefix: / }}, direct_response: {{ status: 200, body: {{ inline_string: ok }} }} }}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"""
+
+
+def breakwater_config(rules=1, fast_fail=False):
+    """The realistic policy of the benchmark: failure-rate window and slow-call detection."""
+    policy = {
+        "circuit_breaker": {
+            "consecutive_failures": 5,
+            "failure_rate": {"threshold": 50, "minimum_requests": 20, "window": "10s"},
+            "slow_call": {"duration": "500ms", "threshold": 80},
+            "open_for": "30s",
+        }
+    }
+    if fast_fail:
+        policy = {"circuit_breaker": {"consecutive_failures": 1, "open_for": "1h"}}
+    # Rules for other routes come first: the request's own rule is the last one.
+    routes = [{"match": {"route_name": f"other-{i}"}, "policy": "bench"} for i in range(rules - 1)]
+    routes.append({"match": {"route_name": "bench"}, "policy": "bench"})
+    return {"policies": {"bench": policy}, "routes": routes}
+
+
+class Envoy:
+    def __init__(self, envoy_bin, name, yaml, workdir, concurrency):
+        self.name = name
+        self.port = None
+        self.dir = Path(workdir) / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "envoy.yaml").write_text(yaml)
+        self.log = open(self.dir / "envoy.log", "w")
+        self.proc = subprocess.Popen(
+            [envoy_bin, "-c", str(self.dir / "envoy.yaml"), "--concurrency", str(concurrency),
+             "--use-dynamic-base-id", "-l", "warning"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def wait_ready(self, admin_port, timeout=30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name}: Envoy exited: {(self.dir / 'envoy.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        self.admin_port = admin_port
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name}: Envoy not ready after {timeout}s")
+
+    def cpu_seconds(self):
+        # Fields after the command name (which may contain spaces): utime, stime are 14 and 15.
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def stat(self, name):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats?filter=^{re.escape(name)}$") as r:
+            m = re.search(r": (\d+)", r.read().decode())
+            return int(m.group(1)) if m else None
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def h2load(port, requests, connections, logfile):
+    out = subprocess.run(
+        ["h2load", "--h1", "-n", str(requests), "-c", str(connections), "-t", "1",
+         f"--log-file={logfile}", f"http://127.0.0.1:{port}/"],
+        capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    done = int(re.search(r"requests: \d+ total, \d+ started, (\d+) done", out).group(1))
+    lat = sorted(int(line.split("\t")[2]) for line in open(logfile) if line.strip())
+    statuses = {}
+    for line in open(logfile):
+        if line.strip():
+            s = line.split("\t")[1]
+            statuses[s] = statuses.get(s, 0) + 1
+    return {"rps": rps, "done": done, "p50_us": pct(lat, 50), "p99_us": pct(lat, 99), "statuses": statuses}
+
+
+def pct(sorted_values, p):
+    if not sorted_values:
+        return 0
+    k = min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def measure(envoy, requests, connections, tmp):
+    before = envoy.cpu_seconds()
+    r = h2load(envoy.port, requests, connections, Path(tmp) / f"{envoy.name}.h2load.log")
+    after = envoy.cpu_seconds()
+    r["cpu_us_per_req"] = (after - before) * 1e6 / max(r["done"], 1)
+    return r
+
+
+def run_group(envoys, rounds, requests, connections, tmp, label):
+    """Interleaved rounds over a group of running Envoys; returns medians per variant."""
+    for e in envoys:  # warm-up: JIT, connection pools, and the fast-fail trip
+        h2load(e.port, max(requests // 10, 500), connections, Path(tmp) / "warmup.log")
+    samples = {e.name: [] for e in envoys}
+    for i in range(rounds):
+        for e in envoys:
+            samples[e.name].append(measure(e, requests, connections, tmp))
+        print(f"  {label}: round {i + 1}/{rounds} done", file=sys.stderr)
+    result = {}
+    for name, runs in samples.items():
+        result[name] = {
+            k: statistics.median(r[k] for r in runs) for k in ("cpu_us_per_req", "rps", "p50_us", "p99_us")
+        }
+        result[name]["cpu_us_per_req_all"] = [round(r["cpu_us_per_req"], 2) for r in runs]
+        result[name]["statuses"] = runs[-1]["statuses"]
+    return result
+
+
+def start(envoy_bin, name, make_yaml, tmp, concurrency):
+    port, admin = free_port(), free_port()
+    e = Envoy(envoy_bin, name, make_yaml(port, admin), tmp, concurrency)
+    e.port = port
+    e.wait_ready(admin)
+    return e
+
+
+def main():
+    global STATS_TAGS
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--envoy", default=os.environ.get("ENVOY_BIN", "envoy"))
+    ap.add_argument("--breakwater", default=str(ROOT / "target/wasm32-wasip1/release/breakwater.wasm"))
+    ap.add_argument("--noop", default=str(ROOT / "target/wasm32-wasip1/release/breakwater_bench_noop.wasm"))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    args = ap.parse_args()
+    if not shutil.which("h2load"):
+        sys.exit("h2load not found: apt-get install nghttp2-client")
+    text = (ROOT / "envoy/envoy.yaml").read_text()
+    STATS_TAGS = text[text.index("stats_config:"):text.index("static_resources:")]
+
+    tmp = tempfile.mkdtemp(prefix="breakwater-bench-")
+    running = []
+    results = {"machine": machine(), "envoy": envoy_version(args.envoy), "params": vars(args)}
+    try:
+        up_port, up_admin = free_port(), free_port()
+        upstream = Envoy(args.envoy, "upstream", upstream_yaml(up_port, up_admin), tmp, 1)
+        running.append(upstream)
+        upstream.wait_ready(up_admin)
+        dead_port = free_port()  # nothing listens here: the fast-fail route's cluster
+
+        bw = wasm_filter("breakwater", args.breakwater, breakwater_config())
+        variants = {
+            "plain": lambda p, a: envoy_yaml(p, a, up_port),
+            "noop": lambda p, a: envoy_yaml(p, a, up_port, wasm_filter("noop", args.noop)),
+            "breakwater": lambda p, a: envoy_yaml(p, a, up_port, bw),
+            "native": lambda p, a: envoy_yaml(p, a, up_port, ADMISSION_CONTROL, cluster_extras=NATIVE_CLUSTER_EXTRAS),
+            "direct_response": lambda p, a: envoy_yaml(
+                p, a, up_port, route="direct_response: { status: 503, body: { inline_string: unavailable } }"),
+            "fast_fail": lambda p, a: envoy_yaml(
+                p, a, up_port, wasm_filter("breakwater", args.breakwater, breakwater_config(fast_fail=True)),
+                route="route: { cluster: dead, timeout: 5s }", dead_port=dead_port),
+        }
+        for workers in (1, 2):
+            group = [start(args.envoy, f"{name}-w{workers}", y, tmp, workers) for name, y in variants.items()]
+            running += group
+            res = run_group(group, args.rounds, args.requests, args.connections, tmp, f"{workers} worker(s)")
+            results[f"workers_{workers}"] = {k.rsplit("-w", 1)[0]: v for k, v in res.items()}
+            if workers == 1:
+                results["memory_allocated"] = {
+                    e.name.rsplit("-w", 1)[0]: e.stat("server.memory_allocated") for e in group}
+            for e in group:
+                e.stop()
+                running.remove(e)
+
+        rules = {}
+        group = []
+        for n in (1, 100, 10000):
+            f = wasm_filter("breakwater", args.breakwater, breakwater_config(rules=n))
+            group.append(start(args.envoy, f"rules-{n}", lambda p, a, f=f: envoy_yaml(p, a, up_port, f), tmp, 1))
+        running += group
+        rules = run_group(group, args.rounds, args.requests, args.connections, tmp, "route rules")
+        results["rules"] = rules
+        results["wasm_bytes"] = {"breakwater": os.path.getsize(args.breakwater), "noop": os.path.getsize(args.noop)}
+    finally:
+        for e in running:
+            e.stop()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    md = report(results)
+    (out / "bench.md").write_text(md)
+    (out / "bench.svg").write_text(chart(results))
+    print(md)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def machine():
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{os.cpu_count()} cores, {cpu}"
+
+
+def envoy_version(envoy_bin):
+    out = subprocess.run([envoy_bin, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"version: \S+/([\d.]+)/", out)
+    return m.group(1) if m else out.strip()
+
+
+LABELS = {
+    "plain": "(1) plain Envoy",
+    "noop": "(2) + no-op Wasm filter",
+    "breakwater": "(3) + Breakwater, nothing tripping",
+    "native": "(4) + Envoy native: circuit_breakers, retry_budget, outlier_detection, admission_control",
+    "fast_fail": "(5) Breakwater fast-fail (circuit open)",
+    "direct_response": "(5') Envoy direct_response",
+}
+
+
+def report(r):
+    lines = [
+        "# Breakwater benchmark",
+        "",
+        f"Envoy {r['envoy']} on {r['machine']}; `make bench` "
+        f"({r['params']['rounds']} interleaved rounds of {r['params']['requests']} requests, "
+        f"h2load --h1 -c {r['params']['connections']}); medians.",
+        "CPU µs/req is the Envoy process's utime+stime per request.",
+        "",
+    ]
+    for w in (1, 2):
+        g = r[f"workers_{w}"]
+        plain, noop = g["plain"]["cpu_us_per_req"], g["noop"]["cpu_us_per_req"]
+        lines += [f"## {w} worker{'s' if w > 1 else ''}", "",
+                  "| variant | CPU µs/req | × plain | × no-op | req/s | p50 µs | p99 µs |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for k, label in LABELS.items():
+            v = g[k]
+            lines.append(f"| {label} | {v['cpu_us_per_req']:.1f} | {v['cpu_us_per_req'] / plain:.2f} | "
+                         f"{v['cpu_us_per_req'] / noop:.2f} | {v['rps']:.0f} | {v['p50_us']:.0f} | {v['p99_us']:.0f} |")
+        ff = g["fast_fail"]["cpu_us_per_req"] / g["direct_response"]["cpu_us_per_req"]
+        lines += ["", f"Fast-fail ÷ direct_response: **{ff:.2f}**; "
+                  f"Breakwater ÷ no-op: **{g['breakwater']['cpu_us_per_req'] / noop:.2f}**; "
+                  f"Breakwater ÷ native: **{g['breakwater']['cpu_us_per_req'] / g['native']['cpu_us_per_req']:.2f}**", ""]
+    rules = r["rules"]
+    base = rules["rules-1"]["cpu_us_per_req"]
+    lines += ["## Route rules (1 worker)", "", "| rules | CPU µs/req | × 1 rule |", "|---:|---:|---:|"]
+    for n in (1, 100, 10000):
+        v = rules[f"rules-{n}"]["cpu_us_per_req"]
+        lines.append(f"| {n} | {v:.1f} | {v / base:.2f} |")
+    mem = r["memory_allocated"]
+    lines += ["", "## Size and memory", "",
+              f"- `.wasm`: Breakwater {r['wasm_bytes']['breakwater']:,} bytes; no-op {r['wasm_bytes']['noop']:,} bytes",
+              "- `server.memory_allocated` after warm-up, 1 worker: "
+              + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items() if v is not None), ""]
+    return "\n".join(lines)
+
+
+def chart(r):
+    """A bar chart of CPU µs/request, 1 and 2 workers, as a standalone SVG."""
+    keys = list(LABELS)
+    width, bar_h, gap, left = 760, 14, 10, 330
+    groups = [(w, r[f"workers_{w}"]) for w in (1, 2)]
+    top = max(g[k]["cpu_us_per_req"] for _, g in groups for k in keys)
+    scale = (width - left - 80) / top
+    height = 50 + len(keys) * (2 * bar_h + gap)
+    colors = {1: "#2b6cb0", 2: "#90cdf4"}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+           f'<text x="10" y="20" font-size="14">Envoy CPU time per request (µs, median) — Envoy {r["envoy"]}</text>',
+           f'<rect x="{left}" y="28" width="10" height="10" fill="{colors[1]}"/><text x="{left + 14}" y="37">1 worker</text>',
+           f'<rect x="{left + 90}" y="28" width="10" height="10" fill="{colors[2]}"/><text x="{left + 104}" y="37">2 workers</text>']
+    y = 50
+    for k in keys:
+        out.append(f'<text x="{left - 8}" y="{y + bar_h + 4}" text-anchor="end">{LABELS[k][:48]}</text>')
+        for w, g in groups:
+            v = g[k]["cpu_us_per_req"]
+            out.append(f'<rect x="{left}" y="{y}" width="{v * scale:.1f}" height="{bar_h - 2}" fill="{colors[w]}"/>')
+            out.append(f'<text x="{left + v * scale + 4:.1f}" y="{y + bar_h - 3}">{v:.1f}</text>')
+            y += bar_h
+        y += gap
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()
