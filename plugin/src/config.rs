@@ -100,7 +100,11 @@ pub struct Policy {
 pub struct Config {
     pub policies: Vec<Policy>,
     pub routes: RouteTable,
+    /// How often each worker hands its batched successes to the shared breakers.
+    pub sync_interval_ns: u64,
 }
+
+pub const DEFAULT_SYNC_INTERVAL_NS: u64 = 50 * MS;
 
 /// Parses and validates the whole configuration; nothing is applied unless all of it is valid.
 pub fn parse(bytes: &[u8]) -> Result<Config> {
@@ -125,8 +129,16 @@ pub fn parse(bytes: &[u8]) -> Result<Config> {
             routes.push(route(r, &format!("{path}[{i}]"), &policies)?);
         }
     }
+    let mut sync_interval_ns = DEFAULT_SYNC_INTERVAL_NS;
+    if let Some(v) = root.opt("sync_interval") {
+        let p = root.path("sync_interval");
+        sync_interval_ns = duration(v, &p)?;
+        if !(MS..=10 * SECOND).contains(&sync_interval_ns) {
+            return err(&p, "must be from 1ms to 10s");
+        }
+    }
     root.finish()?;
-    Ok(Config { policies, routes: RouteTable::new(routes) })
+    Ok(Config { policies, routes: RouteTable::new(routes), sync_interval_ns })
 }
 
 fn policy(name: &str, v: &Value, path: &str) -> Result<Policy> {

@@ -9,15 +9,15 @@ use core::cell::{Cell, RefCell};
 use hashbrown::HashMap;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Reply {
-    Http { status: u32, headers: Vec<(String, String)>, body: String },
-    GrpcUnavailable { message: String, headers: Vec<(String, String)> },
+pub struct Reply {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
 }
 
 impl Reply {
     pub fn header(&self, name: &str) -> Option<&str> {
-        let (Reply::Http { headers, .. } | Reply::GrpcUnavailable { headers, .. }) = self;
-        headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -36,7 +36,11 @@ pub struct FakeHost {
     /// Attributes by dotted path, e.g. "response.code".
     pub props: RefCell<HashMap<String, Vec<u8>>>,
     pub headers: RefCell<HashMap<String, String>>,
+    pub response_headers: RefCell<HashMap<String, String>>,
+    pub response_trailers: RefCell<HashMap<String, String>>,
     pub replies: RefCell<Vec<Reply>>,
+    /// Host calls made, by kind ("property", "header", "shared_get", …): what a request costs.
+    pub calls: RefCell<HashMap<&'static str, u32>>,
 }
 
 impl FakeHost {
@@ -56,10 +60,25 @@ impl FakeHost {
     pub fn set_header(&self, name: &str, value: &str) {
         self.headers.borrow_mut().insert(name.to_string(), value.to_string());
     }
+    pub fn set_response_header(&self, name: &str, value: &str) {
+        self.response_headers.borrow_mut().insert(name.to_string(), value.to_string());
+    }
+    pub fn set_response_trailer(&self, name: &str, value: &str) {
+        self.response_trailers.borrow_mut().insert(name.to_string(), value.to_string());
+    }
     /// Forget the last stream's attributes and headers, as a new stream would.
     pub fn new_stream(&self) {
         self.props.borrow_mut().clear();
         self.headers.borrow_mut().clear();
+        self.response_headers.borrow_mut().clear();
+        self.response_trailers.borrow_mut().clear();
+    }
+    fn count(&self, kind: &'static str) {
+        *self.calls.borrow_mut().entry(kind).or_default() += 1;
+    }
+    /// The host calls counted since the last call of this, by kind.
+    pub fn take_calls(&self) -> HashMap<&'static str, u32> {
+        core::mem::take(&mut *self.calls.borrow_mut())
     }
     pub fn metric(&self, name: &str) -> i64 {
         let full = alloc::format!("breakwater.{name}");
@@ -72,18 +91,31 @@ impl FakeHost {
 
 impl Host for FakeHost {
     fn now_ns(&self) -> u64 {
+        self.count("clock");
         self.now.get()
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.count("property");
         self.props.borrow().get(&path.join(".")).cloned()
     }
     fn request_header(&self, name: &str) -> Option<String> {
+        self.count("header");
         self.headers.borrow().get(name).cloned()
     }
+    fn response_header(&self, name: &str) -> Option<String> {
+        self.count("header");
+        self.response_headers.borrow().get(name).cloned()
+    }
+    fn response_trailer(&self, name: &str) -> Option<String> {
+        self.count("header");
+        self.response_trailers.borrow().get(name).cloned()
+    }
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.count("shared_get");
         self.process.shared.borrow().get(key).cloned()
     }
     fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SharedError> {
+        self.count("shared_set");
         let conflicts = self.process.cas_conflicts.get();
         if conflicts > 0 {
             self.process.cas_conflicts.set(conflicts - 1);
@@ -100,11 +132,7 @@ impl Host for FakeHost {
     fn send_http_reply(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
         let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let body = String::from_utf8_lossy(body).into_owned();
-        self.replies.borrow_mut().push(Reply::Http { status, headers, body });
-    }
-    fn send_grpc_unavailable(&self, message: &str, headers: &[(&str, &str)]) {
-        let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        self.replies.borrow_mut().push(Reply::GrpcUnavailable { message: message.to_string(), headers });
+        self.replies.borrow_mut().push(Reply { status, headers, body });
     }
     fn define_metric(&self, _kind: MetricKind, name: &str) -> Option<u32> {
         let mut m = self.process.metrics.borrow_mut();
@@ -115,6 +143,7 @@ impl Host for FakeHost {
         Some(i as u32)
     }
     fn metric_add(&self, id: u32, delta: i64) {
+        self.count("metric");
         if let Some((_, v)) = self.process.metrics.borrow_mut().get_mut(id as usize) {
             *v += delta;
         }

@@ -1,6 +1,11 @@
-//! The request logic, host-agnostic: admission on the request headers, outcome accounting when
-//! the stream ends (`on_log`, which Envoy calls for every stream: responses, resets, timeouts
-//! and client aborts alike).
+//! The request logic, host-agnostic: admission on the request headers, the response status on
+//! the response headers (and gRPC trailers), outcome accounting when the stream ends (`on_log`,
+//! which Envoy calls for every stream: responses, resets, timeouts and client aborts alike), and
+//! the periodic sync that hands a worker's batched successes to the shared breaker.
+//!
+//! Costs are counted in host calls: a call that returns data (a header, an attribute) costs a
+//! VM re-entry for its buffer. A tracked request that succeeds makes four: the route name, the
+//! breaker state, `:status`, and a counter; two clock reads more with `slow_call`.
 
 use crate::config::{FailureOn, Mode, Policy};
 use crate::host::{property_u64, Host};
@@ -48,7 +53,17 @@ pub enum Stream {
         policy: usize,
         probe: bool,
         start_ns: u64,
+        /// The response's `:status`, 0 until response headers pass (they may never come).
+        status: u16,
+        /// `grpc-status` from trailers, or from the headers of a trailers-only response.
+        grpc_status: Option<u32>,
     },
+}
+
+impl Stream {
+    fn admitted(policy: usize, probe: bool, start_ns: u64) -> Self {
+        Stream::Admitted { policy, probe, start_ns, status: 0, grpc_status: None }
+    }
 }
 
 /// What the HTTP context should return from on_http_request_headers.
@@ -120,14 +135,14 @@ pub fn on_request_headers(c: &Compiled, host: &impl Host) -> (Action, Stream) {
     let key = c.breaker_key(policy);
     // If shared data fails us entirely, fail open: the breaker must never become the outage.
     let Some(step) = store::update(host, key, |s| s.admit(&b.machine, now)) else {
-        return (Action::Continue, Stream::Admitted { policy, probe: false, start_ns: now });
+        return (Action::Continue, Stream::admitted(policy, false, now));
     };
     if let Some(t) = step.transition {
         on_transition(host, p, m, t);
     }
     match step.value {
-        Admission::Allow => (Action::Continue, Stream::Admitted { policy, probe: false, start_ns: now }),
-        Admission::Probe => (Action::Continue, Stream::Admitted { policy, probe: true, start_ns: now }),
+        Admission::Allow => (Action::Continue, Stream::admitted(policy, false, now)),
+        Admission::Probe => (Action::Continue, Stream::admitted(policy, true, now)),
         Admission::Reject { retry_after_ns } => match p.mode {
             Mode::Enforce => {
                 metrics::inc(host, m.rejected_circuit_open);
@@ -144,13 +159,34 @@ pub fn on_request_headers(c: &Compiled, host: &impl Host) -> (Action, Stream) {
     }
 }
 
+/// Notes the status of a tracked stream's response (an upstream's or a local reply's).
+pub fn on_response_headers(c: &Compiled, host: &impl Host, stream: &mut Stream, end_of_stream: bool) {
+    let Stream::Admitted { policy, status, grpc_status, .. } = stream else { return };
+    *status = host.response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+    // A trailers-only gRPC response carries its grpc-status in the headers, and has no body:
+    // only then is it worth a look (a plain HTTP 200 almost always has a body).
+    if *status == 200 && end_of_stream && c.counts_grpc(*policy) {
+        *grpc_status = host.response_header("grpc-status").and_then(|s| s.parse().ok());
+    }
+}
+
+/// Notes the grpc-status of a tracked gRPC response.
+pub fn on_response_trailers(c: &Compiled, host: &impl Host, stream: &mut Stream) {
+    let Stream::Admitted { policy, grpc_status, .. } = stream else { return };
+    if c.counts_grpc(*policy) {
+        *grpc_status = host.response_trailer("grpc-status").and_then(|s| s.parse().ok());
+    }
+}
+
 /// Accounting, when the stream is over.
 pub fn on_log(c: &Compiled, host: &impl Host, stream: Stream) {
-    let Stream::Admitted { policy, probe, start_ns } = stream else { return };
+    let Stream::Admitted { policy, probe, start_ns, status, grpc_status } = stream else { return };
     let (Some(p), Some(m)) = (c.config.policies.get(policy), c.metrics.get(policy)) else { return };
     let Some(b) = &p.breaker else { return };
-    let now = host.now_ns();
-    let verdict = classify(host, &b.failure_on);
+    let verdict =
+        classify(&b.failure_on, status, grpc_status, || property_u64(host, &["response", "flags"]).unwrap_or(0));
+    // The clock is read only when something needs it: a slow-call rule, or a write to the breaker.
+    let now = if b.slow_ns.is_some() || probe || verdict == Verdict::Failure { host.now_ns() } else { 0 };
     let slow = b.slow_ns.is_some_and(|limit| now.saturating_sub(start_ns) >= limit);
     metrics::inc(
         host,
@@ -171,10 +207,27 @@ pub fn on_log(c: &Compiled, host: &impl Host, stream: Stream) {
         })
         .and_then(|s| s.transition),
         Verdict::Ignored => None,
+        // Successes of closed-state calls are batched per worker and handed over by `sync`
+        // (or with this worker's next failure): the common case writes no shared data.
+        Verdict::Success if !probe => {
+            c.add_pending(policy, slow);
+            None
+        }
         _ => {
             let outcome = Outcome { failure: verdict == Verdict::Failure, slow };
             let jitter = splitmix64(now);
-            store::update(host, key, |s| s.record(&b.machine, now, outcome, probe, jitter)).and_then(|s| s.transition)
+            let pending = c.take_pending(policy);
+            let step = store::update(host, key, |s| {
+                // This worker's earlier successes come first, so a failure after them counts from zero.
+                let before = s.record_successes(&b.machine, now, pending.successes, pending.slow);
+                let after = s.record(&b.machine, now, outcome, probe, jitter);
+                Step {
+                    value: (),
+                    changed: before.changed || after.changed,
+                    transition: before.transition.or(after.transition),
+                }
+            });
+            step.and_then(|s| s.transition)
         }
     };
     if let Some(t) = transition {
@@ -182,12 +235,40 @@ pub fn on_log(c: &Compiled, host: &impl Host, stream: Stream) {
     }
 }
 
-/// Classifies a finished stream from Envoy's attributes. Transport errors are judged by their
-/// response flags before the status code, since Envoy answers them with a local 503/504.
-pub fn classify(host: &impl Host, on: &FailureOn) -> Verdict {
+/// Hands every policy's batched successes to the shared breakers; runs on the worker's tick.
+pub fn sync(c: &Compiled, host: &impl Host) {
+    for policy in 0..c.config.policies.len() {
+        let pending = c.take_pending(policy);
+        if pending.successes == 0 {
+            continue;
+        }
+        let (Some(p), Some(m)) = (c.config.policies.get(policy), c.metrics.get(policy)) else { continue };
+        let Some(b) = &p.breaker else { continue };
+        let now = host.now_ns();
+        let step = store::update(host, c.breaker_key(policy), |s| {
+            s.record_successes(&b.machine, now, pending.successes, pending.slow)
+        });
+        if let Some(t) = step.and_then(|s| s.transition) {
+            on_transition(host, p, m, t);
+        }
+    }
+}
+
+/// Classifies a finished stream. Transport errors are judged by Envoy's response flags before
+/// the status, since Envoy answers them with a local 503/504; `flags` is only read when the status
+/// leaves room for one (no response, or 5xx). So a response whose headers said 2xx-4xx counts by
+/// its status even if the upstream reset the stream later, during the body.
+pub fn classify(on: &FailureOn, status: u16, grpc_status: Option<u32>, flags: impl FnOnce() -> u64) -> Verdict {
     use flags::*;
-    let f = property_u64(host, &["response", "flags"]).unwrap_or(0);
     let counted = |yes: bool| if yes { Verdict::Failure } else { Verdict::Ignored };
+    let failing_status = |code: u16| on.status.iter().any(|&(lo, hi)| (lo..=hi).contains(&code));
+    if status != 0 && status < 500 && !failing_status(status) {
+        return match grpc_status {
+            Some(g) if on.grpc_status.contains(&g) => Verdict::Failure,
+            _ => Verdict::Success,
+        };
+    }
+    let f = flags();
     if f & (UPSTREAM_CONNECTION_FAILURE | NO_HEALTHY_UPSTREAM) != 0 {
         return counted(on.connect_failure);
     }
@@ -201,26 +282,13 @@ pub fn classify(host: &impl Host, on: &FailureOn) -> Verdict {
     if f & (DOWNSTREAM_CONNECTION_TERMINATION | UPSTREAM_OVERFLOW | RATE_LIMITED | UNAUTHORIZED_EXTERNAL_SERVICE) != 0 {
         return Verdict::Ignored;
     }
-    let code = property_u64(host, &["response", "code"]).unwrap_or(0);
-    if code == 0 {
+    if status == 0 {
         return Verdict::Ignored;
     }
-    if on.status.iter().any(|&(lo, hi)| (u64::from(lo)..=u64::from(hi)).contains(&code)) {
+    if failing_status(status) || grpc_status.is_some_and(|g| on.grpc_status.contains(&g)) {
         return Verdict::Failure;
     }
-    // Envoy derives a grpc_status from any HTTP status (429 → UNAVAILABLE): only trust it for gRPC.
-    if !on.grpc_status.is_empty() && is_grpc(host) {
-        if let Some(g) = property_u64(host, &["response", "grpc_status"]) {
-            if on.grpc_status.iter().any(|&s| u64::from(s) == g) {
-                return Verdict::Failure;
-            }
-        }
-    }
     Verdict::Success
-}
-
-fn is_grpc(host: &impl Host) -> bool {
-    host.request_header("content-type").is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
 fn reject(host: &impl Host, p: &Policy, reason: &str, retry_after_ns: u64) {
@@ -237,12 +305,9 @@ fn reject(host: &impl Host, p: &Policy, reason: &str, retry_after_ns: u64) {
             default_body.as_str()
         }
     };
-    if is_grpc(host) {
-        // UNAVAILABLE: what gRPC clients treat as "try again later".
-        host.send_grpc_unavailable(body.trim_end(), &headers);
-    } else {
-        host.send_http_reply(p.reject.status, &headers, body.as_bytes());
-    }
+    // For a gRPC request Envoy turns this into a trailers-only gRPC reply itself: grpc-status from
+    // the HTTP status (503 → UNAVAILABLE, which gRPC clients retry later), grpc-message the body.
+    host.send_http_reply(p.reject.status, &headers, body.as_bytes());
 }
 
 fn on_transition(host: &impl Host, p: &Policy, m: &PolicyMetrics, t: Transition) {

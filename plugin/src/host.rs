@@ -24,13 +24,13 @@ pub trait Host {
     /// An Envoy attribute such as `["response", "code"]`; integers arrive as 8-byte little-endian.
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
     fn request_header(&self, name: &str) -> Option<String>;
+    fn response_header(&self, name: &str) -> Option<String>;
+    fn response_trailer(&self, name: &str) -> Option<String>;
     /// The value under `key` and its CAS token; None when the key holds nothing.
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
     /// Writes `value` if `key` is still at `cas` (0: unconditionally).
     fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SharedError>;
     fn send_http_reply(&self, status: u32, headers: &[(&str, &str)], body: &[u8]);
-    /// A gRPC trailers-only reply with status UNAVAILABLE (14), which gRPC clients retry later.
-    fn send_grpc_unavailable(&self, message: &str, headers: &[(&str, &str)]);
     fn define_metric(&self, kind: MetricKind, name: &str) -> Option<u32>;
     fn metric_add(&self, id: u32, delta: i64);
     fn metric_set(&self, id: u32, value: u64);

@@ -10,7 +10,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, GrpcStatusCode, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -33,6 +33,12 @@ impl Host for WasmHost {
     fn request_header(&self, name: &str) -> Option<String> {
         hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
     }
+    fn response_header(&self, name: &str) -> Option<String> {
+        hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten()
+    }
+    fn response_trailer(&self, name: &str) -> Option<String> {
+        hostcalls::get_map_value(MapType::HttpResponseTrailers, name).ok().flatten()
+    }
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
         match hostcalls::get_shared_data(key) {
             Ok((Some(bytes), cas)) if !bytes.is_empty() => Some((bytes, cas.unwrap_or(0))),
@@ -49,12 +55,6 @@ impl Host for WasmHost {
     fn send_http_reply(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
         if let Err(e) = hostcalls::send_http_response(status, headers.to_vec(), Some(body)) {
             log::warn!("local reply failed: {e:?}");
-        }
-    }
-    fn send_grpc_unavailable(&self, message: &str, headers: &[(&str, &str)]) {
-        let metadata = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
-        if let Err(e) = hostcalls::send_grpc_response(GrpcStatusCode::Unavailable, Some(message), metadata) {
-            log::warn!("local gRPC reply failed: {e:?}");
         }
     }
     fn define_metric(&self, kind: MetricKind, name: &str) -> Option<u32> {
@@ -89,7 +89,11 @@ impl RootContext for Root {
                 let namespace =
                     WasmHost.property(&["plugin_root_id"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
                 let (policies, routes) = (cfg.policies.len(), cfg.routes.rules().len());
+                let tick = core::time::Duration::from_nanos(cfg.sync_interval_ns);
                 self.compiled = Some(Rc::new(Compiled::new(cfg, &WasmHost, &namespace)));
+                if let Err(e) = hostcalls::set_tick_period(tick) {
+                    log::warn!("no tick ({e:?}): batched successes will reach shared data only with failures");
+                }
                 log::debug!("configured {policies} policies, {routes} routes");
                 true
             }
@@ -98,6 +102,12 @@ impl RootContext for Root {
                 log::error!("invalid configuration: {e}");
                 false
             }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(c) = &self.compiled {
+            filter::sync(c, &WasmHost);
         }
     }
 
@@ -129,6 +139,20 @@ impl HttpContext for Http {
             filter::Action::Continue => Action::Continue,
             filter::Action::Rejected => Action::Pause,
         }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if let Some(c) = &self.compiled {
+            filter::on_response_headers(c, &WasmHost, &mut self.stream, end_of_stream);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if let Some(c) = &self.compiled {
+            filter::on_response_trailers(c, &WasmHost, &mut self.stream);
+        }
+        Action::Continue
     }
 
     fn on_log(&mut self) {

@@ -201,6 +201,20 @@ impl BreakerState {
         }
     }
 
+    /// Records `successes` calls admitted while closed, `slow` of them slow, as one batch: how a
+    /// worker hands over the successes it collected since its last sync. Ignored unless closed.
+    pub fn record_successes(&mut self, cfg: &BreakerConfig, now: u64, successes: u32, slow: u32) -> Step<()> {
+        if successes == 0 || self.phase != Phase::Closed {
+            return step((), false, None);
+        }
+        let reset = self.consecutive_failures != 0;
+        self.consecutive_failures = 0;
+        if !cfg.uses_window() {
+            return step((), reset, None);
+        }
+        self.record_window(cfg, now, Totals { total: successes, failures: 0, slow: slow.min(successes) })
+    }
+
     /// A probe ended without an outcome that counts (client abort, ignored error): free its slot.
     pub fn release_probe(&mut self) -> bool {
         match self.phase {
@@ -222,14 +236,18 @@ impl BreakerState {
         if !cfg.uses_window() {
             return step((), before != self.consecutive_failures, None);
         }
+        let calls = Totals { total: 1, failures: u32::from(outcome.failure), slow: u32::from(outcome.slow) };
+        self.record_window(cfg, now, calls)
+    }
+
+    fn record_window(&mut self, cfg: &BreakerConfig, now: u64, calls: Totals) -> Step<()> {
         let bucket_ns = cfg.bucket_ns();
         if self.bucket_ns != bucket_ns {
             self.window.clear();
             self.bucket_ns = bucket_ns;
         }
-        self.window.record(now, bucket_ns, outcome.failure, outcome.slow);
-        let t = self.window.totals(now, bucket_ns);
-        if let Some(reason) = window_trip(cfg, t) {
+        self.window.add(now, bucket_ns, calls);
+        if let Some(reason) = window_trip(cfg, self.window.totals(now, bucket_ns)) {
             return self.trip(cfg, now, reason);
         }
         step((), true, None)

@@ -43,15 +43,20 @@ impl Window {
     }
 
     pub fn record(&mut self, now: u64, bucket_ns: u64, failure: bool, slow: bool) {
+        self.add(now, bucket_ns, Totals { total: 1, failures: u32::from(failure), slow: u32::from(slow) });
+    }
+
+    /// Adds several calls at once (a worker's batch of successes).
+    pub fn add(&mut self, now: u64, bucket_ns: u64, calls: Totals) {
         let epoch = Self::epoch(now, bucket_ns);
         let slot = (epoch % BUCKETS as u64) as usize;
         if let Some(b) = self.buckets.get_mut(slot) {
             if b.epoch != epoch {
                 *b = Bucket { epoch, ..Bucket::default() };
             }
-            b.total = b.total.saturating_add(1);
-            b.failures = b.failures.saturating_add(u32::from(failure));
-            b.slow = b.slow.saturating_add(u32::from(slow));
+            b.total = b.total.saturating_add(calls.total);
+            b.failures = b.failures.saturating_add(calls.failures);
+            b.slow = b.slow.saturating_add(calls.slow);
         }
     }
 

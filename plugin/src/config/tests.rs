@@ -88,7 +88,8 @@ fn bad_configs_are_refused_with_the_json_path_and_what_was_expected() {
     let cases: &[(&str, &str)] = &[
         ("not json", "configuration is not valid JSON"),
         ("[]", "expected the configuration to be a JSON object, got a list"),
-        (r#"{"polices": {}}"#, "polices: unknown key (expected one of: policies, routes)"),
+        (r#"{"polices": {}}"#, "polices: unknown key (expected one of: policies, routes, sync_interval)"),
+        (r#"{"sync_interval": "20s"}"#, "sync_interval: must be from 1ms to 10s"),
         (r#"{"policies": {"p": {"circuit_breaker": {"consecutive_failure": 5}}}}"#,
          "policies.p.circuit_breaker.consecutive_failure: unknown key"),
         (r#"{"policies": {"p": {"circuit_breaker": {"consecutive_failures": 0}}}}"#,

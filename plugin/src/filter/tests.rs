@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::config;
-use crate::fake::{FakeHost, Reply};
+use crate::fake::FakeHost;
 use breakwater_policies::MS;
 
 const CONFIG: &str = r#"{
@@ -24,13 +24,18 @@ fn compiled(host: &FakeHost) -> Compiled {
 }
 
 /// One request through the filter: headers, then `on_log` with the given response.
+/// One request through the filter: request headers, response headers with `code` (none if 0),
+/// then `on_log` with the given response flags.
 fn request(c: &Compiled, host: &FakeHost, route: &str, path: &str, code: u64, flags: u64) -> Action {
     host.new_stream();
     host.set_prop("xds.route_name", route.as_bytes());
     host.set_header(":path", path);
-    let (action, stream) = on_request_headers(c, host);
+    let (action, mut stream) = on_request_headers(c, host);
     if action == Action::Continue {
-        host.set_prop_u64("response.code", code);
+        if code != 0 {
+            host.set_response_header(":status", &code.to_string());
+            on_response_headers(c, host, &mut stream, false);
+        }
         host.set_prop_u64("response.flags", flags);
         on_log(c, host, stream);
     }
@@ -51,9 +56,8 @@ fn third_consecutive_5xx_trips_and_the_fourth_request_is_fast_failed_with_retry_
     host.now.set(2500 * MS);
     assert_eq!(checkout(&c, &host, 200), Action::Rejected);
     let reply = host.last_reply().unwrap();
-    let Reply::Http { status, body, .. } = &reply else { panic!("expected an HTTP reply") };
-    assert_eq!(*status, 503);
-    assert_eq!(body, "breakwater: circuit-open (policy checkout)\n");
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.body, "breakwater: circuit-open (policy checkout)\n");
     assert_eq!(reply.header("x-breakwater"), Some("circuit-open"));
     assert_eq!(reply.header("retry-after"), Some("8")); // 7.5 s left, rounded up
     assert_eq!(reply.header("x-team"), Some("payments"));
@@ -145,37 +149,39 @@ fn dry_run_counts_what_it_would_reject_and_rejects_nothing() {
 }
 
 #[test]
-fn a_grpc_request_is_rejected_with_grpc_unavailable() {
+fn grpc_status_failures_count_even_with_http_200_from_trailers_or_trailers_only_headers() {
     let host = FakeHost::new();
     let c = compiled(&host);
-    for _ in 0..3 {
-        checkout(&c, &host, 500);
-    }
-    host.new_stream();
-    host.set_prop("xds.route_name", b"checkout");
-    host.set_header("content-type", "application/grpc+proto");
-    assert_eq!(on_request_headers(&c, &host).0, Action::Rejected);
-    let reply = host.last_reply().unwrap();
-    assert!(
-        matches!(&reply, Reply::GrpcUnavailable { message, .. } if message == "breakwater: circuit-open (policy checkout)")
-    );
-    assert_eq!(reply.header("x-breakwater"), Some("circuit-open"));
-}
-
-#[test]
-fn grpc_status_failures_count_even_with_http_200() {
-    let host = FakeHost::new();
-    let c = compiled(&host);
-    for _ in 0..3 {
+    for trailers_only in [false, true, false] {
         host.new_stream();
         host.set_prop("xds.route_name", b"checkout");
-        let (_, stream) = on_request_headers(&c, &host);
-        host.set_header("content-type", "application/grpc");
-        host.set_prop_u64("response.code", 200);
-        host.set_prop_u64("response.grpc_status", 14);
+        let (_, mut stream) = on_request_headers(&c, &host);
+        host.set_response_header(":status", "200");
+        if trailers_only {
+            host.set_response_header("grpc-status", "14");
+            on_response_headers(&c, &host, &mut stream, true);
+        } else {
+            on_response_headers(&c, &host, &mut stream, false);
+            host.set_response_trailer("grpc-status", "4");
+            on_response_trailers(&c, &host, &mut stream);
+        }
         on_log(&c, &host, stream);
     }
     assert_eq!(checkout(&c, &host, 200), Action::Rejected);
+}
+
+#[test]
+fn grpc_ok_is_a_success() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    host.set_prop("xds.route_name", b"checkout");
+    let (_, mut stream) = on_request_headers(&c, &host);
+    host.set_response_header(":status", "200");
+    on_response_headers(&c, &host, &mut stream, false);
+    host.set_response_trailer("grpc-status", "0");
+    on_response_trailers(&c, &host, &mut stream);
+    on_log(&c, &host, stream);
+    assert_eq!(host.metric("requests.policy.checkout.outcome.success"), 1);
 }
 
 #[test]
@@ -194,9 +200,10 @@ fn slow_calls_are_counted_from_request_headers_to_log() {
     let host = FakeHost::new();
     let c = compiled(&host);
     host.set_prop("xds.route_name", b"checkout");
-    let (_, stream) = on_request_headers(&c, &host);
+    let (_, mut stream) = on_request_headers(&c, &host);
     host.now.set(600 * MS);
-    host.set_prop_u64("response.code", 200);
+    host.set_response_header(":status", "200");
+    on_response_headers(&c, &host, &mut stream, false);
     on_log(&c, &host, stream);
     assert_eq!(host.metric("requests.policy.checkout.outcome.slow"), 1);
     assert_eq!(host.metric("requests.policy.checkout.outcome.success"), 1);
@@ -236,12 +243,74 @@ fn an_http_429_is_a_success_although_envoy_maps_it_to_grpc_unavailable() {
     let host = FakeHost::new();
     let c = compiled(&host);
     for _ in 0..5 {
-        host.new_stream();
-        host.set_prop("xds.route_name", b"checkout");
-        let (_, stream) = on_request_headers(&c, &host);
-        host.set_prop_u64("response.code", 429);
-        host.set_prop_u64("response.grpc_status", 14);
-        on_log(&c, &host, stream);
+        checkout(&c, &host, 429);
     }
     assert_eq!(host.metric("requests.policy.checkout.outcome.success"), 5);
+    assert_eq!(checkout(&c, &host, 200), Action::Continue);
+}
+
+#[test]
+fn a_transport_error_flag_is_only_read_when_the_status_leaves_room_for_one() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    checkout(&c, &host, 200);
+    checkout(&c, &host, 404);
+    assert_eq!(host.take_calls().get("property"), Some(&2), "the route names only");
+    checkout(&c, &host, 503);
+    assert_eq!(host.take_calls().get("property"), Some(&2), "the route name and response.flags");
+}
+
+#[test]
+fn a_success_costs_four_host_calls_and_no_shared_write() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    checkout(&c, &host, 200);
+    let calls = host.take_calls();
+    // route name; breaker state; :status; success counter; and two clock reads for slow_call.
+    let expected = [("property", 1), ("shared_get", 1), ("header", 1), ("metric", 1), ("clock", 2)];
+    assert_eq!(calls, expected.into_iter().collect(), "{calls:?}");
+}
+
+#[test]
+fn batched_successes_reach_the_shared_breaker_on_sync() {
+    let w1 = FakeHost::new();
+    let w2 = FakeHost::worker_of(&w1);
+    let (c1, c2) = (compiled(&w1), compiled(&w2));
+    checkout(&c1, &w1, 500);
+    checkout(&c1, &w1, 500);
+    // Worker 2's success is batched; once synced, it breaks worker 1's run of failures.
+    checkout(&c2, &w2, 200);
+    sync(&c2, &w2);
+    assert_eq!(w2.take_calls().get("shared_set"), Some(&1));
+    checkout(&c1, &w1, 500);
+    assert_eq!(checkout(&c1, &w1, 200), Action::Continue, "the synced success broke the run");
+    // Nothing pending: sync writes nothing.
+    sync(&c2, &w2);
+    assert_eq!(w2.take_calls().get("shared_set"), None);
+}
+
+#[test]
+fn until_it_syncs_another_workers_success_is_not_seen() {
+    let w1 = FakeHost::new();
+    let w2 = FakeHost::worker_of(&w1);
+    let (c1, c2) = (compiled(&w1), compiled(&w2));
+    checkout(&c1, &w1, 500);
+    checkout(&c1, &w1, 500);
+    checkout(&c2, &w2, 200); // batched on worker 2
+    checkout(&c1, &w1, 500);
+    assert_eq!(checkout(&c1, &w1, 200), Action::Rejected, "bounded staleness: up to one sync_interval");
+}
+
+#[test]
+fn a_failure_carries_the_workers_own_earlier_successes_with_it() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    checkout(&c, &host, 500);
+    checkout(&c, &host, 500);
+    checkout(&c, &host, 200); // pending, not yet synced
+    checkout(&c, &host, 500);
+    checkout(&c, &host, 500);
+    assert_eq!(host.metric("transitions.policy.checkout.to.open"), 0, "2 failures since the success");
+    checkout(&c, &host, 500);
+    assert_eq!(host.metric("transitions.policy.checkout.to.open"), 1, "and the third trips it");
 }

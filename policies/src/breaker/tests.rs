@@ -255,3 +255,42 @@ fn a_success_with_nothing_to_count_needs_no_write() {
     assert!(!b.record(&cfg, 0, OK, false, 0).changed);
     assert!(b.record(&cfg, 0, FAIL, false, 0).changed);
 }
+
+#[test]
+fn a_batch_of_successes_resets_the_consecutive_count() {
+    let cfg = consecutive(3);
+    let mut b = BreakerState::default();
+    run(&mut b, &cfg, 0, FAIL);
+    run(&mut b, &cfg, 0, FAIL);
+    assert!(b.record_successes(&cfg, 0, 10, 0).changed);
+    assert_eq!(run(&mut b, &cfg, 0, FAIL), None);
+    // Nothing to reset and no window: no write needed.
+    assert!(!BreakerState::default().record_successes(&cfg, 0, 10, 0).changed);
+}
+
+#[test]
+fn a_batch_of_slow_successes_can_trip_on_the_slow_call_rate() {
+    let cfg = BreakerConfig {
+        consecutive_failures: 0,
+        slow_call: Some(SlowRule { duration_ns: 500 * MS, threshold: 50, minimum_requests: 10 }),
+        ..BreakerConfig::default()
+    };
+    let mut b = BreakerState::default();
+    assert_eq!(b.record_successes(&cfg, 0, 9, 9).transition, None, "below minimum_requests");
+    let s = b.record_successes(&cfg, 0, 1, 0);
+    assert_eq!(
+        s.transition,
+        Some(Transition::Opened {
+            reason: TripReason::SlowCalls { percent: 90, requests: 10 },
+            period_ns: 30 * SECOND
+        })
+    );
+}
+
+#[test]
+fn successes_reported_after_a_trip_are_ignored() {
+    let cfg = consecutive(1);
+    let mut b = open_breaker(&cfg, 0);
+    assert!(!b.record_successes(&cfg, MS, 100, 0).changed);
+    assert!(matches!(b.phase, Phase::Open { .. }));
+}
