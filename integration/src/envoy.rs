@@ -36,6 +36,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Repository root (the workspace), from this crate's manifest dir.
+/// The plugin's default `sync_interval`: how stale a worker's view of a breaker may be.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("integration/ has a parent").to_path_buf()
 }
@@ -541,6 +544,15 @@ impl Envoy {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits until the policy's breaker has opened `times` times, then one sync interval more:
+    /// a worker that saw no failure itself (its view: closed and quiet) learns of a trip made on
+    /// another worker at its next sync tick, `SYNC_INTERVAL` at most. Returns the stats seen.
+    pub async fn wait_tripped(&self, policy: &str, times: i64) -> PolicyStats {
+        let s = self.wait_policy(policy, |s| s.to_open >= times).await;
+        tokio::time::sleep(2 * SYNC_INTERVAL).await;
+        s
     }
 
     /// Sends `path` `n` times, one after another, each on a new connection, and after each waits

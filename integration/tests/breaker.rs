@@ -34,7 +34,7 @@ async fn succeed(envoy: &Envoy, policy: &str, n: usize) {
 }
 
 async fn wait_open(envoy: &Envoy, policy: &str) -> PolicyStats {
-    let s = envoy.wait_policy(policy, |s| s.to_open >= 1).await;
+    let s = envoy.wait_tripped(policy, 1).await;
     assert_eq!((s.to_open, s.state), (1, OPEN), "breaker {policy} should have opened: {s:?}");
     s
 }
@@ -73,9 +73,11 @@ async fn trip_by_consecutive_failures_counts_across_workers() {
     // The 5th failure, on worker 0, trips the breaker ...
     let r = w0.get("/p?status=500").await;
     assert_eq!((r.status, r.from_upstream()), (500, true), "the 5th failure itself still passes: {r:?}");
-    wait_open(&envoy, "p").await;
+    let s = envoy.wait_policy("p", |s| s.to_open >= 1).await;
+    assert_eq!((s.to_open, s.state), (1, OPEN), "{s:?}");
 
-    // ... and worker 1 rejects the next request without contacting the upstream.
+    // ... and worker 1, which saw failures of this run itself, rejects the very next request
+    // without contacting the upstream: no waiting for a sync.
     let r = w1.get("/p?status=200").await;
     assert_circuit_open(&r, 2);
     assert_eq!(r.body, "p is resting\n");

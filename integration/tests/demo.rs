@@ -23,7 +23,7 @@ async fn checkout_trips_after_five_failures_with_the_demo_reject() {
     for r in envoy.send_recorded("checkout", "/checkout?status=500", 5).await {
         assert_eq!((r.status, r.from_upstream()), (500, true), "{r:?}");
     }
-    let s = envoy.wait_policy("checkout", |s| s.to_open == 1).await;
+    let s = envoy.wait_tripped("checkout", 1).await;
     assert_eq!((s.failure, s.to_open, s.state), (5, 1, OPEN), "{s:?}");
 
     let r = envoy.get("/checkout").await;
@@ -47,7 +47,7 @@ async fn catalog_in_dry_run_never_rejects() {
     for r in envoy.send_recorded("catalog", "/catalog?status=500", 3).await {
         assert_eq!((r.status, r.from_upstream()), (500, true), "{r:?}");
     }
-    let s = envoy.wait_policy("catalog", |s| s.to_open == 1).await;
+    let s = envoy.wait_tripped("catalog", 1).await;
     assert_eq!((s.failure, s.to_open, s.state), (3, 1, OPEN), "{s:?}");
     for status in [500, 200, 500, 200, 200] {
         let r = envoy.get(&format!("/catalog?status={status}")).await;

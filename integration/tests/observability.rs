@@ -15,7 +15,7 @@ async fn tripped() -> (Upstream, Envoy) {
     for r in envoy.send_recorded("p", "/p?status=500", 2).await {
         assert_eq!((r.status, r.from_upstream()), (500, true), "{r:?}");
     }
-    let s = envoy.wait_policy("p", |s| s.to_open == 1).await;
+    let s = envoy.wait_tripped("p", 1).await;
     assert_eq!((s.to_open, s.state), (1, OPEN), "{s:?}");
     (up, envoy)
 }

@@ -37,7 +37,7 @@ async fn two_errors_trip(envoy: &Envoy, path: &str, status: u16, body_part: &str
         assert!(!r.from_upstream() && !r.is_circuit_open(), "Envoy itself answers: {r:?}");
         assert!(r.body.contains(body_part), "{r:?}");
     }
-    let s = envoy.wait_policy("p", |s| s.to_open == 1).await;
+    let s = envoy.wait_tripped("p", 1).await;
     assert_eq!((s.failure, s.success, s.ignored, s.to_open, s.state), (2, 0, 0, 1, OPEN), "{s:?}");
     let r = envoy.get(path).await;
     assert_eq!(r.status, 503, "{r:?}");
@@ -123,7 +123,7 @@ async fn grpc_unavailable_is_a_failure_and_not_found_is_not() {
         let s = envoy.wait_policy("p", |s| s.failure == i).await;
         assert_eq!(s.failure, i, "{s:?}");
     }
-    let s = envoy.wait_policy("p", |s| s.to_open == 1).await;
+    let s = envoy.wait_tripped("p", 1).await;
     assert_eq!((s.to_open, s.state), (1, OPEN), "{s:?}");
     let r = grpc_call(&envoy, 0).await;
     assert_eq!((r.status, r.header("grpc-status")), (200, Some("14")), "{r:?}");

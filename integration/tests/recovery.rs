@@ -31,7 +31,7 @@ async fn trip(envoy: &Envoy) -> Instant {
     for r in envoy.send_recorded("p", "/p?status=500", 2).await {
         assert_eq!((r.status, r.from_upstream()), (500, true), "{r:?}");
     }
-    let s = envoy.wait_policy("p", |s| s.to_open == 1).await;
+    let s = envoy.wait_tripped("p", 1).await;
     assert_eq!((s.to_open, s.state), (1, OPEN), "{s:?}");
     Instant::now()
 }
@@ -134,6 +134,7 @@ async fn failed_probe_reopens_with_a_doubled_period() {
     // The probe fails: open again, for 2s ±10%.
     let r = envoy.get("/p/probe?status=500").await;
     assert_eq!((r.status, r.from_upstream()), (500, true), "{r:?}");
+    // Half-open views are exact on every worker: no sync to wait for.
     let s = envoy.wait_policy("p", |s| s.to_open == 2).await;
     let reopened = Instant::now();
     assert_eq!((s.to_open, s.to_half_open, s.state), (2, 1, OPEN), "{s:?}");

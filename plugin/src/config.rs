@@ -138,6 +138,10 @@ pub fn parse(bytes: &[u8]) -> Result<Config> {
         }
     }
     root.finish()?;
+    // Window-based trips wait two sync intervals, so every worker's batched successes are in.
+    for b in policies.iter_mut().filter_map(|p| p.breaker.as_mut()) {
+        b.machine.confirm_ns = 2 * sync_interval_ns;
+    }
     Ok(Config { policies, routes: RouteTable::new(routes), sync_interval_ns })
 }
 

@@ -3,12 +3,14 @@
 //! which Envoy calls for every stream: responses, resets, timeouts and client aborts alike), and
 //! the periodic sync that hands a worker's batched successes to the shared breaker.
 //!
-//! Costs are counted in host calls: a call that returns data (a header, an attribute) costs a
-//! VM re-entry for its buffer. A tracked request that succeeds makes four: the route name, the
-//! breaker state, `:status`, and a counter; two clock reads more with `slow_call`.
+//! Costs are counted in host calls: a call that returns data (a header, an attribute, shared
+//! data) costs a VM re-entry for its buffer, ~10k instructions in Envoy 1.40. A tracked request
+//! that succeeds on a quiet breaker reads two (the route name and `:status`), bumps one counter
+//! and reads the clock twice; it touches no shared data (see [`crate::local`]).
 
 use crate::config::{FailureOn, Mode, Policy};
 use crate::host::{property_u64, Host};
+use crate::local::View;
 use crate::metrics::{self, PolicyMetrics};
 use crate::routes::Attributes;
 use crate::store;
@@ -125,37 +127,60 @@ pub fn on_request_headers(c: &Compiled, host: &impl Host) -> (Action, Stream) {
     let Some(policy) = c.config.routes.find(&mut HostAttributes::new(host)) else {
         return (Action::Continue, Stream::Untracked);
     };
+    let Some(b) = c.config.policies.get(policy).and_then(|p| p.breaker.as_ref()) else {
+        return (Action::Continue, Stream::Untracked);
+    };
+    // The worker's view settles the common cases without touching shared data.
+    let (admission, now) = match c.view(policy) {
+        View::Quiet => {
+            let start = if b.slow_ns.is_some() { host.now_ns() } else { 0 };
+            (Admission::Allow, start)
+        }
+        View::Open { until } => match host.now_ns() {
+            now if now < until => (Admission::Reject { retry_after_ns: until - now }, now),
+            now => admit_exactly(c, host, policy, now),
+        },
+        View::Unknown | View::Failing | View::Suspect | View::HalfOpen => admit_exactly(c, host, policy, host.now_ns()),
+    };
+    match admission {
+        Admission::Allow => (Action::Continue, Stream::admitted(policy, false, now)),
+        Admission::Probe => (Action::Continue, Stream::admitted(policy, true, now)),
+        Admission::Reject { retry_after_ns } => rejected(c, host, policy, retry_after_ns),
+    }
+}
+
+/// Admission against the shared state (a CAS when it takes a probe slot).
+fn admit_exactly(c: &Compiled, host: &impl Host, policy: usize, now: u64) -> (Admission, u64) {
+    let Some(b) = c.config.policies.get(policy).and_then(|p| p.breaker.as_ref()) else {
+        return (Admission::Allow, now);
+    };
+    match store::update(host, c.breaker_key(policy), |s| s.admit(&b.machine, now)) {
+        Some((step, view)) => {
+            c.set_view(policy, view);
+            transitioned(c, host, policy, step.transition);
+            (step.value, now)
+        }
+        // If shared data fails us entirely, fail open: the breaker must never become the outage.
+        None => (Admission::Allow, now),
+    }
+}
+
+fn rejected(c: &Compiled, host: &impl Host, policy: usize, retry_after_ns: u64) -> (Action, Stream) {
     let (Some(p), Some(m)) = (c.config.policies.get(policy), c.metrics.get(policy)) else {
         return (Action::Continue, Stream::Untracked);
     };
-    let Some(b) = &p.breaker else {
-        return (Action::Continue, Stream::Untracked);
-    };
-    let now = host.now_ns();
-    let key = c.breaker_key(policy);
-    // If shared data fails us entirely, fail open: the breaker must never become the outage.
-    let Some(step) = store::update(host, key, |s| s.admit(&b.machine, now)) else {
-        return (Action::Continue, Stream::admitted(policy, false, now));
-    };
-    if let Some(t) = step.transition {
-        on_transition(host, p, m, t);
-    }
-    match step.value {
-        Admission::Allow => (Action::Continue, Stream::admitted(policy, false, now)),
-        Admission::Probe => (Action::Continue, Stream::admitted(policy, true, now)),
-        Admission::Reject { retry_after_ns } => match p.mode {
-            Mode::Enforce => {
-                metrics::inc(host, m.rejected_circuit_open);
-                reject(host, p, "circuit-open", retry_after_ns);
-                (Action::Rejected, Stream::Untracked)
-            }
-            // Would have been rejected: count it, let it pass, and keep its outcome out of the
-            // breaker so that dry_run walks through exactly the states enforce would.
-            Mode::DryRun => {
-                metrics::inc(host, m.dry_run_rejected_circuit_open);
-                (Action::Continue, Stream::Untracked)
-            }
-        },
+    match p.mode {
+        Mode::Enforce => {
+            metrics::inc(host, m.rejected_circuit_open);
+            reject(host, p, "circuit-open", retry_after_ns);
+            (Action::Rejected, Stream::Untracked)
+        }
+        // Would have been rejected: count it, let it pass, and keep its outcome out of the
+        // breaker so that dry_run walks through exactly the states enforce would.
+        Mode::DryRun => {
+            metrics::inc(host, m.dry_run_rejected_circuit_open);
+            (Action::Continue, Stream::Untracked)
+        }
     }
 }
 
@@ -185,8 +210,8 @@ pub fn on_log(c: &Compiled, host: &impl Host, stream: Stream) {
     let Some(b) = &p.breaker else { return };
     let verdict =
         classify(&b.failure_on, status, grpc_status, || property_u64(host, &["response", "flags"]).unwrap_or(0));
-    // The clock is read only when something needs it: a slow-call rule, or a write to the breaker.
-    let now = if b.slow_ns.is_some() || probe || verdict == Verdict::Failure { host.now_ns() } else { 0 };
+    // Outcomes the breaker will see are stamped: a success's time says which failures it ends.
+    let now = if probe || verdict != Verdict::Ignored { host.now_ns() } else { 0 };
     let slow = b.slow_ns.is_some_and(|limit| now.saturating_sub(start_ns) >= limit);
     metrics::inc(
         host,
@@ -200,57 +225,60 @@ pub fn on_log(c: &Compiled, host: &impl Host, stream: Stream) {
         metrics::inc(host, m.slow);
     }
     let key = c.breaker_key(policy);
-    let transition = match verdict {
+    let step = match verdict {
         Verdict::Ignored if probe => store::update(host, key, |s| {
             let changed = s.release_probe();
             Step { value: (), changed, transition: None }
-        })
-        .and_then(|s| s.transition),
+        }),
         Verdict::Ignored => None,
-        // Successes of closed-state calls are batched per worker and handed over by `sync`
-        // (or with this worker's next failure): the common case writes no shared data.
-        Verdict::Success if !probe => {
-            c.add_pending(policy, slow);
+        // A closed-state success is batched on this worker and handed over by `sync`: the
+        // common case writes no shared data. While the breaker is failing or suspect it goes at
+        // once, to end a run of failures or to weigh in on a rate, for every worker.
+        Verdict::Success if !probe && matches!(c.view(policy), View::Quiet | View::Unknown) => {
+            c.add_pending(policy, slow, now);
             None
         }
         _ => {
             let outcome = Outcome { failure: verdict == Verdict::Failure, slow };
             let jitter = splitmix64(now);
             let pending = c.take_pending(policy);
-            let step = store::update(host, key, |s| {
+            store::update(host, key, |s| {
                 // This worker's earlier successes come first, so a failure after them counts from zero.
-                let before = s.record_successes(&b.machine, now, pending.successes, pending.slow);
-                let after = s.record(&b.machine, now, outcome, probe, jitter);
-                Step {
-                    value: (),
-                    changed: before.changed || after.changed,
-                    transition: before.transition.or(after.transition),
-                }
-            });
-            step.and_then(|s| s.transition)
+                let before = s.record_successes(&b.machine, now, pending.successes, pending.slow, pending.last_at);
+                before.and(s.record(&b.machine, now, outcome, probe, jitter))
+            })
         }
     };
-    if let Some(t) = transition {
-        on_transition(host, p, m, t);
+    if let Some((step, view)) = step {
+        c.set_view(policy, view);
+        transitioned(c, host, policy, step.transition);
     }
 }
 
-/// Hands every policy's batched successes to the shared breakers; runs on the worker's tick.
+/// The worker's tick: hands each active policy's batched successes to the shared breaker and
+/// refreshes its view; drops the views of idle policies.
 pub fn sync(c: &Compiled, host: &impl Host) {
     for policy in 0..c.config.policies.len() {
-        let pending = c.take_pending(policy);
-        if pending.successes == 0 {
+        if !c.begin_sync(policy) {
             continue;
         }
-        let (Some(p), Some(m)) = (c.config.policies.get(policy), c.metrics.get(policy)) else { continue };
-        let Some(b) = &p.breaker else { continue };
+        let Some(b) = c.config.policies.get(policy).and_then(|p| p.breaker.as_ref()) else { continue };
+        let pending = c.take_pending(policy);
         let now = host.now_ns();
         let step = store::update(host, c.breaker_key(policy), |s| {
-            s.record_successes(&b.machine, now, pending.successes, pending.slow)
+            let recorded = s.record_successes(&b.machine, now, pending.successes, pending.slow, pending.last_at);
+            recorded.and(s.confirm(&b.machine, now))
         });
-        if let Some(t) = step.and_then(|s| s.transition) {
-            on_transition(host, p, m, t);
+        if let Some((step, view)) = step {
+            c.set_view(policy, view);
+            transitioned(c, host, policy, step.transition);
         }
+    }
+}
+
+fn transitioned(c: &Compiled, host: &impl Host, policy: usize, t: Option<Transition>) {
+    if let (Some(t), Some(p), Some(m)) = (t, c.config.policies.get(policy), c.metrics.get(policy)) {
+        on_transition(host, p, m, t);
     }
 }
 

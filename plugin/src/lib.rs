@@ -14,6 +14,7 @@ pub mod config;
 pub mod fake;
 pub mod filter;
 pub mod host;
+pub mod local;
 pub mod metrics;
 pub mod routes;
 pub mod store;
@@ -26,24 +27,17 @@ use alloc::vec::Vec;
 use config::Config;
 use core::cell::RefCell;
 use host::Host;
+use local::{Local, Pending, View};
 use metrics::PolicyMetrics;
 
 /// A configuration ready for the request path (parsed, indexed, metrics defined, keys built),
-/// and what this worker has yet to hand over to the shared breakers.
+/// and this worker's [`Local`] picture of each policy's breaker.
 #[derive(Debug)]
 pub struct Compiled {
     pub config: Config,
     pub metrics: Vec<PolicyMetrics>,
     breaker_keys: Vec<String>,
-    /// Per policy: successes this worker saw since it last wrote the shared breaker.
-    pending: RefCell<Vec<Pending>>,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Pending {
-    pub successes: u32,
-    /// Of which slow.
-    pub slow: u32,
+    local: RefCell<Vec<Local>>,
 }
 
 impl Compiled {
@@ -53,8 +47,8 @@ impl Compiled {
         let metrics = config.policies.iter().map(|p| PolicyMetrics::define(host, &p.name)).collect();
         let breaker_keys =
             config.policies.iter().map(|p| format!("breakwater/v1/{namespace}/breaker/{}", p.name)).collect();
-        let pending = RefCell::new(alloc::vec![Pending::default(); config.policies.len()]);
-        Compiled { config, metrics, breaker_keys, pending }
+        let local = RefCell::new(alloc::vec![Local::default(); config.policies.len()]);
+        Compiled { config, metrics, breaker_keys, local }
     }
 
     pub fn breaker_key(&self, policy: usize) -> &str {
@@ -70,20 +64,48 @@ impl Compiled {
             .is_some_and(|b| !b.failure_on.grpc_status.is_empty())
     }
 
-    pub fn add_pending(&self, policy: usize, slow: bool) {
-        if let Ok(mut all) = self.pending.try_borrow_mut() {
-            if let Some(p) = all.get_mut(policy) {
-                p.successes = p.successes.saturating_add(1);
-                p.slow = p.slow.saturating_add(u32::from(slow));
-            }
-        }
+    /// This worker's picture of the policy's breaker; marks the policy active.
+    pub fn view(&self, policy: usize) -> View {
+        self.with_local(policy, |l| {
+            l.active = true;
+            l.view
+        })
+        .unwrap_or_default()
+    }
+
+    pub fn set_view(&self, policy: usize, view: View) {
+        self.with_local(policy, |l| l.view = view);
+    }
+
+    pub fn add_pending(&self, policy: usize, slow: bool, at: u64) {
+        self.with_local(policy, |l| {
+            l.pending.successes = l.pending.successes.saturating_add(1);
+            l.pending.slow = l.pending.slow.saturating_add(u32::from(slow));
+            l.pending.last_at = l.pending.last_at.max(at);
+        });
     }
 
     pub fn take_pending(&self, policy: usize) -> Pending {
-        self.pending
-            .try_borrow_mut()
-            .ok()
-            .and_then(|mut all| all.get_mut(policy).map(core::mem::take))
-            .unwrap_or_default()
+        self.with_local(policy, |l| core::mem::take(&mut l.pending)).unwrap_or_default()
+    }
+
+    /// Starts a sync round for the policy: whether to sync it (it was active since the last
+    /// round, or is suspect). An idle policy's view is dropped rather than refreshed, so no view
+    /// outlives a sync interval.
+    pub fn begin_sync(&self, policy: usize) -> bool {
+        self.with_local(policy, |l| {
+            let sync = core::mem::take(&mut l.active) || l.view == View::Suspect;
+            if !sync {
+                l.view = View::Unknown;
+            }
+            sync
+        })
+        .unwrap_or(false)
+    }
+
+    // Single-threaded, and never re-entered (host calls do not call back into this state):
+    // try_borrow_mut cannot fail in practice, and a failure only skips the update.
+    fn with_local<T>(&self, policy: usize, f: impl FnOnce(&mut Local) -> T) -> Option<T> {
+        self.local.try_borrow_mut().ok().and_then(|mut all| all.get_mut(policy).map(f))
     }
 }

@@ -5,6 +5,7 @@
 //! configuration, never by traffic.
 
 use crate::host::{Host, SharedError};
+use crate::local::View;
 use breakwater_policies::breaker::Step;
 use breakwater_policies::BreakerState;
 
@@ -19,16 +20,21 @@ pub fn load(host: &impl Host, key: &str) -> (BreakerState, u32) {
     }
 }
 
-/// Applies `f` atomically to the state under `key`; None if shared data kept failing.
-pub fn update<T>(host: &impl Host, key: &str, mut f: impl FnMut(&mut BreakerState) -> Step<T>) -> Option<Step<T>> {
+/// Applies `f` atomically to the state under `key`, and returns the step with a view of the
+/// state it left; None if shared data kept failing.
+pub fn update<T>(
+    host: &impl Host,
+    key: &str,
+    mut f: impl FnMut(&mut BreakerState) -> Step<T>,
+) -> Option<(Step<T>, View)> {
     for _ in 0..MAX_ATTEMPTS {
         let (mut state, cas) = load(host, key);
         let step = f(&mut state);
         if !step.changed {
-            return Some(step);
+            return Some((step, View::of(&state)));
         }
         match host.shared_set(key, &state.encode(), cas) {
-            Ok(()) => return Some(step),
+            Ok(()) => return Some((step, View::of(&state))),
             Err(SharedError::CasMismatch) => continue,
             Err(SharedError::Other) => return None,
         }

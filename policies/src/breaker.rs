@@ -23,7 +23,7 @@ use crate::codec::{Reader, Writer};
 use crate::window::{Totals, Window, BUCKETS};
 use crate::SECOND;
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateRule {
@@ -51,6 +51,10 @@ pub struct BreakerConfig {
     pub max_probes: u32,
     pub successes_to_close: u32,
     pub probe_timeout_ns: u64,
+    /// A window-based trip (failure or slow-call rate) waits this long and is then checked
+    /// again, so that successes other workers still hold in their batches are counted; while
+    /// it waits the breaker is "suspect". 0 trips at once.
+    pub confirm_ns: u64,
 }
 
 impl Default for BreakerConfig {
@@ -65,6 +69,7 @@ impl Default for BreakerConfig {
             max_probes: 1,
             successes_to_close: 1,
             probe_timeout_ns: 30 * SECOND,
+            confirm_ns: 0,
         }
     }
 }
@@ -126,10 +131,26 @@ pub struct Step<T> {
     pub transition: Option<Transition>,
 }
 
+/// How many failure times of the current run are kept, so that successes reported late (in a
+/// worker's batch) break the run exactly where they happened. Runs longer than this are
+/// counted, but a late success can only end them if it came after one of the kept failures.
+pub const TRACKED_FAILURES: usize = 32;
+
+impl Step<()> {
+    /// Two steps made in a row, as one: changed if either changed, the first transition made.
+    pub fn and(self, next: Step<()>) -> Step<()> {
+        step((), self.changed || next.changed, self.transition.or(next.transition))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BreakerState {
     pub phase: Phase,
     pub consecutive_failures: u32,
+    /// End times of the current run's latest failures, oldest first (at most TRACKED_FAILURES).
+    run: alloc::vec::Vec<u64>,
+    /// When the window first met a trip condition that awaits confirmation.
+    pub suspect_since: Option<u64>,
     /// The open period of the latest trip; doubles on every re-trip from half-open.
     pub open_period_ns: u64,
     /// The bucket length the window was recorded with; a config change of window resets it.
@@ -142,6 +163,8 @@ impl Default for BreakerState {
         BreakerState {
             phase: Phase::Closed,
             consecutive_failures: 0,
+            run: alloc::vec::Vec::new(),
+            suspect_since: None,
             open_period_ns: 0,
             bucket_ns: 0,
             window: Window::default(),
@@ -153,7 +176,15 @@ impl BreakerState {
     /// Decides whether a call may go ahead now.
     pub fn admit(&mut self, cfg: &BreakerConfig, now: u64) -> Step<Admission> {
         match self.phase {
-            Phase::Closed => step(Admission::Allow, false, None),
+            Phase::Closed => {
+                let confirmed = self.confirm(cfg, now);
+                match self.phase {
+                    Phase::Open { until } => {
+                        step(Admission::Reject { retry_after_ns: until - now }, true, confirmed.transition)
+                    }
+                    _ => step(Admission::Allow, confirmed.changed, None),
+                }
+            }
             Phase::Open { until } if now < until => {
                 step(Admission::Reject { retry_after_ns: until - now }, false, None)
             }
@@ -202,17 +233,37 @@ impl BreakerState {
     }
 
     /// Records `successes` calls admitted while closed, `slow` of them slow, as one batch: how a
-    /// worker hands over the successes it collected since its last sync. Ignored unless closed.
-    pub fn record_successes(&mut self, cfg: &BreakerConfig, now: u64, successes: u32, slow: u32) -> Step<()> {
+    /// worker hands over the successes it collected since its last sync. `last_success_at` is
+    /// when the latest of them ended: it breaks the run of failures at that point in time, so
+    /// failures recorded since (by other workers) still count. Ignored unless closed.
+    pub fn record_successes(
+        &mut self,
+        cfg: &BreakerConfig,
+        now: u64,
+        successes: u32,
+        slow: u32,
+        last_success_at: u64,
+    ) -> Step<()> {
         if successes == 0 || self.phase != Phase::Closed {
             return step((), false, None);
         }
-        let reset = self.consecutive_failures != 0;
-        self.consecutive_failures = 0;
+        let before = self.consecutive_failures;
+        self.break_run_at(last_success_at);
         if !cfg.uses_window() {
-            return step((), reset, None);
+            return step((), before != self.consecutive_failures, None);
         }
         self.record_window(cfg, now, Totals { total: successes, failures: 0, slow: slow.min(successes) })
+    }
+
+    /// A success at `at` ends the run of failures before it; those after it stay.
+    fn break_run_at(&mut self, at: u64) {
+        let later = self.run.iter().filter(|&&t| t > at).count();
+        let all_kept_are_later = later == self.run.len();
+        if all_kept_are_later && self.consecutive_failures as usize > self.run.len() {
+            return; // the success fell among failures too old to be kept: the run stands
+        }
+        self.run.drain(..self.run.len() - later);
+        self.consecutive_failures = later as u32;
     }
 
     /// A probe ended without an outcome that counts (client abort, ignored error): free its slot.
@@ -228,7 +279,15 @@ impl BreakerState {
 
     fn record_closed(&mut self, cfg: &BreakerConfig, now: u64, outcome: Outcome) -> Step<()> {
         let before = self.consecutive_failures;
-        self.consecutive_failures = if outcome.failure { self.consecutive_failures.saturating_add(1) } else { 0 };
+        if outcome.failure {
+            self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+            if self.run.len() == TRACKED_FAILURES {
+                self.run.remove(0);
+            }
+            self.run.push(now);
+        } else {
+            self.break_run_at(now);
+        }
         if cfg.consecutive_failures > 0 && self.consecutive_failures >= cfg.consecutive_failures {
             let reason = TripReason::ConsecutiveFailures(self.consecutive_failures);
             return self.trip(cfg, now, reason);
@@ -247,10 +306,35 @@ impl BreakerState {
             self.bucket_ns = bucket_ns;
         }
         self.window.add(now, bucket_ns, calls);
-        if let Some(reason) = window_trip(cfg, self.window.totals(now, bucket_ns)) {
-            return self.trip(cfg, now, reason);
+        self.check_window(cfg, now);
+        let confirmed = self.confirm(cfg, now);
+        step((), true, confirmed.transition)
+    }
+
+    /// Marks the breaker suspect when the window meets a trip condition, and clears it when not.
+    fn check_window(&mut self, cfg: &BreakerConfig, now: u64) {
+        let over = window_trip(cfg, self.window.totals(now, cfg.bucket_ns())).is_some();
+        self.suspect_since = match (over, self.suspect_since) {
+            (false, _) => None,
+            (true, None) => Some(now),
+            (true, since) => since,
+        };
+    }
+
+    /// Trips a suspect breaker whose window still meets a trip condition once `confirm_ns` has
+    /// passed, or clears it if the condition went away meanwhile.
+    pub fn confirm(&mut self, cfg: &BreakerConfig, now: u64) -> Step<()> {
+        let Some(since) = self.suspect_since else { return step((), false, None) };
+        if self.phase != Phase::Closed || now < since.saturating_add(cfg.confirm_ns) {
+            return step((), false, None);
         }
-        step((), true, None)
+        match window_trip(cfg, self.window.totals(now, cfg.bucket_ns())) {
+            Some(reason) => self.trip(cfg, now, reason),
+            None => {
+                self.suspect_since = None;
+                step((), true, None)
+            }
+        }
     }
 
     fn trip(&mut self, cfg: &BreakerConfig, now: u64, reason: TripReason) -> Step<()> {
@@ -263,6 +347,8 @@ impl BreakerState {
         self.phase = Phase::Open { until: now.saturating_add(period) };
         self.open_period_ns = period;
         self.consecutive_failures = 0;
+        self.run.clear();
+        self.suspect_since = None;
         self.window.clear();
     }
 
@@ -270,6 +356,8 @@ impl BreakerState {
         self.phase = Phase::Closed;
         self.open_period_ns = 0;
         self.consecutive_failures = 0;
+        self.run.clear();
+        self.suspect_since = None;
         self.window.clear();
     }
 
@@ -298,6 +386,17 @@ impl BreakerState {
             }
         }
         w.u32(self.consecutive_failures);
+        w.u8(self.run.len() as u8);
+        for t in &self.run {
+            w.u64(*t);
+        }
+        match self.suspect_since {
+            None => w.u8(0),
+            Some(t) => {
+                w.u8(1);
+                w.u64(t);
+            }
+        }
         w.u64(self.open_period_ns);
         w.u64(self.bucket_ns);
         self.window.encode(&mut w);
@@ -316,9 +415,25 @@ impl BreakerState {
             2 => Phase::HalfOpen { probes: r.u32()?, successes: r.u32()?, last_probe_at: r.u64()? },
             _ => return None,
         };
+        let consecutive_failures = r.u32()?;
+        let run_len = usize::from(r.u8()?);
+        if run_len > TRACKED_FAILURES {
+            return None;
+        }
+        let mut run = alloc::vec::Vec::with_capacity(run_len);
+        for _ in 0..run_len {
+            run.push(r.u64()?);
+        }
+        let suspect_since = match r.u8()? {
+            0 => None,
+            1 => Some(r.u64()?),
+            _ => return None,
+        };
         let state = BreakerState {
             phase,
-            consecutive_failures: r.u32()?,
+            consecutive_failures,
+            run,
+            suspect_since,
             open_period_ns: r.u64()?,
             bucket_ns: r.u64()?,
             window: Window::decode(&mut r)?,

@@ -261,44 +261,95 @@ fn a_transport_error_flag_is_only_read_when_the_status_leaves_room_for_one() {
 }
 
 #[test]
-fn a_success_costs_four_host_calls_and_no_shared_write() {
+fn a_success_on_a_quiet_breaker_costs_two_data_reads_and_no_shared_data() {
     let host = FakeHost::new();
     let c = compiled(&host);
+    checkout(&c, &host, 200); // the first request learns the breaker's state
+    host.take_calls();
     checkout(&c, &host, 200);
     let calls = host.take_calls();
-    // route name; breaker state; :status; success counter; and two clock reads for slow_call.
-    let expected = [("property", 1), ("shared_get", 1), ("header", 1), ("metric", 1), ("clock", 2)];
+    // The route name, :status, the success counter, and two clock reads for slow_call.
+    let expected = [("property", 1), ("header", 1), ("metric", 1), ("clock", 2)];
     assert_eq!(calls, expected.into_iter().collect(), "{calls:?}");
 }
 
 #[test]
-fn batched_successes_reach_the_shared_breaker_on_sync() {
-    let w1 = FakeHost::new();
-    let w2 = FakeHost::worker_of(&w1);
-    let (c1, c2) = (compiled(&w1), compiled(&w2));
-    checkout(&c1, &w1, 500);
-    checkout(&c1, &w1, 500);
-    // Worker 2's success is batched; once synced, it breaks worker 1's run of failures.
-    checkout(&c2, &w2, 200);
-    sync(&c2, &w2);
-    assert_eq!(w2.take_calls().get("shared_set"), Some(&1));
-    checkout(&c1, &w1, 500);
-    assert_eq!(checkout(&c1, &w1, 200), Action::Continue, "the synced success broke the run");
-    // Nothing pending: sync writes nothing.
-    sync(&c2, &w2);
-    assert_eq!(w2.take_calls().get("shared_set"), None);
+fn an_open_breaker_rejects_from_the_workers_view_without_shared_data() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    for _ in 0..3 {
+        checkout(&c, &host, 500);
+    }
+    host.take_calls();
+    assert_eq!(checkout(&c, &host, 200), Action::Rejected);
+    let calls = host.take_calls();
+    assert_eq!(calls.get("shared_get"), None, "{calls:?}");
 }
 
 #[test]
-fn until_it_syncs_another_workers_success_is_not_seen() {
+fn batched_successes_reach_the_shared_breaker_on_sync() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    for _ in 0..5 {
+        checkout(&c, &host, 200);
+    }
+    assert_eq!(host.take_calls().get("shared_set"), None, "successes on a quiet breaker are batched");
+    sync(&c, &host);
+    assert_eq!(host.take_calls().get("shared_set"), Some(&1), "and written once per sync");
+    let state = breakwater_policies::BreakerState::decode(&host.shared_get(c.breaker_key(0)).unwrap().0).unwrap();
+    assert_eq!(state.window.totals(0, SECOND).total, 5);
+    sync(&c, &host);
+    assert_eq!(host.take_calls().get("shared_set"), None, "nothing pending, nothing written");
+}
+
+#[test]
+fn a_quiet_worker_learns_of_another_workers_trip_at_its_next_sync() {
+    let w1 = FakeHost::new();
+    let w2 = FakeHost::worker_of(&w1);
+    let (c1, c2) = (compiled(&w1), compiled(&w2));
+    checkout(&c2, &w2, 200); // worker 2 sees a quiet, closed breaker
+    for _ in 0..3 {
+        checkout(&c1, &w1, 500);
+    }
+    // Bounded staleness: until its next sync, worker 2 still admits.
+    assert_eq!(checkout(&c2, &w2, 200), Action::Continue);
+    sync(&c2, &w2);
+    assert_eq!(checkout(&c2, &w2, 200), Action::Rejected);
+}
+
+#[test]
+fn a_worker_that_saw_failures_sees_another_workers_trip_at_once() {
+    let w1 = FakeHost::new();
+    let w2 = FakeHost::worker_of(&w1);
+    let (c1, c2) = (compiled(&w1), compiled(&w2));
+    checkout(&c1, &w1, 500);
+    checkout(&c2, &w2, 500); // worker 2's view: failing
+    checkout(&c1, &w1, 500); // the third failure trips it
+    assert_eq!(checkout(&c2, &w2, 200), Action::Rejected);
+}
+
+#[test]
+fn a_success_while_failing_ends_the_run_for_every_worker_at_once() {
     let w1 = FakeHost::new();
     let w2 = FakeHost::worker_of(&w1);
     let (c1, c2) = (compiled(&w1), compiled(&w2));
     checkout(&c1, &w1, 500);
     checkout(&c1, &w1, 500);
-    checkout(&c2, &w2, 200); // batched on worker 2
+    checkout(&c2, &w2, 200); // worker 2 reads the state (failing) and writes its success at once
     checkout(&c1, &w1, 500);
-    assert_eq!(checkout(&c1, &w1, 200), Action::Rejected, "bounded staleness: up to one sync_interval");
+    assert_eq!(checkout(&c1, &w1, 200), Action::Continue);
+}
+
+#[test]
+fn an_idle_policys_view_is_dropped_at_sync_and_read_again_on_next_use() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    checkout(&c, &host, 200);
+    sync(&c, &host); // active since the last sync: refreshed
+    sync(&c, &host); // idle for a whole interval: dropped
+    host.take_calls();
+    checkout(&c, &host, 200);
+    assert_eq!(host.take_calls().get("shared_get"), Some(&1));
 }
 
 #[test]

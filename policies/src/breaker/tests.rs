@@ -262,10 +262,10 @@ fn a_batch_of_successes_resets_the_consecutive_count() {
     let mut b = BreakerState::default();
     run(&mut b, &cfg, 0, FAIL);
     run(&mut b, &cfg, 0, FAIL);
-    assert!(b.record_successes(&cfg, 0, 10, 0).changed);
+    assert!(b.record_successes(&cfg, 0, 10, 0, 0).changed);
     assert_eq!(run(&mut b, &cfg, 0, FAIL), None);
     // Nothing to reset and no window: no write needed.
-    assert!(!BreakerState::default().record_successes(&cfg, 0, 10, 0).changed);
+    assert!(!BreakerState::default().record_successes(&cfg, 0, 10, 0, 0).changed);
 }
 
 #[test]
@@ -276,8 +276,8 @@ fn a_batch_of_slow_successes_can_trip_on_the_slow_call_rate() {
         ..BreakerConfig::default()
     };
     let mut b = BreakerState::default();
-    assert_eq!(b.record_successes(&cfg, 0, 9, 9).transition, None, "below minimum_requests");
-    let s = b.record_successes(&cfg, 0, 1, 0);
+    assert_eq!(b.record_successes(&cfg, 0, 9, 9, 0).transition, None, "below minimum_requests");
+    let s = b.record_successes(&cfg, 0, 1, 0, 0);
     assert_eq!(
         s.transition,
         Some(Transition::Opened {
@@ -291,6 +291,100 @@ fn a_batch_of_slow_successes_can_trip_on_the_slow_call_rate() {
 fn successes_reported_after_a_trip_are_ignored() {
     let cfg = consecutive(1);
     let mut b = open_breaker(&cfg, 0);
-    assert!(!b.record_successes(&cfg, MS, 100, 0).changed);
+    assert!(!b.record_successes(&cfg, MS, 100, 0, MS).changed);
     assert!(matches!(b.phase, Phase::Open { .. }));
+}
+
+#[test]
+fn successes_reported_late_count_only_against_the_failures_before_them() {
+    let cfg = consecutive(3);
+    let mut b = BreakerState::default();
+    run(&mut b, &cfg, 10 * MS, FAIL);
+    run(&mut b, &cfg, 20 * MS, FAIL);
+    // Another worker's success at 15 ms arrives now: only the failure at 20 ms is after it.
+    b.record_successes(&cfg, 25 * MS, 4, 0, 15 * MS);
+    assert_eq!(b.consecutive_failures, 1);
+    assert_eq!(run(&mut b, &cfg, 30 * MS, FAIL), None);
+    assert!(run(&mut b, &cfg, 40 * MS, FAIL).is_some(), "20, 30, 40 ms: three in a row");
+}
+
+#[test]
+fn a_success_reported_after_the_failures_ends_the_run() {
+    let cfg = consecutive(3);
+    let mut b = BreakerState::default();
+    run(&mut b, &cfg, 10 * MS, FAIL);
+    run(&mut b, &cfg, 20 * MS, FAIL);
+    b.record_successes(&cfg, 25 * MS, 1, 0, 21 * MS);
+    assert_eq!(b.consecutive_failures, 0);
+}
+
+#[test]
+fn a_late_success_older_than_every_kept_failure_leaves_a_long_run_alone() {
+    let cfg = consecutive(100);
+    let mut b = BreakerState::default();
+    for i in 0..40 {
+        run(&mut b, &cfg, (10 + i) * MS, FAIL);
+    }
+    // Kept: the latest 32 (18..=49 ms). A success at 12 ms fell among the dropped ones.
+    b.record_successes(&cfg, 50 * MS, 1, 0, 12 * MS);
+    assert_eq!(b.consecutive_failures, 40);
+    // A success at 20 ms: 29 kept failures came after it.
+    b.record_successes(&cfg, 50 * MS, 1, 0, 20 * MS);
+    assert_eq!(b.consecutive_failures, 29);
+}
+
+fn rate_confirmed_after(confirm_ns: u64) -> BreakerConfig {
+    BreakerConfig { confirm_ns, ..rate(50, 4) }
+}
+
+#[test]
+fn a_rate_trip_waits_for_confirmation_so_batched_successes_can_arrive() {
+    let cfg = rate_confirmed_after(100 * MS);
+    let mut b = BreakerState::default();
+    for t in [0, 1, 2, 3] {
+        assert_eq!(run(&mut b, &cfg, t * MS, FAIL), None);
+    }
+    assert_eq!(b.suspect_since, Some(3 * MS));
+    // Another worker's batch lands within the confirmation time: 4 of 9 is under 50%.
+    b.record_successes(&cfg, 50 * MS, 5, 0, 40 * MS);
+    assert_eq!(b.suspect_since, None);
+    assert_eq!(b.confirm(&cfg, 200 * MS).transition, None);
+    assert_eq!(b.phase, Phase::Closed);
+}
+
+#[test]
+fn a_suspect_breaker_trips_when_the_rate_still_holds_after_confirmation() {
+    let cfg = rate_confirmed_after(100 * MS);
+    let mut b = BreakerState::default();
+    for t in [0, 1, 2, 3] {
+        run(&mut b, &cfg, t * MS, FAIL);
+    }
+    assert_eq!(b.confirm(&cfg, 103 * MS - 1).transition, None, "confirmation time − 1 ns: still suspect");
+    assert!(matches!(
+        b.confirm(&cfg, 103 * MS).transition,
+        Some(Transition::Opened { reason: TripReason::FailureRate { percent: 100, requests: 4 }, .. })
+    ));
+}
+
+#[test]
+fn admission_confirms_a_suspect_breaker_and_rejects_at_once() {
+    let cfg = rate_confirmed_after(100 * MS);
+    let mut b = BreakerState::default();
+    for t in [0, 1, 2, 3] {
+        run(&mut b, &cfg, t * MS, FAIL);
+    }
+    assert_eq!(b.admit(&cfg, 50 * MS).value, Admission::Allow);
+    let s = b.admit(&cfg, 103 * MS);
+    assert!(matches!(s.value, Admission::Reject { .. }));
+    assert!(matches!(s.transition, Some(Transition::Opened { .. })));
+}
+
+#[test]
+fn a_suspect_state_round_trips_through_bytes() {
+    let cfg = rate_confirmed_after(100 * MS);
+    let mut b = BreakerState::default();
+    for t in [0, 1, 2, 3] {
+        run(&mut b, &cfg, t * MS, FAIL);
+    }
+    assert_eq!(BreakerState::decode(&b.encode()), Some(b));
 }
