@@ -8,6 +8,9 @@ A B C …) so that machine drift hits every variant alike. The steady figure is 
 the Envoy under test per request (utime+stime from /proc over a fixed number of requests);
 requests/s and latency come from h2load and swing far more on a small machine.
 
+A second pass runs each variant under callgrind and counts the instructions Envoy executes per
+request: timing-free, so the goals' ratios can be read exactly even on a noisy 2-core box.
+
 This is a benchmark, not a test: it never fails because the machine is slow.
 """
 import argparse
@@ -26,7 +29,6 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 STATS_TAGS = ""  # filled from envoy/envoy.yaml so the bench runs what users run
 
@@ -309,6 +311,8 @@ def main():
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--callgrind-requests", type=int, default=2000,
+                    help="requests per variant counted under callgrind (0: skip that pass)")
     args = ap.parse_args()
     if not shutil.which("h2load"):
         sys.exit("h2load not found: apt-get install nghttp2-client")
@@ -325,18 +329,7 @@ def main():
         upstream.wait_ready(up_admin)
         dead_port = free_port()  # nothing listens here: the fast-fail route's cluster
 
-        bw = wasm_filter("breakwater", args.breakwater, breakwater_config())
-        variants = {
-            "plain": lambda p, a: envoy_yaml(p, a, up_port),
-            "noop": lambda p, a: envoy_yaml(p, a, up_port, wasm_filter("noop", args.noop)),
-            "breakwater": lambda p, a: envoy_yaml(p, a, up_port, bw),
-            "native": lambda p, a: envoy_yaml(p, a, up_port, ADMISSION_CONTROL, cluster_extras=NATIVE_CLUSTER_EXTRAS),
-            "direct_response": lambda p, a: envoy_yaml(
-                p, a, up_port, route="direct_response: { status: 503, body: { inline_string: unavailable } }"),
-            "fast_fail": lambda p, a: envoy_yaml(
-                p, a, up_port, wasm_filter("breakwater", args.breakwater, breakwater_config(fast_fail=True)),
-                route="route: { cluster: dead, timeout: 5s }", dead_port=dead_port),
-        }
+        variants = make_variants(args, up_port, dead_port)
         for workers in (1, 2):
             group = [start(args.envoy, f"{name}-w{workers}", y, tmp, workers) for name, y in variants.items()]
             running += group
@@ -349,15 +342,22 @@ def main():
                 e.stop()
                 running.remove(e)
 
-        rules = {}
-        group = []
-        for n in (1, 100, 10000):
-            f = wasm_filter("breakwater", args.breakwater, breakwater_config(rules=n))
-            group.append(start(args.envoy, f"rules-{n}", lambda p, a, f=f: envoy_yaml(p, a, up_port, f), tmp, 1))
+        group = [start(args.envoy, f"rules-{n}", y, tmp, 1) for n, y in rule_variants(args, up_port).items()]
         running += group
-        rules = run_group(group, args.rounds, args.requests, args.connections, tmp, "route rules")
-        results["rules"] = rules
+        results["rules"] = run_group(group, args.rounds, args.requests, args.connections, tmp, "route rules")
+        for e in group:
+            e.stop()
+            running.remove(e)
         results["wasm_bytes"] = {"breakwater": os.path.getsize(args.breakwater), "noop": os.path.getsize(args.noop)}
+
+        if args.callgrind_requests and shutil.which("valgrind"):
+            every = dict(variants)
+            every.update({f"rules-{n}": y for n, y in rule_variants(args, up_port).items()})
+            results["instructions"] = {}
+            for name, make_yaml in every.items():
+                results["instructions"][name] = instructions_per_request(
+                    args.envoy, name, make_yaml, tmp, args.callgrind_requests)
+                print(f"  callgrind: {name} {results['instructions'][name]:,.0f} instructions/request", file=sys.stderr)
     finally:
         for e in running:
             e.stop()
@@ -369,6 +369,63 @@ def main():
     (out / "bench.svg").write_text(chart(results))
     print(md)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_variants(args, up_port, dead_port):
+    bw = wasm_filter("breakwater", args.breakwater, breakwater_config())
+    return {
+        "plain": lambda p, a: envoy_yaml(p, a, up_port),
+        "noop": lambda p, a: envoy_yaml(p, a, up_port, wasm_filter("noop", args.noop)),
+        "breakwater": lambda p, a: envoy_yaml(p, a, up_port, bw),
+        "native": lambda p, a: envoy_yaml(p, a, up_port, ADMISSION_CONTROL, cluster_extras=NATIVE_CLUSTER_EXTRAS),
+        "direct_response": lambda p, a: envoy_yaml(
+            p, a, up_port, route="direct_response: { status: 503, body: { inline_string: unavailable } }"),
+        "noop_direct_response": lambda p, a: envoy_yaml(
+            p, a, up_port, wasm_filter("noop", args.noop),
+            route="direct_response: { status: 503, body: { inline_string: unavailable } }"),
+        "fast_fail": lambda p, a: envoy_yaml(
+            p, a, up_port, wasm_filter("breakwater", args.breakwater, breakwater_config(fast_fail=True)),
+            route="route: { cluster: dead, timeout: 5s }", dead_port=dead_port),
+    }
+
+
+def rule_variants(args, up_port):
+    out = {}
+    for n in (1, 100, 10000):
+        f = wasm_filter("breakwater", args.breakwater, breakwater_config(rules=n))
+        out[n] = lambda p, a, f=f: envoy_yaml(p, a, up_port, f)
+    return out
+
+
+def instructions_per_request(envoy_bin, name, make_yaml, tmp, requests):
+    """Instructions Envoy executes per request, counted by callgrind (1 worker, 1 connection):
+    the same figure run after run, whatever else the machine does. Only the measured requests
+    are counted; start-up and warm-up are not."""
+    port, admin = free_port(), free_port()
+    d = Path(tempfile.mkdtemp(dir=tmp, prefix=f"cg-{name}-"))
+    (d / "envoy.yaml").write_text(make_yaml(port, admin))
+    out = d / "callgrind.out"
+    proc = subprocess.Popen(
+        pin("0") + ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--smc-check=all-non-file",
+                    f"--callgrind-out-file={out}", envoy_bin, "-c", str(d / "envoy.yaml"), "--concurrency", "1",
+                    "--use-dynamic-base-id", "-l", "error"],
+        stdout=open(d / "log", "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    e = Envoy.__new__(Envoy)
+    e.proc, e.name, e.dir, e.log = proc, name, d, open(os.devnull, "w")
+    try:
+        e.wait_ready(admin, timeout=600)
+        load = pin("1") + ["h2load", "--h1", "-c", "1", f"http://127.0.0.1:{port}/"]
+        subprocess.run(load[:-1] + ["-n", "300", load[-1]], capture_output=True, check=True)
+        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], capture_output=True, check=True)
+        subprocess.run(load[:-1] + ["-n", str(requests), load[-1]], capture_output=True, check=True)
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], capture_output=True, check=True)
+    finally:
+        e.stop()
+    for f in d.glob("callgrind.out*"):
+        text = f.read_text(errors="ignore")
+        if "Trigger: dump" in text:
+            return int(re.search(r"^summary: (\d+)", text, re.M).group(1)) / requests
+    return float("nan")
 
 
 def machine():
@@ -393,6 +450,7 @@ LABELS = {
     "native": "(4) + Envoy native: circuit_breakers, retry_budget, outlier_detection, admission_control",
     "fast_fail": "(5) Breakwater fast-fail (circuit open)",
     "direct_response": "(5') Envoy direct_response",
+    "noop_direct_response": "(5'') no-op Wasm filter + direct_response: the floor for (5)",
 }
 
 
@@ -426,6 +484,21 @@ def report(r):
     for n in (1, 100, 10000):
         v = rules[f"rules-{n}"]["cpu_us_per_req"]
         lines.append(f"| {n} | {v:.1f} | {v / base:.2f} |")
+    ins = r.get("instructions")
+    if ins:
+        plain, noop = ins["plain"], ins["noop"]
+        lines += ["", "## Instructions per request (callgrind, 1 worker, 1 connection)", "",
+                  "Counted, not timed: the same figures run after run. The goals' ratios, exactly:", "",
+                  "| variant | instructions/req | × plain | × no-op |", "|---|---:|---:|---:|"]
+        for k, label in LABELS.items():
+            lines.append(f"| {label} | {ins[k]:,.0f} | {ins[k] / plain:.3f} | {ins[k] / noop:.3f} |")
+        for n in (1, 100, 10000):
+            lines.append(f"| Breakwater, {n} route rules | {ins[f'rules-{n}']:,.0f} | "
+                         f"{ins[f'rules-{n}'] / plain:.3f} | {ins[f'rules-{n}'] / noop:.3f} |")
+        lines += ["", f"Breakwater ÷ no-op: **{ins['breakwater'] / noop:.3f}**; "
+                  f"Breakwater ÷ native: **{ins['breakwater'] / ins['native']:.3f}**; "
+                  f"fast-fail ÷ direct_response: **{ins['fast_fail'] / ins['direct_response']:.3f}**; "
+                  f"10 000 rules ÷ 1 rule: **{ins['rules-10000'] / ins['rules-1']:.3f}**"]
     mem = r["memory_allocated"]
     lines += ["", "## Size and memory", "",
               f"- `.wasm`: Breakwater {r['wasm_bytes']['breakwater']:,} bytes; no-op {r['wasm_bytes']['noop']:,} bytes",
