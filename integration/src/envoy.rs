@@ -134,6 +134,8 @@ pub struct RouteSpec {
     pub prefix: String,
     pub cluster: String,
     pub timeout: Duration,
+    /// Switch the Breakwater filter off on this route (per-route `FilterConfig.disabled`).
+    pub filter_disabled: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -180,7 +182,17 @@ impl Spec {
             prefix: prefix.to_owned(),
             cluster: cluster.to_owned(),
             timeout,
+            filter_disabled: false,
         });
+        self
+    }
+
+    /// A named route on which the Breakwater filter is switched off by Envoy's per-route config.
+    pub fn route_without_breakwater(mut self, name: &str, prefix: &str, cluster: &str) -> Spec {
+        self = self.route(name, prefix, cluster);
+        if let Some(r) = self.routes.last_mut() {
+            r.filter_disabled = true;
+        }
         self
     }
 
@@ -191,6 +203,7 @@ impl Spec {
             prefix: prefix.to_owned(),
             cluster: cluster.to_owned(),
             timeout: Duration::from_secs(5),
+            filter_disabled: false,
         });
         self
     }
@@ -235,6 +248,12 @@ impl Spec {
                 });
                 if let Some(name) = &r.name {
                     route["name"] = json!(name);
+                }
+                if r.filter_disabled {
+                    route["typed_per_filter_config"] = json!({ "breakwater": {
+                        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                        "disabled": true
+                    }});
                 }
                 route
             })

@@ -87,15 +87,12 @@ impl Behaviour {
 }
 
 fn param<T: FromStr>(key: &str, val: &str) -> Result<T, String> {
-    val.parse()
-        .map_err(|_| format!("bad value for {key}: {val:?}"))
+    val.parse().map_err(|_| format!("bad value for {key}: {val:?}"))
 }
 
 fn status_param(key: &str, val: &str) -> Result<u16, String> {
     let code: u16 = param(key, val)?;
-    StatusCode::from_u16(code)
-        .map(|_| code)
-        .map_err(|_| format!("bad status for {key}: {code}"))
+    StatusCode::from_u16(code).map(|_| code).map_err(|_| format!("bad status for {key}: {code}"))
 }
 
 /// Counters of non-control requests since the last reset.
@@ -137,11 +134,7 @@ impl Shared {
         let mut s = lock(&self.stats);
         // Requests still running keep their guards, so in_flight must survive the reset.
         let in_flight = s.in_flight;
-        *s = Stats {
-            in_flight,
-            max_in_flight: in_flight,
-            ..Stats::default()
-        };
+        *s = Stats { in_flight, max_in_flight: in_flight, ..Stats::default() };
     }
 }
 
@@ -165,10 +158,7 @@ impl Body for TrackedBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
@@ -193,20 +183,10 @@ impl fmt::Display for Abort {
 
 impl std::error::Error for Abort {}
 
-fn response(
-    status: u16,
-    body: BoxBody<Bytes, Infallible>,
-    guard: Option<InFlight>,
-) -> Response<TrackedBody> {
-    let mut resp = Response::new(TrackedBody {
-        inner: body,
-        _guard: guard,
-    });
+fn response(status: u16, body: BoxBody<Bytes, Infallible>, guard: Option<InFlight>) -> Response<TrackedBody> {
+    let mut resp = Response::new(TrackedBody { inner: body, _guard: guard });
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    resp.headers_mut().insert(
-        "x-upstream",
-        HeaderValue::from_static("breakwater-upstream"),
-    );
+    resp.headers_mut().insert("x-upstream", HeaderValue::from_static("breakwater-upstream"));
     resp
 }
 
@@ -215,18 +195,12 @@ fn text(msg: String) -> BoxBody<Bytes, Infallible> {
 }
 
 /// Handles `/__*` control endpoints; `None` means the request is ordinary traffic.
-fn control(
-    shared: &Shared,
-    method: &Method,
-    path: &str,
-    query: &str,
-) -> Option<Response<TrackedBody>> {
+fn control(shared: &Shared, method: &Method, path: &str, query: &str) -> Option<Response<TrackedBody>> {
     let (status, body) = match (method, path) {
         (&Method::GET, "/__stats") => match serde_json::to_vec(&*lock(&shared.stats)) {
             Ok(json) => {
                 let mut resp = response(200, Full::new(Bytes::from(json)).boxed(), None);
-                resp.headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 return Some(resp);
             }
             Err(e) => (500, format!("upstream: stats: {e}")),
@@ -242,18 +216,13 @@ fn control(
             }
             Err(e) => (400, format!("upstream: {e}")),
         },
-        (_, "/__stats" | "/__reset" | "/__default") => {
-            (405, "upstream: method not allowed".to_owned())
-        }
+        (_, "/__stats" | "/__reset" | "/__default") => (405, "upstream: method not allowed".to_owned()),
         _ => return None,
     };
     Some(response(status, text(body), None))
 }
 
-async fn handle(
-    shared: Arc<Shared>,
-    req: Request<Incoming>,
-) -> Result<Response<TrackedBody>, Abort> {
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<TrackedBody>, Abort> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     if let Some(resp) = control(&shared, req.method(), &path, &query) {
@@ -261,10 +230,7 @@ async fn handle(
     }
     let seq = shared.seq.fetch_add(1, Ordering::Relaxed) + 1;
     let (guard, nth) = shared.arrive(&path);
-    let grpc_request = req
-        .headers()
-        .get(CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let grpc_request = req.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let default = lock(&shared.default).clone();
 
     let (status, body, grpc) = match default.with_query(&query) {
@@ -287,29 +253,14 @@ async fn handle(
                 // gRPC failures travel in trailers; a flaky/failed HTTP status maps to UNAVAILABLE.
                 let code = b.grpc_status.unwrap_or(if status == 200 { 0 } else { 14 });
                 let mut t = HeaderMap::new();
-                t.insert(
-                    HeaderName::from_static("grpc-status"),
-                    HeaderValue::from(code),
-                );
+                t.insert(HeaderName::from_static("grpc-status"), HeaderValue::from(code));
                 if code != 0 {
-                    t.insert(
-                        HeaderName::from_static("grpc-message"),
-                        HeaderValue::from_static("upstream"),
-                    );
+                    t.insert(HeaderName::from_static("grpc-message"), HeaderValue::from_static("upstream"));
                 }
                 // An explicit grpc_status answers trailers-only style; an implicit OK sends one empty message.
-                let data = if code == 0 && b.grpc_status.is_none() {
-                    Bytes::from_static(&[0; 5])
-                } else {
-                    Bytes::new()
-                };
-                (
-                    200,
-                    Full::new(data)
-                        .with_trailers(std::future::ready(Some(Ok(t))))
-                        .boxed(),
-                    true,
-                )
+                let data =
+                    if code == 0 && b.grpc_status.is_none() { Bytes::from_static(&[0; 5]) } else { Bytes::new() };
+                (200, Full::new(data).with_trailers(std::future::ready(Some(Ok(t)))).boxed(), true)
             } else {
                 let body = match b.body_bytes {
                     Some(n) => Full::new(Bytes::from(vec![b'x'; n])).boxed(),
@@ -320,16 +271,11 @@ async fn handle(
         }
     };
 
-    *lock(&shared.stats)
-        .responses_by_status
-        .entry(status)
-        .or_default() += 1;
+    *lock(&shared.stats).responses_by_status.entry(status).or_default() += 1;
     let mut resp = response(status, body, Some(guard));
-    resp.headers_mut()
-        .insert("x-upstream-seq", HeaderValue::from(seq));
+    resp.headers_mut().insert("x-upstream-seq", HeaderValue::from(seq));
     if grpc {
-        resp.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     }
     Ok(resp)
 }
@@ -396,9 +342,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         conns.spawn(async move {
             let svc = service_fn(move |req| handle(shared.clone(), req));
             // Errors are peer disconnects or our deliberate aborts; nothing to report.
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }

@@ -301,3 +301,29 @@ async fn dry_run_counts_rejections_but_lets_everything_through() {
     // Would-be rejections are kept out of the breaker, exactly as enforce would never see them.
     assert_eq!((s.rejections, s.dry_run_rejections, s.success, s.to_open, s.state), (0, 5, 0, 1, OPEN), "{s:?}");
 }
+
+/// The README's tip: on routes without a policy, Envoy's per-route `FilterConfig.disabled`
+/// switches Breakwater off, so not even a catch-all rule sees those requests.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_with_the_filter_disabled_is_never_seen() {
+    let up = upstream().await;
+    let policies = json!({ "all": { "circuit_breaker": { "consecutive_failures": 2, "open_for": "2s" } } });
+    let spec = Spec::new(up.addr())
+        .plugin(json!({ "policies": policies, "routes": [{ "match": {}, "policy": "all" }] }))
+        .route_without_breakwater("static", "/static", "backend")
+        .route("api", "/api", "backend");
+    let envoy = Envoy::start(&spec).await;
+    for _ in 0..5 {
+        let r = envoy.get("/static?status=500").await;
+        assert_eq!((r.status, r.from_upstream()), (500, true), "{r:?}");
+    }
+    let s = envoy.policy("all").await;
+    assert_eq!((s.failure, s.to_open), (0, 0), "the disabled route is invisible to the plugin: {s:?}");
+    // The filter runs on the other route: two failures there trip the catch-all policy.
+    for r in envoy.send_recorded("all", "/api?status=500", 2).await {
+        assert_eq!(r.status, 500, "{r:?}");
+    }
+    wait_open(&envoy, "all").await;
+    assert_circuit_open(&envoy.get("/api").await, 2);
+    assert_eq!(envoy.get("/static").await.status, 200, "and still not on the disabled route");
+}

@@ -12,9 +12,7 @@ use integration::upstream::{Behaviour, Stats, Upstream};
 type H1 = Client<HttpConnector, Empty<Bytes>>;
 
 async fn start() -> (Upstream, H1) {
-    let up = Upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let up = Upstream::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
     (up, Client::builder(TokioExecutor::new()).build_http())
 }
 
@@ -25,11 +23,7 @@ fn url(up: &Upstream, path_query: &str) -> String {
 async fn get(client: &H1, url: String) -> (StatusCode, hyper::HeaderMap, Bytes) {
     let resp = client.get(url.parse().unwrap()).await.unwrap();
     let (parts, body) = resp.into_parts();
-    (
-        parts.status,
-        parts.headers,
-        body.collect().await.unwrap().to_bytes(),
-    )
+    (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
 }
 
 /// Polls until `f` holds, so the test does not depend on exactly when guards drop.
@@ -67,20 +61,11 @@ async fn status_headers_body_and_stats() {
     assert_eq!(s.responses_by_status[&400], 1);
 
     // Default behaviour via API and via control endpoint; query still overrides it.
-    up.set_default(Behaviour {
-        status: 418,
-        ..Behaviour::default()
-    });
+    up.set_default(Behaviour { status: 418, ..Behaviour::default() });
     assert_eq!(get(&c, url(&up, "/c")).await.0, 418);
     assert_eq!(get(&c, url(&up, "/c?status=200")).await.0, 200);
     let post = |pq: &str| Request::post(url(&up, pq)).body(Empty::new()).unwrap();
-    assert_eq!(
-        c.request(post("/__default?status=502"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(c.request(post("/__default?status=502")).await.unwrap().status(), 200);
     assert_eq!(get(&c, url(&up, "/c")).await.0, 502);
     assert_eq!(c.request(post("/__default")).await.unwrap().status(), 200);
     assert_eq!(get(&c, url(&up, "/c")).await.0, 200);
@@ -93,11 +78,7 @@ async fn delay_is_applied() {
     let (up, c) = start().await;
     let t = std::time::Instant::now();
     assert_eq!(get(&c, url(&up, "/slow?delay_ms=300")).await.0, 200);
-    assert!(
-        t.elapsed() >= Duration::from_millis(300),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
 }
 
 #[tokio::test]
@@ -109,18 +90,8 @@ async fn fail_every_third_per_path() {
     }
     assert_eq!(got, [200, 200, 503, 200, 200, 503, 200]);
     // Counters are per path, and fail_status picks the failure code.
-    assert_eq!(
-        get(&c, url(&up, "/other?fail_every=2&fail_status=500"))
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        get(&c, url(&up, "/other?fail_every=2&fail_status=500"))
-            .await
-            .0,
-        500
-    );
+    assert_eq!(get(&c, url(&up, "/other?fail_every=2&fail_status=500")).await.0, 200);
+    assert_eq!(get(&c, url(&up, "/other?fail_every=2&fail_status=500")).await.0, 500);
 }
 
 #[tokio::test]
@@ -143,9 +114,7 @@ async fn max_in_flight_counts_concurrent_requests() {
 async fn in_flight_released_when_client_gives_up() {
     let (up, c) = start().await;
     let pending = c.get(url(&up, "/hang?delay_ms=5000").parse().unwrap());
-    assert!(tokio::time::timeout(Duration::from_millis(200), pending)
-        .await
-        .is_err());
+    assert!(tokio::time::timeout(Duration::from_millis(200), pending).await.is_err());
     let s = wait_stats(&up, |s| s.in_flight == 0).await;
     assert_eq!((s.in_flight, s.max_in_flight, s.requests), (0, 1, 1));
 }
@@ -153,25 +122,11 @@ async fn in_flight_released_when_client_gives_up() {
 #[tokio::test]
 async fn reset_gives_client_error_on_h1_and_h2() {
     let (up, c) = start().await;
-    assert!(c
-        .get(url(&up, "/r?reset=1").parse().unwrap())
-        .await
-        .is_err());
-    let h2: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
-    assert!(h2
-        .get(url(&up, "/r?reset=1&delay_ms=50").parse().unwrap())
-        .await
-        .is_err());
+    assert!(c.get(url(&up, "/r?reset=1").parse().unwrap()).await.is_err());
+    let h2: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
+    assert!(h2.get(url(&up, "/r?reset=1&delay_ms=50").parse().unwrap()).await.is_err());
     // The HTTP/2 connection survives a stream reset.
-    assert_eq!(
-        h2.get(url(&up, "/r").parse().unwrap())
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(h2.get(url(&up, "/r").parse().unwrap()).await.unwrap().status(), 200);
     let s = wait_stats(&up, |s| s.in_flight == 0).await;
     assert_eq!((s.resets, s.in_flight, s.requests), (2, 0, 3));
 }
@@ -179,9 +134,7 @@ async fn reset_gives_client_error_on_h1_and_h2() {
 #[tokio::test]
 async fn grpc_trailers_over_h2() {
     let (up, _) = start().await;
-    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
+    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
     let grpc = |pq: &str| {
         Request::post(url(&up, pq))
             .header("content-type", "application/grpc")
@@ -190,10 +143,7 @@ async fn grpc_trailers_over_h2() {
             .unwrap()
     };
 
-    let resp = h2
-        .request(grpc("/svc/Method?grpc_status=14"))
-        .await
-        .unwrap();
+    let resp = h2.request(grpc("/svc/Method?grpc_status=14")).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/grpc");
     let body = resp.into_body().collect().await.unwrap();

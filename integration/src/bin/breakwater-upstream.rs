@@ -21,9 +21,7 @@ fn parse_args() -> Result<SocketAddr, String> {
             },
         }
     }
-    listen
-        .parse()
-        .map_err(|e| format!("bad --listen {listen:?}: {e}"))
+    listen.parse().map_err(|e| format!("bad --listen {listen:?}: {e}"))
 }
 
 #[tokio::main]
@@ -47,10 +45,7 @@ async fn main() -> ExitCode {
     };
     // Scripts wait for this exact line to learn the bound port.
     let mut out = std::io::stdout().lock();
-    if writeln!(out, "breakwater-upstream listening on {}", upstream.addr())
-        .and_then(|_| out.flush())
-        .is_err()
-    {
+    if writeln!(out, "breakwater-upstream listening on {}", upstream.addr()).and_then(|_| out.flush()).is_err() {
         return ExitCode::FAILURE;
     }
     drop(out);
