@@ -306,10 +306,12 @@ pub fn classify(on: &FailureOn, status: u16, grpc_status: Option<u32>, flags: im
     if f & (UPSTREAM_REMOTE_RESET | UPSTREAM_CONNECTION_TERMINATION | UPSTREAM_PROTOCOL_ERROR) != 0 {
         return counted(on.reset);
     }
-    // The client left, or Envoy itself (its own breakers, rate limit, ext_authz) answered.
-    if f & (DOWNSTREAM_CONNECTION_TERMINATION | UPSTREAM_OVERFLOW | RATE_LIMITED | UNAUTHORIZED_EXTERNAL_SERVICE) != 0 {
+    // Envoy itself answered (its own circuit breaker, rate limit, ext_authz): not the upstream.
+    if f & (UPSTREAM_OVERFLOW | RATE_LIMITED | UNAUTHORIZED_EXTERNAL_SERVICE) != 0 {
         return Verdict::Ignored;
     }
+    // No response at all: typically the client left first (DC). An upstream 5xx that did come
+    // back still counts, even if the client left right after it.
     if status == 0 {
         return Verdict::Ignored;
     }

@@ -365,3 +365,25 @@ fn a_failure_carries_the_workers_own_earlier_successes_with_it() {
     checkout(&c, &host, 500);
     assert_eq!(host.metric("transitions.policy.checkout.to.open"), 1, "and the third trips it");
 }
+
+#[test]
+fn an_upstream_5xx_counts_even_if_the_client_left_right_after_it() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    for _ in 0..3 {
+        request(&c, &host, "checkout", "/", 503, flags::DOWNSTREAM_CONNECTION_TERMINATION);
+    }
+    assert_eq!(host.metric("requests.policy.checkout.outcome.failure"), 3);
+    assert_eq!(checkout(&c, &host, 200), Action::Rejected);
+}
+
+#[test]
+fn envoys_own_answers_are_not_the_upstreams_failures() {
+    let host = FakeHost::new();
+    let c = compiled(&host);
+    request(&c, &host, "checkout", "/", 503, flags::UPSTREAM_OVERFLOW);
+    request(&c, &host, "checkout", "/", 429, flags::RATE_LIMITED);
+    request(&c, &host, "checkout", "/", 503, flags::UPSTREAM_OVERFLOW);
+    assert_eq!(host.metric("requests.policy.checkout.outcome.ignored"), 2, "the 429 is a plain success");
+    assert_eq!(host.metric("requests.policy.checkout.outcome.failure"), 0);
+}
