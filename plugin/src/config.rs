@@ -305,7 +305,11 @@ fn reject(v: &Value, path: &str) -> Result<Reject> {
             {
                 return err(&hp, "expected a lower-case HTTP header name");
             }
-            let value = value.as_str().ok_or_else(|| expected(&hp, "a string", value))?;
+            let value = match value.as_str() {
+                // Control characters (CR, LF, …) would break the response or be refused by Envoy.
+                Some(v) if !v.chars().any(char::is_control) => v,
+                _ => return Err(expected(&hp, "a string without control characters", value)),
+            };
             r.headers.push((name.clone(), value.to_string()));
         }
     }
@@ -487,7 +491,8 @@ fn expected(path: &str, what: &str, got: &Value) -> ConfigError {
         Value::Null => "null".to_string(),
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
-        Value::String(s) => format!("\"{s}\""),
+        // Quoted and escaped, so the refusal stays one log line whatever the input holds.
+        Value::String(s) => format!("{s:?}"),
         Value::Array(_) => "a list".to_string(),
         Value::Object(_) => "an object".to_string(),
     };

@@ -111,6 +111,7 @@ fn bad_configs_are_refused_with_the_json_path_and_what_was_expected() {
         (r#"{"policies": {"p": {"mode": "observe"}}}"#, "policies.p.mode: expected \"enforce\" or \"dry_run\", got \"observe\""),
         (r#"{"policies": {"p": {"reject": {"status": 99}}}}"#, "policies.p.reject.status: expected an HTTP status from 200 to 599, got 99"),
         (r#"{"policies": {"p": {"reject": {"headers": {"X-Bad": "1"}}}}}"#, "policies.p.reject.headers.X-Bad: expected a lower-case HTTP header name"),
+        (r#"{"policies": {"p": {"reject": {"headers": {"x-a": "1\r\nx-b: 2"}}}}}"#, "policies.p.reject.headers.x-a: expected a string without control characters"),
         (r#"{"policies": {"p": {"circuit_breaker": {"failure_on": {"status": ["6xx"]}}}}}"#,
          "policies.p.circuit_breaker.failure_on.status[0]: expected a status code (100-599) or class such as \"5xx\", got \"6xx\""),
         (r#"{"policies": {"p": {"circuit_breaker": {"failure_on": {"grpc_status": ["UNAVAILABLE", "SLOW"]}}}}}"#,
