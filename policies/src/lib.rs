@@ -9,10 +9,12 @@
 extern crate alloc;
 
 pub mod breaker;
+pub mod bulkhead;
 pub mod codec;
 pub mod window;
 
 pub use breaker::{Admission, BreakerConfig, BreakerState, Outcome, Phase, Transition, TripReason};
+pub use bulkhead::{Acquire, BulkheadConfig, BulkheadState, ClassLimit};
 pub use window::Window;
 
 /// Nanoseconds per millisecond / second, for readable constants.
