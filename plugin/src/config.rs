@@ -10,7 +10,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use breakwater_policies::breaker::{RateRule, SlowRule};
-use breakwater_policies::{BreakerConfig, MS, SECOND};
+use breakwater_policies::{BreakerConfig, BulkheadConfig, ClassLimit, MS, SECOND};
 use core::fmt;
 use serde_json::{Map, Value};
 
@@ -88,11 +88,39 @@ pub struct Breaker {
     pub slow_ns: Option<u64>,
 }
 
+/// Priority classes: which request header names a request's class.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Priority {
+    /// Lower-case header name.
+    pub header: String,
+    /// Class names, by the index the bulkhead counts them under.
+    pub classes: Vec<String>,
+    /// The class of a request without the header, or with a value naming no class.
+    pub default: u8,
+}
+
+impl Priority {
+    pub fn class_of(&self, value: Option<&str>) -> u8 {
+        value
+            .and_then(|v| self.classes.iter().position(|c| c == v))
+            .and_then(|i| u8::try_from(i).ok())
+            .unwrap_or(self.default)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bulkhead {
+    pub machine: BulkheadConfig,
+    /// None: every request is of class 0, and no header is read.
+    pub priority: Option<Priority>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     pub name: String,
     pub mode: Mode,
     pub breaker: Option<Breaker>,
+    pub bulkhead: Option<Bulkhead>,
     pub reject: Reject,
 }
 
@@ -142,6 +170,10 @@ pub fn parse(bytes: &[u8]) -> Result<Config> {
     for b in policies.iter_mut().filter_map(|p| p.breaker.as_mut()) {
         b.machine.confirm_ns = 2 * sync_interval_ns;
     }
+    // Workers renew their permits every sync: one silent for many syncs (and 10s) is dead.
+    for b in policies.iter_mut().filter_map(|p| p.bulkhead.as_mut()) {
+        b.machine.stale_after_ns = (10 * SECOND).max(20 * sync_interval_ns);
+    }
     Ok(Config { policies, routes: RouteTable::new(routes), sync_interval_ns })
 }
 
@@ -159,12 +191,16 @@ fn policy(name: &str, v: &Value, path: &str) -> Result<Policy> {
         Some(v) => Some(breaker(v, &o.path("circuit_breaker"))?),
         None => None,
     };
+    let bulkhead = match o.opt("bulkhead") {
+        Some(v) => Some(bulkhead(v, &o.path("bulkhead"))?),
+        None => None,
+    };
     let reject = match o.opt("reject") {
         Some(v) => reject(v, &o.path("reject"))?,
         None => Reject::default(),
     };
     o.finish()?;
-    Ok(Policy { name: name.to_string(), mode, breaker, reject })
+    Ok(Policy { name: name.to_string(), mode, breaker, bulkhead, reject })
 }
 
 fn breaker(v: &Value, path: &str) -> Result<Breaker> {
@@ -253,6 +289,95 @@ fn breaker(v: &Value, path: &str) -> Result<Breaker> {
     };
     o.finish()?;
     Ok(Breaker { machine: m, failure_on, slow_ns })
+}
+
+/// Most priority classes a bulkhead may have (they are counted per class in shared data).
+pub const MAX_CLASSES: usize = 16;
+/// Largest wait queue: the queue lives in one shared-data value that every admission copies.
+pub const MAX_QUEUE: u32 = 10_000;
+
+fn bulkhead(v: &Value, path: &str) -> Result<Bulkhead> {
+    let mut o = Obj::new(v, path)?;
+    let max_concurrent = positive_u32(o.req("max_concurrent")?, &o.path("max_concurrent"))?;
+    let mut m = BulkheadConfig { max_concurrent, ..BulkheadConfig::default() };
+    if let Some(v) = o.opt("queue") {
+        let mut q = Obj::new(v, &o.path("queue"))?;
+        let p = q.path("max_size");
+        m.queue_max = positive_u32(q.req("max_size")?, &p)?;
+        if m.queue_max > MAX_QUEUE {
+            return err(&p, format!("must be at most {MAX_QUEUE}"));
+        }
+        if let Some(v) = q.opt("timeout") {
+            m.queue_timeout_ns = duration(v, &q.path("timeout"))?;
+        }
+        q.finish()?;
+    }
+    let mut priority = None;
+    if let Some(v) = o.opt("priority") {
+        let ppath = o.path("priority");
+        let mut p = Obj::new(v, &ppath)?;
+        let hpath = p.path("header");
+        let header = match p.req("header")?.as_str() {
+            Some(h) if !h.is_empty() && !h.starts_with(':') && h.bytes().all(|b| b.is_ascii_graphic()) => {
+                h.to_ascii_lowercase()
+            }
+            _ => return Err(expected(&hpath, "an HTTP header name", p.req("header")?)),
+        };
+        let dpath = p.path("default");
+        let default = match p.req("default")?.as_str() {
+            Some(d) if !d.is_empty() => d.to_string(),
+            _ => return Err(expected(&dpath, "a class name", p.req("default")?)),
+        };
+        let cpath = p.path("classes");
+        let map = p.req("classes")?;
+        let map = map.as_object().ok_or_else(|| expected(&cpath, "an object of classes by name", map))?;
+        let mut names = Vec::new();
+        let mut limits = Vec::new();
+        for (name, body) in map {
+            let path = join(&cpath, name);
+            let mut c = Obj::new(body, &path)?;
+            let mut limit = ClassLimit::default();
+            if let Some(v) = c.opt("reserved") {
+                limit.reserved = positive_u32(v, &c.path("reserved"))?;
+            }
+            if let Some(v) = c.opt("max") {
+                limit.max = Some(positive_u32(v, &c.path("max"))?);
+            }
+            if limit.max.is_some_and(|max| max < limit.reserved) {
+                return err(&c.path("max"), "must be at least reserved");
+            }
+            if limit.max.is_some_and(|max| max > m.max_concurrent) {
+                return err(&c.path("max"), "must be at most max_concurrent");
+            }
+            c.finish()?;
+            names.push(name.clone());
+            limits.push(limit);
+        }
+        // The default class may be listed with limits, or be a plain class of its own.
+        let default = match names.iter().position(|n| *n == default) {
+            Some(i) => i,
+            None => {
+                names.push(default);
+                limits.push(ClassLimit::default());
+                names.len() - 1
+            }
+        };
+        if names.len() > MAX_CLASSES {
+            return err(&cpath, format!("at most {} classes, the default included", MAX_CLASSES));
+        }
+        let reserved: u64 = limits.iter().map(|l| u64::from(l.reserved)).sum();
+        if reserved > u64::from(m.max_concurrent) {
+            return err(
+                &cpath,
+                format!("reserved capacity ({reserved}) exceeds max_concurrent ({})", m.max_concurrent),
+            );
+        }
+        p.finish()?;
+        m.classes = limits;
+        priority = Some(Priority { header, classes: names, default: default as u8 });
+    }
+    o.finish()?;
+    Ok(Bulkhead { machine: m, priority })
 }
 
 fn failure_on(v: &Value, path: &str) -> Result<FailureOn> {

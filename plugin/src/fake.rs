@@ -10,6 +10,8 @@ use hashbrown::HashMap;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
+    /// The context it was sent on (see `enter`).
+    pub context: u32,
     pub status: u32,
     pub headers: Vec<(String, String)>,
     pub body: String,
@@ -27,6 +29,8 @@ pub struct Process {
     metrics: RefCell<Vec<(String, i64)>>,
     /// Fail this many CAS writes with a mismatch, to exercise retry loops.
     pub cas_conflicts: Cell<u32>,
+    /// Shared queues by token; a missing token is a queue that is gone.
+    pub queues: RefCell<HashMap<u32, alloc::collections::VecDeque<Vec<u8>>>>,
 }
 
 #[derive(Default)]
@@ -41,6 +45,10 @@ pub struct FakeHost {
     pub replies: RefCell<Vec<Reply>>,
     /// Host calls made, by kind ("property", "header", "shared_get", …): what a request costs.
     pub calls: RefCell<HashMap<&'static str, u32>>,
+    /// The context host calls act on (`enter`).
+    pub context: Cell<u32>,
+    /// Contexts resumed, in order.
+    pub resumed: RefCell<Vec<u32>>,
 }
 
 impl FakeHost {
@@ -132,7 +140,7 @@ impl Host for FakeHost {
     fn send_http_reply(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
         let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let body = String::from_utf8_lossy(body).into_owned();
-        self.replies.borrow_mut().push(Reply { status, headers, body });
+        self.replies.borrow_mut().push(Reply { context: self.context.get(), status, headers, body });
     }
     fn define_metric(&self, _kind: MetricKind, name: &str) -> Option<u32> {
         let mut m = self.process.metrics.borrow_mut();
@@ -152,5 +160,25 @@ impl Host for FakeHost {
         if let Some((_, v)) = self.process.metrics.borrow_mut().get_mut(id as usize) {
             *v = value as i64;
         }
+    }
+    fn enter(&self, context_id: u32) -> bool {
+        self.context.set(context_id);
+        true
+    }
+    fn resume_request(&self) {
+        self.resumed.borrow_mut().push(self.context.get());
+    }
+    fn enqueue(&self, queue: u32, message: &[u8]) -> bool {
+        self.count("enqueue");
+        match self.process.queues.borrow_mut().get_mut(&queue) {
+            Some(q) => {
+                q.push_back(message.to_vec());
+                true
+            }
+            None => false,
+        }
+    }
+    fn dequeue(&self, queue: u32) -> Option<Vec<u8>> {
+        self.process.queues.borrow_mut().get_mut(&queue).and_then(|q| q.pop_front())
     }
 }

@@ -8,14 +8,17 @@
 //! that succeeds on a quiet breaker reads two (the route name and `:status`), bumps one counter
 //! and reads the clock twice; it touches no shared data (see [`crate::local`]).
 
+use crate::bulkhead::{self, Permit};
 use crate::config::{FailureOn, Mode, Policy};
 use crate::host::{property_u64, Host};
 use crate::local::View;
 use crate::metrics::{self, PolicyMetrics};
+use crate::parking::Parking;
 use crate::routes::Attributes;
 use crate::store;
 use crate::Compiled;
 use alloc::format;
+use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use breakwater_policies::breaker::Step;
@@ -48,24 +51,21 @@ pub enum Verdict {
 /// Per-stream state; lives in the HTTP context.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Stream {
-    /// No policy applies, or the breaker already rejected it: nothing to account.
+    /// No policy applies, or Breakwater already answered it: nothing to account.
     #[default]
     Untracked,
     Admitted {
         policy: usize,
+        /// The breaker counts this stream's outcome (it has a breaker that admitted it).
+        counted: bool,
         probe: bool,
         start_ns: u64,
         /// The response's `:status`, 0 until response headers pass (they may never come).
         status: u16,
         /// `grpc-status` from trailers, or from the headers of a trailers-only response.
         grpc_status: Option<u32>,
+        permit: Permit,
     },
-}
-
-impl Stream {
-    fn admitted(policy: usize, probe: bool, start_ns: u64) -> Self {
-        Stream::Admitted { policy, probe, start_ns, status: 0, grpc_status: None }
-    }
 }
 
 /// What the HTTP context should return from on_http_request_headers.
@@ -74,6 +74,8 @@ pub enum Action {
     Continue,
     /// A local reply was sent: stop iteration.
     Rejected,
+    /// Waiting in a bulkhead queue: stop iteration until woken or timed out.
+    Queued,
 }
 
 /// Request attributes read from the host on first use, at most once each.
@@ -122,31 +124,63 @@ impl<H: Host> Attributes for HostAttributes<'_, H> {
     }
 }
 
-/// Admission, on the request headers.
-pub fn on_request_headers(c: &Compiled, host: &impl Host) -> (Action, Stream) {
+/// Admission, on the request headers: the breaker first (a request it rejects never takes a
+/// bulkhead permit), then the bulkhead. `ticket` is the stream's context id, for waking it.
+pub fn on_request_headers(c: &Rc<Compiled>, host: &impl Host, w: &Parking, ticket: u32) -> (Action, Stream) {
     let Some(policy) = c.config.routes.find(&mut HostAttributes::new(host)) else {
         return (Action::Continue, Stream::Untracked);
     };
-    let Some(b) = c.config.policies.get(policy).and_then(|p| p.breaker.as_ref()) else {
+    let Some(p) = c.config.policies.get(policy) else {
         return (Action::Continue, Stream::Untracked);
     };
-    // The worker's view settles the common cases without touching shared data.
-    let (admission, now) = match c.view(policy) {
-        View::Quiet => {
-            let start = if b.slow_ns.is_some() { host.now_ns() } else { 0 };
-            (Admission::Allow, start)
+    let (counted, probe, mut now) = match &p.breaker {
+        None => (false, false, 0),
+        Some(b) => {
+            // The worker's view settles the common cases without touching shared data.
+            let (admission, now) = match c.view(policy) {
+                View::Quiet => {
+                    let start = if b.slow_ns.is_some() || p.bulkhead.is_some() { host.now_ns() } else { 0 };
+                    (Admission::Allow, start)
+                }
+                View::Open { until } => match host.now_ns() {
+                    now if now < until => (Admission::Reject { retry_after_ns: until - now }, now),
+                    now => admit_exactly(c, host, policy, now),
+                },
+                View::Unknown | View::Failing | View::Suspect | View::HalfOpen => {
+                    admit_exactly(c, host, policy, host.now_ns())
+                }
+            };
+            match admission {
+                Admission::Allow => (true, false, now),
+                Admission::Probe => (true, true, now),
+                Admission::Reject { retry_after_ns } => match rejected(c, host, policy, retry_after_ns) {
+                    // A dry run goes on, to the bulkhead too, but the breaker does not count it.
+                    Action::Continue => (false, false, now),
+                    action => return (action, Stream::Untracked),
+                },
+            }
         }
-        View::Open { until } => match host.now_ns() {
-            now if now < until => (Admission::Reject { retry_after_ns: until - now }, now),
-            now => admit_exactly(c, host, policy, now),
-        },
-        View::Unknown | View::Failing | View::Suspect | View::HalfOpen => admit_exactly(c, host, policy, host.now_ns()),
     };
-    match admission {
-        Admission::Allow => (Action::Continue, Stream::admitted(policy, false, now)),
-        Admission::Probe => (Action::Continue, Stream::admitted(policy, true, now)),
-        Admission::Reject { retry_after_ns } => rejected(c, host, policy, retry_after_ns),
-    }
+    let permit = match p.bulkhead {
+        None => Permit::None,
+        Some(_) => {
+            if now == 0 {
+                now = host.now_ns();
+            }
+            match bulkhead::admit(c, host, w, policy, ticket, now) {
+                bulkhead::Admit::Pass(permit) => permit,
+                bulkhead::Admit::Wait(class) => Permit::Waiting(class),
+                bulkhead::Admit::Refused => Permit::Refused,
+            }
+        }
+    };
+    let stream = Stream::Admitted { policy, counted, probe, start_ns: now, status: 0, grpc_status: None, permit };
+    let action = match permit {
+        Permit::Waiting(_) => Action::Queued,
+        Permit::Refused => Action::Rejected,
+        Permit::None | Permit::Held(_) => Action::Continue,
+    };
+    (action, stream)
 }
 
 /// Admission against the shared state (a CAS when it takes a probe slot).
@@ -165,28 +199,28 @@ fn admit_exactly(c: &Compiled, host: &impl Host, policy: usize, now: u64) -> (Ad
     }
 }
 
-fn rejected(c: &Compiled, host: &impl Host, policy: usize, retry_after_ns: u64) -> (Action, Stream) {
+fn rejected(c: &Compiled, host: &impl Host, policy: usize, retry_after_ns: u64) -> Action {
     let (Some(p), Some(m)) = (c.config.policies.get(policy), c.metrics.get(policy)) else {
-        return (Action::Continue, Stream::Untracked);
+        return Action::Continue;
     };
     match p.mode {
         Mode::Enforce => {
             metrics::inc(host, m.rejected_circuit_open);
             reject(host, p, "circuit-open", retry_after_ns);
-            (Action::Rejected, Stream::Untracked)
+            Action::Rejected
         }
         // Would have been rejected: count it, let it pass, and keep its outcome out of the
         // breaker so that dry_run walks through exactly the states enforce would.
         Mode::DryRun => {
             metrics::inc(host, m.dry_run_rejected_circuit_open);
-            (Action::Continue, Stream::Untracked)
+            Action::Continue
         }
     }
 }
 
 /// Notes the status of a tracked stream's response (an upstream's or a local reply's).
 pub fn on_response_headers(c: &Compiled, host: &impl Host, stream: &mut Stream, end_of_stream: bool) {
-    let Stream::Admitted { policy, status, grpc_status, .. } = stream else { return };
+    let Stream::Admitted { policy, status, grpc_status, counted: true, .. } = stream else { return };
     *status = host.response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
     // A trailers-only gRPC response carries its grpc-status in the headers, and has no body:
     // only then is it worth a look (a plain HTTP 200 almost always has a body).
@@ -197,19 +231,36 @@ pub fn on_response_headers(c: &Compiled, host: &impl Host, stream: &mut Stream, 
 
 /// Notes the grpc-status of a tracked gRPC response.
 pub fn on_response_trailers(c: &Compiled, host: &impl Host, stream: &mut Stream) {
-    let Stream::Admitted { policy, grpc_status, .. } = stream else { return };
+    let Stream::Admitted { policy, grpc_status, counted: true, .. } = stream else { return };
     if c.counts_grpc(*policy) {
         *grpc_status = host.response_trailer("grpc-status").and_then(|s| s.parse().ok());
     }
 }
 
-/// Accounting, when the stream is over.
-pub fn on_log(c: &Compiled, host: &impl Host, stream: Stream) {
-    let Stream::Admitted { policy, probe, start_ns, status, grpc_status } = stream else { return };
+/// Accounting, when the stream is over: the bulkhead permit back, the outcome to the breaker.
+pub fn on_log(c: &Compiled, host: &impl Host, w: &Parking, ticket: u32, stream: Stream) {
+    let Stream::Admitted { policy, counted, probe, mut start_ns, status, grpc_status, permit } = stream else {
+        return;
+    };
+    let forwarded = match bulkhead::finish(c, host, w, policy, ticket, permit) {
+        bulkhead::Finished::Forwarded(after_wait) => {
+            // Time spent queued is not the upstream's slowness.
+            start_ns = after_wait.unwrap_or(start_ns);
+            true
+        }
+        bulkhead::Finished::NotForwarded => false,
+    };
+    if !counted {
+        return;
+    }
     let (Some(p), Some(m)) = (c.config.policies.get(policy), c.metrics.get(policy)) else { return };
     let Some(b) = &p.breaker else { return };
-    let verdict =
-        classify(&b.failure_on, status, grpc_status, || property_u64(host, &["response", "flags"]).unwrap_or(0));
+    // What Breakwater itself answered, or what never left the queue, says nothing of the upstream.
+    let verdict = if forwarded {
+        classify(&b.failure_on, status, grpc_status, || property_u64(host, &["response", "flags"]).unwrap_or(0))
+    } else {
+        Verdict::Ignored
+    };
     // Outcomes the breaker will see are stamped: a success's time says which failures it ends.
     let now = if probe || verdict != Verdict::Ignored { host.now_ns() } else { 0 };
     let slow = b.slow_ns.is_some_and(|limit| now.saturating_sub(start_ns) >= limit);
@@ -256,9 +307,10 @@ pub fn on_log(c: &Compiled, host: &impl Host, stream: Stream) {
 }
 
 /// The worker's tick: hands each active policy's batched successes to the shared breaker and
-/// refreshes its view; drops the views of idle policies.
-pub fn sync(c: &Compiled, host: &impl Host) {
+/// refreshes its view; drops the views of idle policies; renews the bulkhead permits it holds.
+pub fn sync(c: &Compiled, host: &impl Host, w: &Parking) {
     for policy in 0..c.config.policies.len() {
+        bulkhead::renew(c, host, w, policy);
         if !c.begin_sync(policy) {
             continue;
         }
@@ -321,7 +373,8 @@ pub fn classify(on: &FailureOn, status: u16, grpc_status: Option<u32>, flags: im
     Verdict::Success
 }
 
-fn reject(host: &impl Host, p: &Policy, reason: &str, retry_after_ns: u64) {
+/// Answers the current request with the policy's reject reply.
+pub(crate) fn reject(host: &impl Host, p: &Policy, reason: &str, retry_after_ns: u64) {
     let retry_after = format!("{}", retry_after_ns.div_ceil(SECOND).max(1));
     let mut headers: Vec<(&str, &str)> = Vec::with_capacity(2 + p.reject.headers.len());
     headers.push(("x-breakwater", reason));

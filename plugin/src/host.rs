@@ -16,6 +16,7 @@ pub enum SharedError {
 pub enum MetricKind {
     Counter,
     Gauge,
+    Histogram,
 }
 
 pub trait Host {
@@ -33,7 +34,21 @@ pub trait Host {
     fn send_http_reply(&self, status: u32, headers: &[(&str, &str)], body: &[u8]);
     fn define_metric(&self, kind: MetricKind, name: &str) -> Option<u32>;
     fn metric_add(&self, id: u32, delta: i64);
+    /// Sets a gauge, or records a value into a histogram.
     fn metric_set(&self, id: u32, value: u64);
+
+    // Waking paused requests. Only the worker that paused a request can resume it, so a worker
+    // hands a freed permit to another worker's waiter through that worker's shared queue.
+
+    /// Makes `context_id` (an HTTP stream of this worker) the target of the calls that follow;
+    /// false if it is gone.
+    fn enter(&self, context_id: u32) -> bool;
+    /// Lets the current (paused) request continue to the upstream.
+    fn resume_request(&self);
+    /// Appends a message to a shared queue (any worker's); false if the queue is gone.
+    fn enqueue(&self, queue: u32, message: &[u8]) -> bool;
+    /// Takes the next message from one of this worker's shared queues.
+    fn dequeue(&self, queue: u32) -> Option<Vec<u8>>;
 }
 
 /// Reads an integer attribute (8 bytes, little-endian).

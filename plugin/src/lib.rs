@@ -1,14 +1,16 @@
-//! Breakwater: per-route circuit breakers for Envoy, as a proxy-wasm HTTP filter.
+//! Breakwater: per-route circuit breakers and bulkheads for Envoy, as a proxy-wasm HTTP filter.
 //!
 //! * [`config`] parses and validates the plugin configuration once, in `on_configure`.
 //! * [`routes`] picks the policy for a request (first matching rule wins).
 //! * [`filter`] is the request logic: admission on request headers, accounting in `on_log`.
+//! * [`bulkhead`] takes and returns permits; [`parking`] holds this worker's queued requests.
 //! * [`store`] keeps breaker state in proxy-wasm shared data with CAS retry loops.
 //! * [`host`] is the seam to the proxy; [`wasm`] implements it over proxy-wasm, [`fake`] for tests.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
 extern crate alloc;
 
+pub mod bulkhead;
 pub mod config;
 #[cfg(test)]
 pub mod fake;
@@ -16,6 +18,7 @@ pub mod filter;
 pub mod host;
 pub mod local;
 pub mod metrics;
+pub mod parking;
 pub mod routes;
 pub mod store;
 #[cfg(target_arch = "wasm32")]
@@ -37,6 +40,7 @@ pub struct Compiled {
     pub config: Config,
     pub metrics: Vec<PolicyMetrics>,
     breaker_keys: Vec<String>,
+    bulkhead_keys: Vec<String>,
     local: RefCell<Vec<Local>>,
 }
 
@@ -44,15 +48,35 @@ impl Compiled {
     /// `namespace` keeps plugins apart in shared data: Istio sets no vm_id, so every plugin in a
     /// proxy shares one key space. The plugin's root id serves.
     pub fn new(config: Config, host: &impl Host, namespace: &str) -> Self {
-        let metrics = config.policies.iter().map(|p| PolicyMetrics::define(host, &p.name)).collect();
-        let breaker_keys =
-            config.policies.iter().map(|p| format!("breakwater/v1/{namespace}/breaker/{}", p.name)).collect();
+        let metrics =
+            config.policies.iter().map(|p| PolicyMetrics::define(host, &p.name, p.bulkhead.is_some())).collect();
+        let key = |kind: &str| -> Vec<String> {
+            config.policies.iter().map(|p| format!("breakwater/v1/{namespace}/{kind}/{}", p.name)).collect()
+        };
+        let (breaker_keys, bulkhead_keys) = (key("breaker"), key("bulkhead"));
         let local = RefCell::new(alloc::vec![Local::default(); config.policies.len()]);
-        Compiled { config, metrics, breaker_keys, local }
+        Compiled { config, metrics, breaker_keys, bulkhead_keys, local }
     }
 
     pub fn breaker_key(&self, policy: usize) -> &str {
         self.breaker_keys.get(policy).map_or("", String::as_str)
+    }
+
+    pub fn bulkhead_key(&self, policy: usize) -> &str {
+        self.bulkhead_keys.get(policy).map_or("", String::as_str)
+    }
+
+    pub fn bulkhead(&self, policy: usize) -> Option<&config::Bulkhead> {
+        self.config.policies.get(policy).and_then(|p| p.bulkhead.as_ref())
+    }
+
+    /// Counts a permit this worker took (+1) or returned (-1).
+    pub fn add_held(&self, policy: usize, delta: i32) {
+        self.with_local(policy, |l| l.held = l.held.saturating_add_signed(delta));
+    }
+
+    pub fn held(&self, policy: usize) -> u32 {
+        self.with_local(policy, |l| l.held).unwrap_or(0)
     }
 
     /// Whether the policy counts any gRPC status as a failure (else grpc-status is never read).

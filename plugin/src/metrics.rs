@@ -22,10 +22,28 @@ pub struct PolicyMetrics {
     pub to_closed: Option<u32>,
     /// 0 closed, 1 open, 2 half-open, as last seen by a transition.
     pub circuit_state: Option<u32>,
+    pub bulkhead: BulkheadMetrics,
+}
+
+/// The bulkhead's stats; all None for a policy without a bulkhead.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BulkheadMetrics {
+    /// Gauges, kept exact by adding the change each worker makes to the shared counts.
+    pub active: Option<u32>,
+    pub queued: Option<u32>,
+    /// Every admission, at once or after waiting.
+    pub admitted: Option<u32>,
+    /// Admissions that waited first.
+    pub waited: Option<u32>,
+    pub rejected_full: Option<u32>,
+    pub rejected_queue_timeout: Option<u32>,
+    pub dry_run_rejected_full: Option<u32>,
+    /// Histogram: milliseconds each waiting request spent queued, however its wait ended.
+    pub queue_ms: Option<u32>,
 }
 
 impl PolicyMetrics {
-    pub fn define(host: &impl Host, policy: &str) -> Self {
+    pub fn define(host: &impl Host, policy: &str, bulkhead: bool) -> Self {
         let counter = |name: &str| host.define_metric(MetricKind::Counter, &format!("breakwater.{name}"));
         let requests = |outcome: &str| counter(&format!("requests.policy.{policy}.outcome.{outcome}"));
         PolicyMetrics {
@@ -39,7 +57,31 @@ impl PolicyMetrics {
             to_half_open: counter(&format!("transitions.policy.{policy}.to.half_open")),
             to_closed: counter(&format!("transitions.policy.{policy}.to.closed")),
             circuit_state: host.define_metric(MetricKind::Gauge, &format!("breakwater.circuit_state.policy.{policy}")),
+            bulkhead: if bulkhead { BulkheadMetrics::define(host, policy) } else { BulkheadMetrics::default() },
         }
+    }
+}
+
+impl BulkheadMetrics {
+    fn define(host: &impl Host, policy: &str) -> Self {
+        let metric = |kind, name: &str| host.define_metric(kind, &format!("breakwater.{name}"));
+        use MetricKind::{Counter, Gauge, Histogram};
+        BulkheadMetrics {
+            active: metric(Gauge, &format!("bulkhead_active.policy.{policy}")),
+            queued: metric(Gauge, &format!("bulkhead_queued.policy.{policy}")),
+            admitted: metric(Counter, &format!("bulkhead_admitted.policy.{policy}")),
+            waited: metric(Counter, &format!("bulkhead_waited.policy.{policy}")),
+            rejected_full: metric(Counter, &format!("rejections.policy.{policy}.reason.bulkhead_full")),
+            rejected_queue_timeout: metric(Counter, &format!("rejections.policy.{policy}.reason.queue_timeout")),
+            dry_run_rejected_full: metric(Counter, &format!("dry_run_rejections.policy.{policy}.reason.bulkhead_full")),
+            queue_ms: metric(Histogram, &format!("bulkhead_queue_ms.policy.{policy}")),
+        }
+    }
+}
+
+pub fn add(host: &impl Host, id: Option<u32>, delta: i64) {
+    if let (Some(id), true) = (id, delta != 0) {
+        host.metric_add(id, delta);
     }
 }
 

@@ -1,4 +1,4 @@
-//! Breaker state in proxy-wasm shared data, shared by every worker thread.
+//! Policy state in proxy-wasm shared data, shared by every worker thread.
 //!
 //! Read, change, write back with the CAS token; on a mismatch another worker won the race,
 //! so read again and redo the step. Keys are per policy, so their number is bounded by the
@@ -6,39 +6,99 @@
 
 use crate::host::{Host, SharedError};
 use crate::local::View;
+use alloc::vec::Vec;
 use breakwater_policies::breaker::Step;
-use breakwater_policies::BreakerState;
+use breakwater_policies::bulkhead::Update;
+use breakwater_policies::{BreakerState, BulkheadState};
 
 /// Beyond this many lost races in a row something is badly wrong; give up on this request.
 const MAX_ATTEMPTS: usize = 32;
 
-pub fn load(host: &impl Host, key: &str) -> (BreakerState, u32) {
-    match host.shared_get(key) {
-        // Unknown bytes (another version, a foreign plugin's key): start fresh rather than fail.
-        Some((bytes, cas)) => (BreakerState::decode(&bytes).unwrap_or_default(), cas),
-        None => (BreakerState::default(), 0),
+/// A state kept in shared data.
+pub trait Stored: Default {
+    fn encode(&self) -> Vec<u8>;
+    /// None for bytes it cannot read.
+    fn decode(bytes: &[u8]) -> Option<Self>;
+}
+
+impl Stored for BreakerState {
+    fn encode(&self) -> Vec<u8> {
+        BreakerState::encode(self)
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        BreakerState::decode(bytes)
     }
 }
 
-/// Applies `f` atomically to the state under `key`, and returns the step with a view of the
-/// state it left; None if shared data kept failing.
-pub fn update<T>(
-    host: &impl Host,
-    key: &str,
-    mut f: impl FnMut(&mut BreakerState) -> Step<T>,
-) -> Option<(Step<T>, View)> {
+impl Stored for BulkheadState {
+    fn encode(&self) -> Vec<u8> {
+        BulkheadState::encode(self)
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        BulkheadState::decode(bytes)
+    }
+}
+
+pub fn load<S: Stored>(host: &impl Host, key: &str) -> (S, u32) {
+    match host.shared_get(key) {
+        // Unknown bytes (another version, a foreign plugin's key): start fresh rather than fail.
+        Some((bytes, cas)) => (S::decode(&bytes).unwrap_or_default(), cas),
+        None => (S::default(), 0),
+    }
+}
+
+/// Applies `f` atomically to the state under `key`: `f` returns its result and whether it
+/// changed the state. Returns the result and the state as left; None if shared data kept failing.
+pub fn apply<S: Stored, R>(host: &impl Host, key: &str, mut f: impl FnMut(&mut S) -> (R, bool)) -> Option<(R, S)> {
     for _ in 0..MAX_ATTEMPTS {
-        let (mut state, cas) = load(host, key);
-        let step = f(&mut state);
-        if !step.changed {
-            return Some((step, View::of(&state)));
+        let (mut state, cas) = load::<S>(host, key);
+        let (result, changed) = f(&mut state);
+        if !changed {
+            return Some((result, state));
         }
         match host.shared_set(key, &state.encode(), cas) {
-            Ok(()) => return Some((step, View::of(&state))),
+            Ok(()) => return Some((result, state)),
             Err(SharedError::CasMismatch) => continue,
             Err(SharedError::Other) => return None,
         }
     }
     log::warn!("gave up updating {key} after {MAX_ATTEMPTS} CAS conflicts");
     None
+}
+
+/// A breaker step, with a view of the state it left.
+pub fn update<T>(
+    host: &impl Host,
+    key: &str,
+    mut f: impl FnMut(&mut BreakerState) -> Step<T>,
+) -> Option<(Step<T>, View)> {
+    apply(host, key, |s: &mut BreakerState| {
+        let step = f(s);
+        let changed = step.changed;
+        (step, changed)
+    })
+    .map(|(step, state)| (step, View::of(&state)))
+}
+
+/// How a bulkhead operation moved the shared counts (for the gauges).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moved {
+    pub active: i64,
+    pub queued: i64,
+}
+
+/// A bulkhead operation, with how it moved the counts.
+pub fn bulkhead<T>(
+    host: &impl Host,
+    key: &str,
+    mut f: impl FnMut(&mut BulkheadState) -> Update<T>,
+) -> Option<(Update<T>, Moved)> {
+    apply(host, key, |s: &mut BulkheadState| {
+        let (active, queued) = (i64::from(s.active()), i64::from(s.queued()));
+        let u = f(s);
+        let moved = Moved { active: i64::from(s.active()) - active, queued: i64::from(s.queued()) - queued };
+        let changed = u.changed;
+        ((u, moved), changed)
+    })
+    .map(|(r, _)| r)
 }

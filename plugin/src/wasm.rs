@@ -3,7 +3,8 @@
 use crate::config;
 use crate::filter::{self, Stream};
 use crate::host::{Host, MetricKind, SharedError};
-use crate::Compiled;
+use crate::parking::Parking;
+use crate::{bulkhead, Compiled};
 use alloc::boxed::Box;
 use alloc::rc::Rc;
 use alloc::string::String;
@@ -16,6 +17,48 @@ proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { compiled: None }) });
 }}
+
+std::thread_local! {
+    /// This worker's queued requests; one per VM, shared by its root contexts (a configuration
+    /// reload adds a root context while requests queued under the old one still wait).
+    static PARKING: Rc<Parking> = Rc::new(Parking::default());
+    /// The name of this VM's wake-up queue, chosen once.
+    static WAKE_QUEUE: core::cell::RefCell<String> = const { core::cell::RefCell::new(String::new()) };
+}
+
+fn parking() -> Rc<Parking> {
+    PARKING.with(Rc::clone)
+}
+
+/// Registers this VM's wake-up queue. Its token, unique in the process, is the worker's id in
+/// bulkhead state. Registering the same name again (a newer root context) returns the same
+/// token and moves `on_queue_ready` to the newer context.
+fn register_wake_queue(w: &Parking) {
+    // Random, so that the VMs of one vm_id (one per worker) get queues of their own.
+    let random = || {
+        use std::hash::{BuildHasher, Hasher};
+        std::collections::hash_map::RandomState::new().build_hasher().finish()
+    };
+    let name = WAKE_QUEUE.with(|n| {
+        let mut n = n.borrow_mut();
+        if n.is_empty() {
+            *n = format!("breakwater/v1/wake/{:016x}", random());
+        }
+        n.clone()
+    });
+    match hostcalls::register_shared_queue(&name) {
+        Ok(token) if token != 0 && w.worker.get() == 0 => {
+            w.worker.set(token);
+            w.can_wait.set(true);
+        }
+        Ok(_) => {}
+        Err(e) => log::warn!("no wake-up queue ({e:?}): bulkhead requests cannot wait"),
+    }
+    if w.worker.get() == 0 {
+        // Without a queue the worker still needs a distinct id for its permits.
+        w.worker.set((random() as u32) | 0x8000_0000);
+    }
+}
 
 /// Host calls for the current context (proxy-wasm calls are implicitly scoped to it).
 pub struct WasmHost;
@@ -61,6 +104,7 @@ impl Host for WasmHost {
         let t = match kind {
             MetricKind::Counter => MetricType::Counter,
             MetricKind::Gauge => MetricType::Gauge,
+            MetricKind::Histogram => MetricType::Histogram,
         };
         hostcalls::define_metric(t, name).ok()
     }
@@ -69,6 +113,20 @@ impl Host for WasmHost {
     }
     fn metric_set(&self, id: u32, value: u64) {
         let _ = hostcalls::record_metric(id, value);
+    }
+    fn enter(&self, context_id: u32) -> bool {
+        hostcalls::set_effective_context(context_id).is_ok()
+    }
+    fn resume_request(&self) {
+        if let Err(e) = hostcalls::resume_http_request() {
+            log::warn!("resuming a queued request failed: {e:?}");
+        }
+    }
+    fn enqueue(&self, queue: u32, message: &[u8]) -> bool {
+        hostcalls::enqueue_shared_queue(queue, Some(message)).is_ok()
+    }
+    fn dequeue(&self, queue: u32) -> Option<Vec<u8>> {
+        hostcalls::dequeue_shared_queue(queue).ok().flatten()
     }
 }
 
@@ -91,6 +149,7 @@ impl RootContext for Root {
                 let (policies, routes) = (cfg.policies.len(), cfg.routes.rules().len());
                 let tick = core::time::Duration::from_nanos(cfg.sync_interval_ns);
                 self.compiled = Some(Rc::new(Compiled::new(cfg, &WasmHost, &namespace)));
+                register_wake_queue(&parking());
                 if let Err(e) = hostcalls::set_tick_period(tick) {
                     log::warn!("no tick ({e:?}): batched successes will reach shared data only with failures");
                 }
@@ -106,13 +165,19 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        let w = parking();
         if let Some(c) = &self.compiled {
-            filter::sync(c, &WasmHost);
+            filter::sync(c, &WasmHost, &w);
         }
+        bulkhead::expire(&WasmHost, &w);
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { compiled: self.compiled.clone(), stream: Stream::Untracked }))
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        bulkhead::wake(&WasmHost, &parking(), queue_id);
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http { compiled: self.compiled.clone(), id: context_id, stream: Stream::Untracked }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -122,6 +187,8 @@ impl RootContext for Root {
 
 struct Http {
     compiled: Option<Rc<Compiled>>,
+    /// The context id: a queued request's ticket, by which it is woken.
+    id: u32,
     stream: Stream,
 }
 
@@ -133,11 +200,11 @@ impl HttpContext for Http {
         if c.config.routes.is_empty() {
             return Action::Continue;
         }
-        let (action, stream) = filter::on_request_headers(c, &WasmHost);
+        let (action, stream) = filter::on_request_headers(c, &WasmHost, &parking(), self.id);
         self.stream = stream;
         match action {
             filter::Action::Continue => Action::Continue,
-            filter::Action::Rejected => Action::Pause,
+            filter::Action::Rejected | filter::Action::Queued => Action::Pause,
         }
     }
 
@@ -157,7 +224,7 @@ impl HttpContext for Http {
 
     fn on_log(&mut self) {
         if let Some(c) = &self.compiled {
-            filter::on_log(c, &WasmHost, core::mem::take(&mut self.stream));
+            filter::on_log(c, &WasmHost, &parking(), self.id, core::mem::take(&mut self.stream));
         }
     }
 }

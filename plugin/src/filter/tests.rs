@@ -19,30 +19,39 @@ const CONFIG: &str = r#"{
   ]
 }"#;
 
-fn compiled(host: &FakeHost) -> Compiled {
-    Compiled::new(config::parse(CONFIG.as_bytes()).unwrap(), host, "test")
+fn compiled(host: &FakeHost) -> Rc<Compiled> {
+    Rc::new(Compiled::new(config::parse(CONFIG.as_bytes()).unwrap(), host, "test"))
+}
+
+// These are breaker tests: no bulkhead, so no request waits and no ticket matters.
+fn headers(c: &Rc<Compiled>, host: &FakeHost) -> (Action, Stream) {
+    on_request_headers(c, host, &Parking::default(), 1)
+}
+
+fn log(c: &Compiled, host: &FakeHost, stream: Stream) {
+    on_log(c, host, &Parking::default(), 1, stream)
 }
 
 /// One request through the filter: headers, then `on_log` with the given response.
 /// One request through the filter: request headers, response headers with `code` (none if 0),
 /// then `on_log` with the given response flags.
-fn request(c: &Compiled, host: &FakeHost, route: &str, path: &str, code: u64, flags: u64) -> Action {
+fn request(c: &Rc<Compiled>, host: &FakeHost, route: &str, path: &str, code: u64, flags: u64) -> Action {
     host.new_stream();
     host.set_prop("xds.route_name", route.as_bytes());
     host.set_header(":path", path);
-    let (action, mut stream) = on_request_headers(c, host);
+    let (action, mut stream) = headers(c, host);
     if action == Action::Continue {
         if code != 0 {
             host.set_response_header(":status", &code.to_string());
             on_response_headers(c, host, &mut stream, false);
         }
         host.set_prop_u64("response.flags", flags);
-        on_log(c, host, stream);
+        log(c, host, stream);
     }
     action
 }
 
-fn checkout(c: &Compiled, host: &FakeHost, code: u64) -> Action {
+fn checkout(c: &Rc<Compiled>, host: &FakeHost, code: u64) -> Action {
     request(c, host, "checkout", "/checkout", code, 0)
 }
 
@@ -127,10 +136,10 @@ fn only_one_probe_at_a_time_and_the_others_are_rejected() {
     }
     host.now.set(10 * SECOND);
     host.set_prop("xds.route_name", b"checkout");
-    let (first, probe) = on_request_headers(&c, &host);
+    let (first, probe) = headers(&c, &host);
     assert_eq!(first, Action::Continue);
     assert!(matches!(probe, Stream::Admitted { probe: true, .. }));
-    assert_eq!(on_request_headers(&c, &host).0, Action::Rejected);
+    assert_eq!(headers(&c, &host).0, Action::Rejected);
     assert_eq!(host.last_reply().unwrap().header("retry-after"), Some("1"));
 }
 
@@ -155,7 +164,7 @@ fn grpc_status_failures_count_even_with_http_200_from_trailers_or_trailers_only_
     for trailers_only in [false, true, false] {
         host.new_stream();
         host.set_prop("xds.route_name", b"checkout");
-        let (_, mut stream) = on_request_headers(&c, &host);
+        let (_, mut stream) = headers(&c, &host);
         host.set_response_header(":status", "200");
         if trailers_only {
             host.set_response_header("grpc-status", "14");
@@ -165,7 +174,7 @@ fn grpc_status_failures_count_even_with_http_200_from_trailers_or_trailers_only_
             host.set_response_trailer("grpc-status", "4");
             on_response_trailers(&c, &host, &mut stream);
         }
-        on_log(&c, &host, stream);
+        log(&c, &host, stream);
     }
     assert_eq!(checkout(&c, &host, 200), Action::Rejected);
 }
@@ -175,12 +184,12 @@ fn grpc_ok_is_a_success() {
     let host = FakeHost::new();
     let c = compiled(&host);
     host.set_prop("xds.route_name", b"checkout");
-    let (_, mut stream) = on_request_headers(&c, &host);
+    let (_, mut stream) = headers(&c, &host);
     host.set_response_header(":status", "200");
     on_response_headers(&c, &host, &mut stream, false);
     host.set_response_trailer("grpc-status", "0");
     on_response_trailers(&c, &host, &mut stream);
-    on_log(&c, &host, stream);
+    log(&c, &host, stream);
     assert_eq!(host.metric("requests.policy.checkout.outcome.success"), 1);
 }
 
@@ -200,11 +209,11 @@ fn slow_calls_are_counted_from_request_headers_to_log() {
     let host = FakeHost::new();
     let c = compiled(&host);
     host.set_prop("xds.route_name", b"checkout");
-    let (_, mut stream) = on_request_headers(&c, &host);
+    let (_, mut stream) = headers(&c, &host);
     host.now.set(600 * MS);
     host.set_response_header(":status", "200");
     on_response_headers(&c, &host, &mut stream, false);
-    on_log(&c, &host, stream);
+    log(&c, &host, stream);
     assert_eq!(host.metric("requests.policy.checkout.outcome.slow"), 1);
     assert_eq!(host.metric("requests.policy.checkout.outcome.success"), 1);
 }
@@ -294,11 +303,11 @@ fn batched_successes_reach_the_shared_breaker_on_sync() {
         checkout(&c, &host, 200);
     }
     assert_eq!(host.take_calls().get("shared_set"), None, "successes on a quiet breaker are batched");
-    sync(&c, &host);
+    sync(&c, &host, &Parking::default());
     assert_eq!(host.take_calls().get("shared_set"), Some(&1), "and written once per sync");
     let state = breakwater_policies::BreakerState::decode(&host.shared_get(c.breaker_key(0)).unwrap().0).unwrap();
     assert_eq!(state.window.totals(0, SECOND).total, 5);
-    sync(&c, &host);
+    sync(&c, &host, &Parking::default());
     assert_eq!(host.take_calls().get("shared_set"), None, "nothing pending, nothing written");
 }
 
@@ -313,7 +322,7 @@ fn a_quiet_worker_learns_of_another_workers_trip_at_its_next_sync() {
     }
     // Bounded staleness: until its next sync, worker 2 still admits.
     assert_eq!(checkout(&c2, &w2, 200), Action::Continue);
-    sync(&c2, &w2);
+    sync(&c2, &w2, &Parking::default());
     assert_eq!(checkout(&c2, &w2, 200), Action::Rejected);
 }
 
@@ -345,8 +354,8 @@ fn an_idle_policys_view_is_dropped_at_sync_and_read_again_on_next_use() {
     let host = FakeHost::new();
     let c = compiled(&host);
     checkout(&c, &host, 200);
-    sync(&c, &host); // active since the last sync: refreshed
-    sync(&c, &host); // idle for a whole interval: dropped
+    sync(&c, &host, &Parking::default()); // active since the last sync: refreshed
+    sync(&c, &host, &Parking::default()); // idle for a whole interval: dropped
     host.take_calls();
     checkout(&c, &host, 200);
     assert_eq!(host.take_calls().get("shared_get"), Some(&1));

@@ -1,0 +1,88 @@
+//! Requests paused in a bulkhead's queue, on this worker (one per Wasm VM).
+//!
+//! Only the worker that paused a request can resume it. The worker that frees a permit hands it
+//! to the first waiter in the shared state, then posts the waiter's ticket (its HTTP context id)
+//! to the waiter's worker through that worker's shared queue; `on_queue_ready` there resumes it.
+//! Entries keep their [`Compiled`] configuration, so a request that waits across a plugin
+//! configuration reload is still woken, timed out and accounted under the policy it started with.
+
+use crate::Compiled;
+use alloc::rc::Rc;
+use core::cell::{Cell, RefCell};
+use hashbrown::HashMap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParkState {
+    Waiting,
+    /// Handed a permit and resumed at `at`.
+    Granted {
+        at: u64,
+    },
+    /// Withdrawn from the queue and answered with `queue-timeout`.
+    TimedOut,
+}
+
+#[derive(Debug)]
+pub struct Parked {
+    pub compiled: Rc<Compiled>,
+    pub policy: usize,
+    pub class: u8,
+    pub since: u64,
+    pub state: ParkState,
+}
+
+#[derive(Debug, Default)]
+pub struct Parking {
+    /// This worker's id in bulkhead state: the token of its wake-up queue, unique in the process.
+    pub worker: Cell<u32>,
+    /// Whether the wake-up queue exists; without it no request may wait.
+    pub can_wait: Cell<bool>,
+    parked: RefCell<HashMap<u32, Parked>>,
+}
+
+impl Parking {
+    pub fn new(worker: u32, can_wait: bool) -> Self {
+        Parking { worker: Cell::new(worker), can_wait: Cell::new(can_wait), parked: RefCell::default() }
+    }
+
+    pub fn park(&self, ticket: u32, p: Parked) {
+        if let Ok(mut m) = self.parked.try_borrow_mut() {
+            m.insert(ticket, p);
+        }
+    }
+
+    /// Removes and returns the entry (the stream is over).
+    pub fn take(&self, ticket: u32) -> Option<Parked> {
+        self.parked.try_borrow_mut().ok().and_then(|mut m| m.remove(&ticket))
+    }
+
+    /// Sets the state of a waiting entry; returns the entry's policy data if it was waiting.
+    pub fn settle(&self, ticket: u32, state: ParkState) -> Option<(Rc<Compiled>, usize, u8, u64)> {
+        let mut m = self.parked.try_borrow_mut().ok()?;
+        let p = m.get_mut(&ticket).filter(|p| p.state == ParkState::Waiting)?;
+        p.state = state;
+        Some((p.compiled.clone(), p.policy, p.class, p.since))
+    }
+
+    /// Tickets still waiting whose deadline (`since` + their policy's queue timeout) is past.
+    pub fn overdue(&self, now: u64) -> alloc::vec::Vec<u32> {
+        let Ok(m) = self.parked.try_borrow() else { return alloc::vec::Vec::new() };
+        m.iter()
+            .filter(|(_, p)| {
+                p.state == ParkState::Waiting
+                    && p.compiled
+                        .bulkhead(p.policy)
+                        .is_some_and(|b| p.since.saturating_add(b.machine.queue_timeout_ns) <= now)
+            })
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.parked.try_borrow().map_or(0, |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
