@@ -240,3 +240,6 @@ pub fn renew(c: &Compiled, host: &impl Host, w: &Parking, policy: usize) {
         notify(c, host, policy, u.granted);
     }
 }
+
+#[cfg(test)]
+mod tests;

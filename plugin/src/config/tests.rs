@@ -116,6 +116,23 @@ fn bad_configs_are_refused_with_the_json_path_and_what_was_expected() {
          "policies.p.circuit_breaker.failure_on.status[0]: expected a status code (100-599) or class such as \"5xx\", got \"6xx\""),
         (r#"{"policies": {"p": {"circuit_breaker": {"failure_on": {"grpc_status": ["UNAVAILABLE", "SLOW"]}}}}}"#,
          "policies.p.circuit_breaker.failure_on.grpc_status[1]: expected a gRPC status name"),
+        (r#"{"policies": {"p": {"bulkhead": {}}}}"#, "policies.p.bulkhead.max_concurrent: is required"),
+        (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 0}}}}"#,
+         "policies.p.bulkhead.max_concurrent: expected a whole number greater than 0, got 0"),
+        (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "queue": {"timeout": "1s"}}}}}"#,
+         "policies.p.bulkhead.queue.max_size: is required"),
+        (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "queue": {"max_size": 20000}}}}}"#,
+         "policies.p.bulkhead.queue.max_size: must be at most 10000"),
+        (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "queue": {"max_size": 5, "timeout": "0s"}}}}}"#,
+         "policies.p.bulkhead.queue.timeout: expected a duration greater than zero"),
+        (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "priority": {"header": "x-p", "classes": {}}}}}}"#,
+         "policies.p.bulkhead.priority.default: is required"),
+        (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "priority": {"header": "x-p", "default": "s", "classes": {"c": {"reserved": 3}, "d": {"reserved": 3}}}}}}}"#,
+         "policies.p.bulkhead.priority.classes: reserved capacity (6) exceeds max_concurrent (5)"),
+        (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "priority": {"header": "x-p", "default": "s", "classes": {"b": {"max": 9}}}}}}}"#,
+         "policies.p.bulkhead.priority.classes.b.max: must be at most max_concurrent"),
+        (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "priority": {"header": "x-p", "default": "s", "classes": {"b": {"limit": 1}}}}}}}"#,
+         "policies.p.bulkhead.priority.classes.b.limit: unknown key (expected one of: reserved, max)"),
         (r#"{"policies": {"a.b": {}}}"#, "policies.a.b: a policy name must be 1-64 characters"),
         (r#"{"policies": {}, "routes": [{"match": {}, "policy": "ghost"}]}"#, "routes[0].policy: no policy named \"ghost\" in policies"),
         (r#"{"policies": {"p": {}}, "routes": [{"policy": "p"}]}"#, "routes[0].match: is required"),
@@ -132,6 +149,24 @@ fn bad_configs_are_refused_with_the_json_path_and_what_was_expected() {
         let got = error_of(config);
         assert!(got.starts_with(message), "config {config}\n  expected: {message}\n  got:      {got}");
     }
+}
+
+#[test]
+fn a_bulkhead_with_priorities_compiles_its_classes_and_the_default_joins_them() {
+    let c = parse_str(
+        r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 100, "queue": {"max_size": 50, "timeout": "2s"},
+            "priority": {"header": "X-Priority", "default": "standard",
+                         "classes": {"critical": {"reserved": 20}, "background": {"max": 10}}}}}}}"#,
+    )
+    .unwrap();
+    let b = c.policies[0].bulkhead.as_ref().unwrap();
+    assert_eq!((b.machine.max_concurrent, b.machine.queue_max, b.machine.queue_timeout_ns), (100, 50, 2 * SECOND));
+    let p = b.priority.as_ref().unwrap();
+    assert_eq!(p.header, "x-priority");
+    assert_eq!(p.class_of(Some("critical")), p.classes.iter().position(|c| c == "critical").unwrap() as u8);
+    assert_eq!(p.classes[p.class_of(None) as usize], "standard");
+    assert_eq!(p.class_of(Some("CRITICAL")), p.default, "class names are exact");
+    assert_eq!(b.machine.classes.iter().map(|l| l.reserved).sum::<u32>(), 20);
 }
 
 #[test]
