@@ -25,6 +25,7 @@ cat <<MSG
 
 Breakwater demo: Envoy on http://localhost:10000, admin on http://localhost:9901, logs in $logdir
 The route /checkout has a breaker: 5 consecutive failures trip it, it stays open 10s, then one probe.
+The route /search has a bulkhead: at most 2 requests in flight, 2 more may wait up to 500ms.
 The demo upstream takes its behaviour from the query string: ?status=500, ?delay_ms=800, ?reset=1.
 
   # 1. healthy
@@ -35,6 +36,9 @@ The demo upstream takes its behaviour from the query string: ?status=500, ?delay
   curl -i localhost:10000/checkout
   # 4. after 10s one probe goes through; its success closes the breaker
   sleep 10; curl -i localhost:10000/checkout; curl -i localhost:10000/checkout
+  # 5. the bulkhead on /search: 2 in flight, 2 may wait 500ms. Six slow requests at once:
+  #    two 200s, two 503 queue-timeout, two 503 bulkhead-full
+  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{http_code} %header{x-breakwater}\n' 'localhost:10000/search?delay_ms=1500' & done; wait
   # stats, and the transition log lines
   curl -s localhost:9901/stats/prometheus | grep breakwater_
   grep 'circuit' $logdir/envoy.log

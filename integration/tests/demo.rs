@@ -58,3 +58,25 @@ async fn catalog_in_dry_run_never_rejects() {
     let s = envoy.wait_policy("catalog", |s| s.dry_run_rejections == 5).await;
     assert_eq!((s.dry_run_rejections, s.rejections), (5, 0), "{s:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn search_bulkhead_admits_two_queues_two_and_refuses_the_rest() {
+    let (up, envoy) = demo().await;
+    // The walk-through's step 5: six slow requests at once against max_concurrent 2, a queue of
+    // 2 with a 500ms timeout. The queued two time out, since the first two take 1.5s.
+    let paths = (0..6).map(|i| format!("/search?delay_ms=1500&i={i}")).collect();
+    let replies = envoy.get_concurrently(paths).await;
+    let count = |status: u16, reason: Option<&str>| {
+        replies.iter().filter(|r| r.status == status && r.header("x-breakwater") == reason).count()
+    };
+    assert_eq!(
+        (count(200, None), count(503, Some("queue-timeout")), count(503, Some("bulkhead-full"))),
+        (2, 2, 2),
+        "{replies:?}"
+    );
+    assert_eq!(up.stats().max_in_flight, 2);
+    let stats = envoy.stats().await;
+    let stat = |name: &str| stats.get(&format!("wasmcustom.breakwater.{name}")).copied().unwrap_or(0);
+    assert_eq!(stat("bulkhead_active.policy.search"), 0);
+    assert_eq!(stat("rejections.policy.search.reason.queue_timeout"), 2);
+}

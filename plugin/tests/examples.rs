@@ -30,7 +30,10 @@ fn the_demo_envoy_yaml_carries_a_valid_plugin_configuration() {
     let configuration = find(&docs[0], "configuration").expect("a wasm configuration");
     let json = configuration["value"].as_str().expect("a StringValue");
     let c = breakwater::config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("envoy/envoy.yaml: {e}"));
-    assert_eq!(c.policies.len(), 2);
+    let names: Vec<_> = c.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["catalog", "checkout", "search"]);
+    let checkout = c.policies.iter().find(|p| p.name == "checkout").unwrap();
+    assert!(checkout.breaker.is_some() && checkout.bulkhead.is_some(), "checkout shows both policies");
 }
 
 #[test]
@@ -43,6 +46,8 @@ fn the_istio_wasmplugin_carries_a_valid_plugin_configuration() {
     let mut names: Vec<_> = c.policies.iter().map(|p| p.name.as_str()).collect();
     names.sort();
     assert_eq!(names, ["catalog", "checkout"]);
+    let checkout = c.policies.iter().find(|p| p.name == "checkout").unwrap();
+    assert_eq!(checkout.bulkhead.as_ref().map(|b| b.machine.max_concurrent), Some(100));
 }
 
 #[test]
