@@ -11,10 +11,12 @@ extern crate alloc;
 pub mod breaker;
 pub mod bulkhead;
 pub mod codec;
+pub mod retry;
 pub mod window;
 
 pub use breaker::{Admission, BreakerConfig, BreakerState, Outcome, Phase, Transition, TripReason};
 pub use bulkhead::{Acquire, BulkheadConfig, BulkheadState, ClassLimit};
+pub use retry::{BudgetConfig, BudgetState};
 pub use window::Window;
 
 /// Nanoseconds per millisecond / second, for readable constants.
