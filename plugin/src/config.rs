@@ -10,7 +10,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use breakwater_policies::breaker::{RateRule, SlowRule};
-use breakwater_policies::{BreakerConfig, BulkheadConfig, ClassLimit, MS, SECOND};
+use breakwater_policies::{BreakerConfig, BudgetConfig, BulkheadConfig, ClassLimit, MS, SECOND};
 use core::fmt;
 use serde_json::{Map, Value};
 
@@ -115,12 +115,29 @@ pub struct Bulkhead {
     pub priority: Option<Priority>,
 }
 
+/// Retries, as instructions to Envoy's router on each request, and their budget.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retry {
+    /// `x-envoy-retry-on`; empty: leave the route's own retry conditions alone.
+    pub on: String,
+    /// `x-envoy-retry-grpc-on`; empty: none added.
+    pub grpc_on: String,
+    /// `x-envoy-retriable-status-codes`; empty: none added.
+    pub status_codes: String,
+    pub max_retries: u32,
+    /// `x-envoy-upstream-rq-per-try-timeout-ms`.
+    pub per_try_timeout_ms: Option<u64>,
+    /// None: retries are not budgeted (Envoy's own behaviour).
+    pub budget: Option<BudgetConfig>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     pub name: String,
     pub mode: Mode,
     pub breaker: Option<Breaker>,
     pub bulkhead: Option<Bulkhead>,
+    pub retry: Option<Retry>,
     pub reject: Reject,
 }
 
@@ -195,12 +212,16 @@ fn policy(name: &str, v: &Value, path: &str) -> Result<Policy> {
         Some(v) => Some(bulkhead(v, &o.path("bulkhead"))?),
         None => None,
     };
+    let retry = match o.opt("retry") {
+        Some(v) => Some(retry(v, &o.path("retry"))?),
+        None => None,
+    };
     let reject = match o.opt("reject") {
         Some(v) => reject(v, &o.path("reject"))?,
         None => Reject::default(),
     };
     o.finish()?;
-    Ok(Policy { name: name.to_string(), mode, breaker, bulkhead, reject })
+    Ok(Policy { name: name.to_string(), mode, breaker, bulkhead, retry, reject })
 }
 
 fn breaker(v: &Value, path: &str) -> Result<Breaker> {
@@ -378,6 +399,118 @@ fn bulkhead(v: &Value, path: &str) -> Result<Bulkhead> {
     }
     o.finish()?;
     Ok(Bulkhead { machine: m, priority })
+}
+
+/// Envoy's `x-envoy-retry-on` conditions.
+const RETRY_ON: [&str; 11] = [
+    "5xx",
+    "gateway-error",
+    "reset",
+    "reset-before-request",
+    "connect-failure",
+    "envoy-ratelimited",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "retriable-headers",
+    "http3-post-connect-failure",
+];
+/// Envoy's `x-envoy-retry-grpc-on` conditions.
+const RETRY_GRPC_ON: [&str; 5] = ["cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"];
+/// Envoy refuses more; a higher count would also make every request reserve a large budget share.
+pub const MAX_RETRIES: u32 = 10;
+
+fn retry(v: &Value, path: &str) -> Result<Retry> {
+    let mut o = Obj::new(v, path)?;
+    let mut http = Vec::new();
+    let mut grpc = Vec::new();
+    if let Some(v) = o.opt("on") {
+        let p = o.path("on");
+        let list =
+            v.as_array().ok_or_else(|| expected(&p, "a list of Envoy retry conditions such as [5xx, reset]", v))?;
+        for (i, c) in list.iter().enumerate() {
+            match c.as_str() {
+                Some(c) if RETRY_ON.contains(&c) => http.push(c),
+                Some(c) if RETRY_GRPC_ON.contains(&c) => grpc.push(c),
+                _ => {
+                    let what =
+                        format!("an Envoy retry condition ({} or {})", RETRY_ON.join(", "), RETRY_GRPC_ON.join(", "));
+                    return Err(expected(&format!("{p}[{i}]"), &what, c));
+                }
+            }
+        }
+    }
+    let mut status_codes = Vec::new();
+    if let Some(v) = o.opt("retriable_status_codes") {
+        let p = o.path("retriable_status_codes");
+        let list = v.as_array().ok_or_else(|| expected(&p, "a list of status codes such as [409]", v))?;
+        for (i, c) in list.iter().enumerate() {
+            match c.as_u64() {
+                Some(n @ 100..=599) => status_codes.push(n.to_string()),
+                _ => return Err(expected(&format!("{p}[{i}]"), "a status code from 100 to 599", c)),
+            }
+        }
+        if !status_codes.is_empty() && !http.contains(&"retriable-status-codes") {
+            return err(&p, "has no effect unless `on` lists retriable-status-codes");
+        }
+    }
+    let max_retries = match o.opt("max_retries") {
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= u64::from(MAX_RETRIES) => n as u32,
+            _ => return Err(expected(&o.path("max_retries"), &format!("a whole number from 0 to {MAX_RETRIES}"), v)),
+        },
+        None => 1, // Envoy's own default num_retries
+    };
+    let per_try_timeout_ms = match o.opt("per_try_timeout") {
+        Some(v) => {
+            let p = o.path("per_try_timeout");
+            let ns = duration(v, &p)?;
+            if ns < MS {
+                return err(&p, "must be at least 1ms");
+            }
+            Some(ns / MS)
+        }
+        None => None,
+    };
+    let budget = match o.opt("budget") {
+        Some(v) => Some(budget(v, &o.path("budget"))?),
+        None => None,
+    };
+    o.finish()?;
+    Ok(Retry {
+        on: http.join(","),
+        grpc_on: grpc.join(","),
+        status_codes: status_codes.join(","),
+        max_retries,
+        per_try_timeout_ms,
+        budget,
+    })
+}
+
+fn budget(v: &Value, path: &str) -> Result<BudgetConfig> {
+    let mut o = Obj::new(v, path)?;
+    let mut b = BudgetConfig::default();
+    if let Some(v) = o.opt("ratio") {
+        b.ratio_milli = match v.as_f64() {
+            Some(r) if (0.0..=1.0).contains(&r) => (r * 1000.0 + 0.5) as u32,
+            _ => return Err(expected(&o.path("ratio"), "a ratio from 0 to 1 such as 0.2", v)),
+        };
+    }
+    if let Some(v) = o.opt("min_per_second") {
+        b.min_per_second = match v.as_u64() {
+            Some(n) if n <= 1_000_000 => n as u32,
+            _ => return Err(expected(&o.path("min_per_second"), "a whole number from 0 to 1000000", v)),
+        };
+    }
+    if let Some(v) = o.opt("ttl") {
+        let p = o.path("ttl");
+        b.ttl_ns = duration(v, &p)?;
+        if !(SECOND..=60 * SECOND).contains(&b.ttl_ns) {
+            return err(&p, "must be from 1s to 60s");
+        }
+    }
+    o.finish()?;
+    Ok(b)
 }
 
 fn failure_on(v: &Value, path: &str) -> Result<FailureOn> {

@@ -110,6 +110,10 @@ impl Host for FakeHost {
         self.count("header");
         self.headers.borrow().get(name).cloned()
     }
+    fn set_request_header(&self, name: &str, value: &str) {
+        self.count("set_header");
+        self.headers.borrow_mut().insert(name.to_string(), value.to_string());
+    }
     fn response_header(&self, name: &str) -> Option<String> {
         self.count("header");
         self.response_headers.borrow().get(name).cloned()

@@ -14,6 +14,7 @@ use crate::host::{property_u64, Host};
 use crate::local::View;
 use crate::metrics::{self, PolicyMetrics};
 use crate::parking::Parking;
+use crate::retry::{self, Grant};
 use crate::routes::Attributes;
 use crate::store;
 use crate::Compiled;
@@ -65,6 +66,8 @@ pub enum Stream {
         /// `grpc-status` from trailers, or from the headers of a trailers-only response.
         grpc_status: Option<u32>,
         permit: Permit,
+        /// The retries it was allowed, if its policy has a retry section.
+        retry: Option<Grant>,
     },
 }
 
@@ -174,12 +177,15 @@ pub fn on_request_headers(c: &Rc<Compiled>, host: &impl Host, w: &Parking, ticke
             }
         }
     };
-    let stream = Stream::Admitted { policy, counted, probe, start_ns: now, status: 0, grpc_status: None, permit };
     let action = match permit {
         Permit::Waiting(_) => Action::Queued,
         Permit::Refused => Action::Rejected,
         Permit::None | Permit::Held(_) => Action::Continue,
     };
+    // A refused request makes no retries; a waiting one reserves its retries now, with its headers.
+    let retry = if action == Action::Rejected { None } else { retry::reserve(c, host, policy, now) };
+    let stream =
+        Stream::Admitted { policy, counted, probe, start_ns: now, status: 0, grpc_status: None, permit, retry };
     (action, stream)
 }
 
@@ -220,11 +226,15 @@ fn rejected(c: &Compiled, host: &impl Host, policy: usize, retry_after_ns: u64) 
 
 /// Notes the status of a tracked stream's response (an upstream's or a local reply's).
 pub fn on_response_headers(c: &Compiled, host: &impl Host, stream: &mut Stream, end_of_stream: bool) {
-    let Stream::Admitted { policy, status, grpc_status, counted: true, .. } = stream else { return };
+    let Stream::Admitted { policy, status, grpc_status, counted, retry, .. } = stream else { return };
+    // Only the breaker and the retry stats care how the response went.
+    if !*counted && retry.is_none() {
+        return;
+    }
     *status = host.response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
     // A trailers-only gRPC response carries its grpc-status in the headers, and has no body:
     // only then is it worth a look (a plain HTTP 200 almost always has a body).
-    if *status == 200 && end_of_stream && c.counts_grpc(*policy) {
+    if *counted && *status == 200 && end_of_stream && c.counts_grpc(*policy) {
         *grpc_status = host.response_header("grpc-status").and_then(|s| s.parse().ok());
     }
 }
@@ -239,7 +249,7 @@ pub fn on_response_trailers(c: &Compiled, host: &impl Host, stream: &mut Stream)
 
 /// Accounting, when the stream is over: the bulkhead permit back, the outcome to the breaker.
 pub fn on_log(c: &Compiled, host: &impl Host, w: &Parking, ticket: u32, stream: Stream) {
-    let Stream::Admitted { policy, counted, probe, mut start_ns, status, grpc_status, permit } = stream else {
+    let Stream::Admitted { policy, counted, probe, mut start_ns, status, grpc_status, permit, retry } = stream else {
         return;
     };
     let forwarded = match bulkhead::finish(c, host, w, policy, ticket, permit) {
@@ -250,6 +260,9 @@ pub fn on_log(c: &Compiled, host: &impl Host, w: &Parking, ticket: u32, stream: 
         }
         bulkhead::Finished::NotForwarded => false,
     };
+    if let Some(grant) = retry {
+        retry::settle(c, host, policy, grant, forwarded, status);
+    }
     if !counted {
         return;
     }
@@ -311,6 +324,7 @@ pub fn on_log(c: &Compiled, host: &impl Host, w: &Parking, ticket: u32, stream: 
 pub fn sync(c: &Compiled, host: &impl Host, w: &Parking) {
     for policy in 0..c.config.policies.len() {
         bulkhead::renew(c, host, w, policy);
+        retry::sync(c, host, policy);
         if !c.begin_sync(policy) {
             continue;
         }

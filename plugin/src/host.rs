@@ -25,6 +25,8 @@ pub trait Host {
     /// An Envoy attribute such as `["response", "code"]`; integers arrive as 8-byte little-endian.
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
     fn request_header(&self, name: &str) -> Option<String>;
+    /// Sets (replaces) a request header, before the request goes on to the router.
+    fn set_request_header(&self, name: &str, value: &str);
     fn response_header(&self, name: &str) -> Option<String>;
     fn response_trailer(&self, name: &str) -> Option<String>;
     /// The value under `key` and its CAS token; None when the key holds nothing.

@@ -4,6 +4,7 @@
 //! * [`routes`] picks the policy for a request (first matching rule wins).
 //! * [`filter`] is the request logic: admission on request headers, accounting in `on_log`.
 //! * [`bulkhead`] takes and returns permits; [`parking`] holds this worker's queued requests.
+//! * [`retry`] tells Envoy's router how to retry each request, within the retry budget.
 //! * [`store`] keeps breaker state in proxy-wasm shared data with CAS retry loops.
 //! * [`host`] is the seam to the proxy; [`wasm`] implements it over proxy-wasm, [`fake`] for tests.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
@@ -19,6 +20,7 @@ pub mod host;
 pub mod local;
 pub mod metrics;
 pub mod parking;
+pub mod retry;
 pub mod routes;
 pub mod store;
 #[cfg(target_arch = "wasm32")]
@@ -41,6 +43,7 @@ pub struct Compiled {
     pub metrics: Vec<PolicyMetrics>,
     breaker_keys: Vec<String>,
     bulkhead_keys: Vec<String>,
+    retry_keys: Vec<String>,
     local: RefCell<Vec<Local>>,
 }
 
@@ -48,14 +51,13 @@ impl Compiled {
     /// `namespace` keeps plugins apart in shared data: Istio sets no vm_id, so every plugin in a
     /// proxy shares one key space. The plugin's root id serves.
     pub fn new(config: Config, host: &impl Host, namespace: &str) -> Self {
-        let metrics =
-            config.policies.iter().map(|p| PolicyMetrics::define(host, &p.name, p.bulkhead.is_some())).collect();
+        let metrics = config.policies.iter().map(|p| PolicyMetrics::define(host, p)).collect();
         let key = |kind: &str| -> Vec<String> {
             config.policies.iter().map(|p| format!("breakwater/v1/{namespace}/{kind}/{}", p.name)).collect()
         };
-        let (breaker_keys, bulkhead_keys) = (key("breaker"), key("bulkhead"));
+        let (breaker_keys, bulkhead_keys, retry_keys) = (key("breaker"), key("bulkhead"), key("retry_budget"));
         let local = RefCell::new(alloc::vec![Local::default(); config.policies.len()]);
-        Compiled { config, metrics, breaker_keys, bulkhead_keys, local }
+        Compiled { config, metrics, breaker_keys, bulkhead_keys, retry_keys, local }
     }
 
     pub fn breaker_key(&self, policy: usize) -> &str {
@@ -64,6 +66,19 @@ impl Compiled {
 
     pub fn bulkhead_key(&self, policy: usize) -> &str {
         self.bulkhead_keys.get(policy).map_or("", String::as_str)
+    }
+
+    pub fn retry_key(&self, policy: usize) -> &str {
+        self.retry_keys.get(policy).map_or("", String::as_str)
+    }
+
+    pub fn retry(&self, policy: usize) -> Option<&config::Retry> {
+        self.config.policies.get(policy).and_then(|p| p.retry.as_ref())
+    }
+
+    /// This worker's share of the policy's retry budget.
+    pub fn with_retry<T>(&self, policy: usize, f: impl FnOnce(&mut local::RetryLocal) -> T) -> Option<T> {
+        self.with_local(policy, |l| f(&mut l.retry))
     }
 
     pub fn bulkhead(&self, policy: usize) -> Option<&config::Bulkhead> {

@@ -48,7 +48,21 @@ pub struct Pending {
     pub last_at: u64,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// This worker's share of a policy's retry budget, and what it has yet to hand over.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetryLocal {
+    /// Retries withdrawn from the shared budget in bucket `epoch` and not yet handed to a request.
+    pub idle: u32,
+    pub epoch: u64,
+    /// Requests seen since the last sync (the budget's deposits).
+    pub deposits: u32,
+    /// Unused retries of finished requests, by the bucket they were withdrawn from.
+    pub refunds: alloc::vec::Vec<(u64, u32)>,
+    /// Retries a dry run let through beyond what the budget granted.
+    pub overdrawn: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Local {
     pub view: View,
     pub pending: Pending,
@@ -56,4 +70,5 @@ pub struct Local {
     pub active: bool,
     /// Bulkhead permits this worker holds: while any, it renews them at every sync.
     pub held: u32,
+    pub retry: RetryLocal,
 }

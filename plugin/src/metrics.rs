@@ -23,6 +23,21 @@ pub struct PolicyMetrics {
     /// 0 closed, 1 open, 2 half-open, as last seen by a transition.
     pub circuit_state: Option<u32>,
     pub bulkhead: BulkheadMetrics,
+    pub retry: RetryMetrics,
+}
+
+/// The retry policy's stats; all None for a policy without one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetryMetrics {
+    /// Retries made (attempts beyond the first), as Envoy reports them.
+    pub retries: Option<u32>,
+    /// Requests that succeeded after at least one retry.
+    pub rescued: Option<u32>,
+    /// Requests forwarded with no retry allowed, for want of budget.
+    pub denied: Option<u32>,
+    pub dry_run_denied: Option<u32>,
+    /// Gauge: retries the shared budget allows, as of this worker's last look at it.
+    pub budget_remaining: Option<u32>,
 }
 
 /// The bulkhead's stats; all None for a policy without a bulkhead.
@@ -43,7 +58,8 @@ pub struct BulkheadMetrics {
 }
 
 impl PolicyMetrics {
-    pub fn define(host: &impl Host, policy: &str, bulkhead: bool) -> Self {
+    pub fn define(host: &impl Host, p: &crate::config::Policy) -> Self {
+        let policy = p.name.as_str();
         let counter = |name: &str| host.define_metric(MetricKind::Counter, &format!("breakwater.{name}"));
         let requests = |outcome: &str| counter(&format!("requests.policy.{policy}.outcome.{outcome}"));
         PolicyMetrics {
@@ -57,7 +73,12 @@ impl PolicyMetrics {
             to_half_open: counter(&format!("transitions.policy.{policy}.to.half_open")),
             to_closed: counter(&format!("transitions.policy.{policy}.to.closed")),
             circuit_state: host.define_metric(MetricKind::Gauge, &format!("breakwater.circuit_state.policy.{policy}")),
-            bulkhead: if bulkhead { BulkheadMetrics::define(host, policy) } else { BulkheadMetrics::default() },
+            bulkhead: if p.bulkhead.is_some() {
+                BulkheadMetrics::define(host, policy)
+            } else {
+                BulkheadMetrics::default()
+            },
+            retry: if p.retry.is_some() { RetryMetrics::define(host, policy) } else { RetryMetrics::default() },
         }
     }
 }
@@ -75,6 +96,20 @@ impl BulkheadMetrics {
             rejected_queue_timeout: metric(Counter, &format!("rejections.policy.{policy}.reason.queue_timeout")),
             dry_run_rejected_full: metric(Counter, &format!("dry_run_rejections.policy.{policy}.reason.bulkhead_full")),
             queue_ms: metric(Histogram, &format!("bulkhead_queue_ms.policy.{policy}")),
+        }
+    }
+}
+
+impl RetryMetrics {
+    fn define(host: &impl Host, policy: &str) -> Self {
+        let metric = |kind, name: &str| host.define_metric(kind, &format!("breakwater.{name}"));
+        use MetricKind::{Counter, Gauge};
+        RetryMetrics {
+            retries: metric(Counter, &format!("retries.policy.{policy}")),
+            rescued: metric(Counter, &format!("retry_rescued.policy.{policy}")),
+            denied: metric(Counter, &format!("retry_denied.policy.{policy}.reason.budget_exhausted")),
+            dry_run_denied: metric(Counter, &format!("dry_run_retry_denied.policy.{policy}.reason.budget_exhausted")),
+            budget_remaining: metric(Gauge, &format!("retry_budget_remaining.policy.{policy}")),
         }
     }
 }

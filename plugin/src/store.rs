@@ -9,7 +9,7 @@ use crate::local::View;
 use alloc::vec::Vec;
 use breakwater_policies::breaker::Step;
 use breakwater_policies::bulkhead::Update;
-use breakwater_policies::{BreakerState, BulkheadState};
+use breakwater_policies::{BreakerState, BudgetState, BulkheadState};
 
 /// Beyond this many lost races in a row something is badly wrong; give up on this request.
 const MAX_ATTEMPTS: usize = 32;
@@ -36,6 +36,15 @@ impl Stored for BulkheadState {
     }
     fn decode(bytes: &[u8]) -> Option<Self> {
         BulkheadState::decode(bytes)
+    }
+}
+
+impl Stored for BudgetState {
+    fn encode(&self) -> Vec<u8> {
+        BudgetState::encode(self)
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        BudgetState::decode(bytes)
     }
 }
 

@@ -76,6 +76,11 @@ impl Host for WasmHost {
     fn request_header(&self, name: &str) -> Option<String> {
         hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
     }
+    fn set_request_header(&self, name: &str, value: &str) {
+        if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value)) {
+            log::warn!("setting {name} failed: {e:?}");
+        }
+    }
     fn response_header(&self, name: &str) -> Option<String> {
         hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten()
     }
