@@ -78,7 +78,10 @@ impl PolicyMetrics {
             } else {
                 BulkheadMetrics::default()
             },
-            retry: if p.retry.is_some() { RetryMetrics::define(host, policy) } else { RetryMetrics::default() },
+            retry: match &p.retry {
+                Some(r) => RetryMetrics::define(host, policy, r.budget.is_some()),
+                None => RetryMetrics::default(),
+            },
         }
     }
 }
@@ -101,9 +104,16 @@ impl BulkheadMetrics {
 }
 
 impl RetryMetrics {
-    fn define(host: &impl Host, policy: &str) -> Self {
+    fn define(host: &impl Host, policy: &str, budget: bool) -> Self {
         let metric = |kind, name: &str| host.define_metric(kind, &format!("breakwater.{name}"));
         use MetricKind::{Counter, Gauge};
+        if !budget {
+            return RetryMetrics {
+                retries: metric(Counter, &format!("retries.policy.{policy}")),
+                rescued: metric(Counter, &format!("retry_rescued.policy.{policy}")),
+                ..RetryMetrics::default()
+            };
+        }
         RetryMetrics {
             retries: metric(Counter, &format!("retries.policy.{policy}")),
             rescued: metric(Counter, &format!("retry_rescued.policy.{policy}")),
