@@ -277,14 +277,18 @@ pub fn on_log(c: &Compiled, host: &impl Host, w: &Parking, ticket: u32, stream: 
     // Outcomes the breaker will see are stamped: a success's time says which failures it ends.
     let now = if probe || verdict != Verdict::Ignored { host.now_ns() } else { 0 };
     let slow = b.slow_ns.is_some_and(|limit| now.saturating_sub(start_ns) >= limit);
-    metrics::inc(
-        host,
-        match verdict {
-            Verdict::Success => m.success,
-            Verdict::Failure => m.failure,
-            Verdict::Ignored => m.ignored,
-        },
-    );
+    // A request that never left Breakwater (refused, timed out or abandoned in the queue) is no
+    // call to the upstream: it is not counted at all, only a probe slot it held is given back.
+    if forwarded {
+        metrics::inc(
+            host,
+            match verdict {
+                Verdict::Success => m.success,
+                Verdict::Failure => m.failure,
+                Verdict::Ignored => m.ignored,
+            },
+        );
+    }
     if slow {
         metrics::inc(host, m.slow);
     }

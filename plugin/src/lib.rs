@@ -60,6 +60,24 @@ impl Compiled {
         Compiled { config, metrics, breaker_keys, bulkhead_keys, retry_keys, local }
     }
 
+    /// Creates the shared-data keys of every policy that does not have them yet (see
+    /// [`store::ensure`]). Envoy runs `on_configure` in a canary VM before the workers start, so
+    /// the keys exist before the first request.
+    pub fn create_shared_state(&self, host: &impl Host) {
+        use breakwater_policies::{BreakerState, BudgetState, BulkheadState};
+        for (i, p) in self.config.policies.iter().enumerate() {
+            if p.breaker.is_some() {
+                store::ensure::<BreakerState>(host, self.breaker_key(i));
+            }
+            if p.bulkhead.is_some() {
+                store::ensure::<BulkheadState>(host, self.bulkhead_key(i));
+            }
+            if p.retry.as_ref().is_some_and(|r| r.budget.is_some()) {
+                store::ensure::<BudgetState>(host, self.retry_key(i));
+            }
+        }
+    }
+
     pub fn breaker_key(&self, policy: usize) -> &str {
         self.breaker_keys.get(policy).map_or("", String::as_str)
     }

@@ -56,6 +56,18 @@ pub fn load<S: Stored>(host: &impl Host, key: &str) -> (S, u32) {
     }
 }
 
+/// Creates `key` with a fresh state if it does not exist yet. Called from `on_configure`,
+/// before any request: proxy-wasm has no insert-if-absent, and a write to a missing key
+/// succeeds whatever CAS token it carries, so two workers racing to create a key on the request
+/// path could both win, one overwriting the other (a lost permit, a lost failure).
+pub fn ensure<S: Stored>(host: &impl Host, key: &str) {
+    if host.shared_get(key).is_none() {
+        if let Err(e) = host.shared_set(key, &S::default().encode(), 0) {
+            log::warn!("could not create {key}: {e:?}");
+        }
+    }
+}
+
 /// Applies `f` atomically to the state under `key`: `f` returns its result and whether it
 /// changed the state. Returns the result and the state as left; None if shared data kept failing.
 pub fn apply<S: Stored, R>(host: &impl Host, key: &str, mut f: impl FnMut(&mut S) -> (R, bool)) -> Option<(R, S)> {

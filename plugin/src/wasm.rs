@@ -153,7 +153,9 @@ impl RootContext for Root {
                     WasmHost.property(&["plugin_root_id"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
                 let (policies, routes) = (cfg.policies.len(), cfg.routes.rules().len());
                 let tick = core::time::Duration::from_nanos(cfg.sync_interval_ns);
-                self.compiled = Some(Rc::new(Compiled::new(cfg, &WasmHost, &namespace)));
+                let compiled = Compiled::new(cfg, &WasmHost, &namespace);
+                compiled.create_shared_state(&WasmHost);
+                self.compiled = Some(Rc::new(compiled));
                 register_wake_queue(&parking());
                 if let Err(e) = hostcalls::set_tick_period(tick) {
                     log::warn!("no tick ({e:?}): batched successes will reach shared data only with failures");

@@ -229,8 +229,11 @@ fn the_priority_header_picks_the_class_and_reserved_capacity_holds_against_a_flo
 fn a_request_the_breaker_rejects_takes_no_permit_and_a_bulkhead_refusal_is_not_a_failure() {
     let w = Worker::first();
     let (_, s1) = w.send("guarded", 1);
-    assert_eq!(w.send("guarded", 2).0, Action::Rejected, "bulkhead full");
+    let (refused, s2) = w.send("guarded", 2);
+    assert_eq!(refused, Action::Rejected, "bulkhead full");
+    w.end(2, s2, 503); // the local reply passes the filter, then the stream ends
     assert_eq!(w.stat("requests.policy.guarded.outcome.failure"), 0);
+    assert_eq!(w.stat("requests.policy.guarded.outcome.ignored"), 0, "a refusal is no upstream call at all");
     assert_eq!(w.stat("transitions.policy.guarded.to.open"), 0, "one failure would trip it");
     w.end(1, s1, 500); // trips the breaker
     assert_eq!(w.stat("transitions.policy.guarded.to.open"), 1);
