@@ -10,7 +10,10 @@
 //! * [`Envoy::validate`] runs `--mode validate`.
 //! * The client helpers open a **new TCP connection per request** ([`Envoy::get`]): Envoy balances
 //!   connections, not requests, over its workers, so only fresh connections spread load over them.
-//!   [`Envoy::conn_per_worker`] gives one kept-alive connection pinned to each worker instead.
+//!   [`Envoy::conn_per_worker`] gives one kept-alive connection pinned to each worker instead,
+//!   [`Envoy::conns_per_worker`] several.
+//! * [`Envoy::send_all`] drives many concurrent clients through a list of [`Call`]s; a call may
+//!   give up early (a client abort: its connection is closed without waiting for the answer).
 //!
 //! Environment: `ENVOY_BIN` (default `envoy` on PATH), `BREAKWATER_WASM` (default
 //! `<repo>/target/wasm32-wasip1/release/breakwater.wasm`).
@@ -516,7 +519,8 @@ impl Envoy {
         format!("http://{}{}", self.admin, path)
     }
 
-    /// Counters and gauges by full name (histograms left out).
+    /// Counters and gauges by full name (histograms left out). A value beyond `i64::MAX` (a
+    /// gauge decremented below zero wraps around in Envoy) reads as the negative number it is.
     pub async fn stats(&self) -> BTreeMap<String, i64> {
         let (status, body) = admin_get(self.admin, "/stats?format=json").await.expect("GET /stats");
         assert_eq!(status, 200, "GET /stats: {body}");
@@ -525,7 +529,10 @@ impl Envoy {
             .as_array()
             .expect("stats array")
             .iter()
-            .filter_map(|s| Some((s["name"].as_str()?.to_owned(), s["value"].as_i64()?)))
+            .filter_map(|s| {
+                let value = s["value"].as_i64().or_else(|| s["value"].as_u64().map(|v| v as i64))?;
+                Some((s["name"].as_str()?.to_owned(), value))
+            })
             .collect()
     }
 
@@ -563,6 +570,30 @@ impl Envoy {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Breakwater's bulkhead stats for one policy, read at once.
+    pub async fn bulkhead(&self, policy: &str) -> BulkheadStats {
+        BulkheadStats::from_stats(&self.stats().await, policy)
+    }
+
+    /// Polls the policy's bulkhead stats until `done` holds (or 5s pass); returns the last
+    /// reading, so callers assert on it.
+    pub async fn wait_bulkhead(&self, policy: &str, done: impl Fn(&BulkheadStats) -> bool) -> BulkheadStats {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = self.bulkhead(policy).await;
+            if done(&s) || Instant::now() > deadline {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Polls until the policy's bulkhead holds no permit and has nobody waiting (or 5s pass);
+    /// returns the last reading.
+    pub async fn wait_bulkhead_idle(&self, policy: &str) -> BulkheadStats {
+        self.wait_bulkhead(policy, |s| s.active == 0 && s.queued == 0).await
     }
 
     /// Waits until the policy's breaker has opened `times` times, then one sync interval more:
@@ -669,6 +700,38 @@ impl Envoy {
         out
     }
 
+    /// Sends `calls` from `clients` concurrent clients. Each client takes the next call, sends
+    /// it on a **new connection** (so calls spread over the workers), waits for its answer or
+    /// gives up as the call says, then takes the next. Replies come back in the order of
+    /// `calls`; `None` for a call whose client gave up.
+    pub async fn send_all(&self, clients: usize, calls: Vec<Call>) -> Vec<Option<Reply>> {
+        let addr = self.listener;
+        let n = calls.len();
+        let calls = std::sync::Arc::new(calls);
+        let next = std::sync::Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..clients.max(1))
+            .map(|_| {
+                let (calls, next) = (calls.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(call) = calls.get(i) else { break };
+                        got.push((i, call.send(addr).await));
+                    }
+                    got
+                })
+            })
+            .collect();
+        let mut out: Vec<Option<Reply>> = (0..n).map(|_| None).collect();
+        for t in tasks {
+            for (i, reply) in t.await.expect("client task") {
+                out[i] = reply;
+            }
+        }
+        out
+    }
+
     /// A request over a new HTTP/2 (prior knowledge, h2c) connection.
     pub async fn h2_request(&self, method: Method, path: &str, headers: &[(&str, &str)], body: Bytes) -> Reply {
         let stream = TcpStream::connect(self.listener).await.expect("connect to Envoy");
@@ -733,6 +796,56 @@ impl Envoy {
     }
 }
 
+impl Envoy {
+    /// `per_worker` kept-alive HTTP/1.1 connections on each of `workers` workers: element `w`
+    /// holds worker `w`'s. Unlike [`Envoy::conn_per_worker`] this may be called while other
+    /// connections are open (they must stay open, and idle, meanwhile).
+    pub async fn conns_per_worker(&self, workers: usize, per_worker: usize) -> Vec<Vec<Conn>> {
+        let mut pinned: Vec<Vec<Conn>> = (0..workers).map(|_| Vec::new()).collect();
+        let baseline: i64 = self.per_worker("downstream_cx_active").await.iter().sum();
+        let mut kept = 0i64;
+        for _ in 0..(64 * workers * per_worker) {
+            if pinned.iter().all(|p| p.len() >= per_worker) {
+                break;
+            }
+            let before = self.per_worker("downstream_cx_active").await;
+            let conn = Conn::open(self.listener).await;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let worker = loop {
+                let after = self.per_worker("downstream_cx_active").await;
+                let grew: Vec<usize> = (0..after.len())
+                    .filter(|&i| after.get(i).copied().unwrap_or(0) > before.get(i).copied().unwrap_or(0))
+                    .collect();
+                if grew.len() == 1 {
+                    break grew[0];
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "could not tell which worker took a connection: {before:?} -> {after:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
+            match pinned.get_mut(worker) {
+                Some(p) if p.len() < per_worker => {
+                    p.push(conn.with_worker(worker));
+                    kept += 1;
+                }
+                _ => {
+                    drop(conn);
+                    // Let Envoy see the close before the next diff.
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while self.per_worker("downstream_cx_active").await.iter().sum::<i64>() != baseline + kept {
+                        assert!(Instant::now() < deadline, "Envoy did not see a closed connection");
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        }
+        assert!(pinned.iter().all(|p| p.len() >= per_worker), "could not pin {per_worker} connections per worker");
+        pinned
+    }
+}
+
 impl Drop for Envoy {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -790,6 +903,47 @@ impl PolicyStats {
     }
 }
 
+/// Breakwater's bulkhead stats for one policy (`wasmcustom.breakwater.bulkhead_*.policy.<P>` and
+/// the bulkhead reasons of `rejections` and `dry_run_rejections`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BulkheadStats {
+    /// Gauge: permits held.
+    pub active: i64,
+    /// Gauge: requests waiting in the queue.
+    pub queued: i64,
+    /// All admissions, at once or after waiting.
+    pub admitted: i64,
+    /// Admissions that waited in the queue first.
+    pub waited: i64,
+    /// Rejected at once: no permit and no room in the queue (`reason.bulkhead_full`).
+    pub full: i64,
+    /// Rejected after waiting `queue.timeout` (`reason.queue_timeout`).
+    pub queue_timeout: i64,
+    /// dry_run: would have been rejected or queued (`dry_run_rejections…reason.bulkhead_full`).
+    pub dry_run_full: i64,
+}
+
+impl BulkheadStats {
+    pub fn from_stats(stats: &BTreeMap<String, i64>, p: &str) -> BulkheadStats {
+        let get = |name: String| stats.get(&name).copied().unwrap_or(0);
+        let bulkhead = |s: &str| get(format!("wasmcustom.breakwater.bulkhead_{s}.policy.{p}"));
+        BulkheadStats {
+            active: bulkhead("active"),
+            queued: bulkhead("queued"),
+            admitted: bulkhead("admitted"),
+            waited: bulkhead("waited"),
+            full: get(format!("wasmcustom.breakwater.rejections.policy.{p}.reason.bulkhead_full")),
+            queue_timeout: get(format!("wasmcustom.breakwater.rejections.policy.{p}.reason.queue_timeout")),
+            dry_run_full: get(format!("wasmcustom.breakwater.dry_run_rejections.policy.{p}.reason.bulkhead_full")),
+        }
+    }
+
+    /// Real rejections of both kinds.
+    pub fn rejected(&self) -> i64 {
+        self.full + self.queue_timeout
+    }
+}
+
 pub const CLOSED: i64 = 0;
 pub const OPEN: i64 = 1;
 pub const HALF_OPEN: i64 = 2;
@@ -835,6 +989,53 @@ impl Reply {
     /// Fast-failed by Breakwater's breaker.
     pub fn is_circuit_open(&self) -> bool {
         self.header("x-breakwater") == Some("circuit-open")
+    }
+
+    /// Rejected by Breakwater's bulkhead at once: no permit, no room to wait.
+    pub fn is_bulkhead_full(&self) -> bool {
+        self.header("x-breakwater") == Some("bulkhead-full")
+    }
+
+    /// Rejected by Breakwater's bulkhead after waiting out the queue timeout.
+    pub fn is_queue_timeout(&self) -> bool {
+        self.header("x-breakwater") == Some("queue-timeout")
+    }
+}
+
+/// One request for [`Envoy::send_all`]: a GET on a new connection.
+#[derive(Clone, Debug, Default)]
+pub struct Call {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    /// The client gives up after this long: it closes the connection without reading the
+    /// answer (a client abort).
+    pub give_up_after: Option<Duration>,
+}
+
+impl Call {
+    pub fn get(path: impl Into<String>) -> Call {
+        Call { path: path.into(), ..Call::default() }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Call {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn give_up_after(mut self, after: Duration) -> Call {
+        self.give_up_after = Some(after);
+        self
+    }
+
+    /// Sends the call to `addr` on a new connection; `None` if the client gave up.
+    pub async fn send(&self, addr: SocketAddr) -> Option<Reply> {
+        let headers: Vec<(&str, &str)> = self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let fut = async { Conn::open(addr).await.request(Method::GET, &self.path, &headers).await };
+        match self.give_up_after {
+            // Dropping the future drops the connection, which closes the socket.
+            Some(limit) => tokio::time::timeout(limit, fut).await.ok(),
+            None => Some(fut.await),
+        }
     }
 }
 

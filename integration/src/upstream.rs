@@ -3,8 +3,14 @@
 //! Serves HTTP/1.1 and h2c (prior knowledge) on one port. Per-request behaviour comes from
 //! query parameters layered over a settable default; `/__stats`, `/__reset` and `/__default`
 //! are control endpoints that are not counted in [`Stats`].
+//!
+//! Two query parameters label a request instead of changing its answer:
+//! * `tag=<word>`: the request is also counted in [`Stats::in_flight_by_tag`] and
+//!   [`Stats::max_in_flight_by_tag`] under that word;
+//! * `id=<string>`: the request is logged in [`Stats::arrivals`] with when it arrived and when
+//!   it finished, in microseconds on the upstream's own monotonic clock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
@@ -13,7 +19,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
@@ -30,6 +36,9 @@ use tokio::task::{JoinHandle, JoinSet};
 /// Largest `body_bytes` accepted, so a typo cannot exhaust memory.
 const MAX_BODY_BYTES: usize = 64 << 20;
 
+/// Most entries kept in [`Stats::arrivals`] by default; the oldest are dropped first.
+pub const MAX_ARRIVALS: usize = 100_000;
+
 /// How a request is answered. Query parameters of the same names override these per request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Behaviour {
@@ -39,6 +48,10 @@ pub struct Behaviour {
     pub delay_ms: u64,
     /// Abort the connection (HTTP/1) or stream (HTTP/2) instead of responding (`reset=1`).
     pub reset: bool,
+    /// Abort this percentage of the requests to a path, 0–100 (`reset_pct=`). Deterministic: the
+    /// n-th request to the path is reset when ⌊n·pct/100⌋ steps up, so exactly `pct` of every 100
+    /// consecutive requests are reset, evenly spread (5: the 20th, 40th, …).
+    pub reset_pct: u8,
     /// Every n-th request to a path fails with `fail_status`; 0 disables (`fail_every=`).
     pub fail_every: u64,
     /// Status used by `fail_every` (`fail_status=`).
@@ -55,6 +68,7 @@ impl Default for Behaviour {
             status: 200,
             delay_ms: 0,
             reset: false,
+            reset_pct: 0,
             fail_every: 0,
             fail_status: 503,
             grpc_status: None,
@@ -72,6 +86,10 @@ impl Behaviour {
                 "status" => self.status = status_param(key, val)?,
                 "delay_ms" => self.delay_ms = param(key, val)?,
                 "reset" => self.reset = matches!(val, "1" | "true"),
+                "reset_pct" => match param(key, val)? {
+                    n @ 0..=100 => self.reset_pct = n,
+                    n => return Err(format!("reset_pct above 100: {n}")),
+                },
                 "fail_every" => self.fail_every = param(key, val)?,
                 "fail_status" => self.fail_status = status_param(key, val)?,
                 "grpc_status" => self.grpc_status = Some(param(key, val)?),
@@ -84,6 +102,17 @@ impl Behaviour {
         }
         Ok(self)
     }
+
+    /// Whether the `nth` (1-based) request to a path is one of the `reset_pct` percent reset.
+    pub fn resets_nth(&self, nth: u64) -> bool {
+        let pct = u64::from(self.reset_pct);
+        nth > 0 && (nth * pct) / 100 != ((nth - 1) * pct) / 100
+    }
+}
+
+/// The value of `key` in a query string (the first one), as written (not percent-decoded).
+fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+    query.split('&').filter_map(|p| p.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v)
 }
 
 fn param<T: FromStr>(key: &str, val: &str) -> Result<T, String> {
@@ -104,13 +133,62 @@ pub struct Stats {
     pub by_path: BTreeMap<String, u64>,
     pub responses_by_status: BTreeMap<u16, u64>,
     pub resets: u64,
+    /// Requests in flight by their `tag=`; untagged requests are not counted here. A tag stays
+    /// listed (at 0) once seen, until a reset.
+    #[serde(default)]
+    pub in_flight_by_tag: BTreeMap<String, u64>,
+    /// The most requests in flight at once, by `tag=`.
+    #[serde(default)]
+    pub max_in_flight_by_tag: BTreeMap<String, u64>,
+    /// Requests that carried `id=`, in the order they arrived (the newest [`MAX_ARRIVALS`], or
+    /// as set by [`Upstream::set_arrival_log_capacity`]).
+    #[serde(default)]
+    pub arrivals: Vec<Arrival>,
 }
 
-#[derive(Default)]
+/// One request of the arrival log. Times are microseconds since the upstream started, on a
+/// monotonic clock.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Arrival {
+    /// The request's `id=`.
+    pub id: String,
+    /// When the upstream had its headers.
+    pub arrived_us: u64,
+    /// When it stopped counting as in flight (response body handed over, reset, or the peer
+    /// gone); 0 while it runs.
+    pub finished_us: u64,
+}
+
+/// The counters, with the arrival log kept apart as a ring so it stays cheap when full.
+struct Books {
+    /// `arrivals` is always empty here: [`Books::snapshot`] fills it from `log`.
+    stats: Stats,
+    log: VecDeque<Arrival>,
+    log_cap: usize,
+    /// Number (since start) of the entry at `log[0]`; each guard knows its entry's number.
+    log_first: u64,
+}
+
+impl Books {
+    fn trim_log(&mut self, keep: usize) {
+        while self.log.len() > keep {
+            self.log.pop_front();
+            self.log_first += 1;
+        }
+    }
+
+    fn snapshot(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.arrivals = self.log.iter().cloned().collect();
+        s
+    }
+}
+
 struct Shared {
-    stats: Mutex<Stats>,
+    books: Mutex<Books>,
     default: Mutex<Behaviour>,
     seq: AtomicU64,
+    started: Instant,
 }
 
 // A panic while holding a lock must not wedge the upstream, so poisoning is ignored.
@@ -119,32 +197,94 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Records an arriving request; returns its in-flight guard and 1-based per-path ordinal.
-    fn arrive(self: &Arc<Self>, path: &str) -> (InFlight, u64) {
-        let mut s = lock(&self.stats);
+    fn new() -> Shared {
+        Shared {
+            books: Mutex::new(Books {
+                stats: Stats::default(),
+                log: VecDeque::new(),
+                log_cap: MAX_ARRIVALS,
+                log_first: 0,
+            }),
+            default: Mutex::new(Behaviour::default()),
+            seq: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    /// Microseconds since the upstream started.
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Records an arriving request (with its `tag=` and `id=`, if any); returns its in-flight
+    /// guard and 1-based per-path ordinal.
+    fn arrive(self: &Arc<Self>, path: &str, tag: Option<&str>, id: Option<&str>) -> (InFlight, u64) {
+        let now = self.now_us();
+        let mut b = lock(&self.books);
+        let s = &mut b.stats;
         s.requests += 1;
         s.in_flight += 1;
         s.max_in_flight = s.max_in_flight.max(s.in_flight);
+        if let Some(tag) = tag {
+            let n = s.in_flight_by_tag.entry(tag.to_owned()).or_default();
+            *n += 1;
+            let n = *n;
+            let max = s.max_in_flight_by_tag.entry(tag.to_owned()).or_default();
+            *max = (*max).max(n);
+        }
         let nth = s.by_path.entry(path.to_owned()).or_default();
         *nth += 1;
-        (InFlight(self.clone()), *nth)
+        let nth = *nth;
+        let arrival = id.map(|id| {
+            let keep = b.log_cap.saturating_sub(1);
+            b.trim_log(keep);
+            b.log.push_back(Arrival { id: id.to_owned(), arrived_us: now, finished_us: 0 });
+            b.log_first + b.log.len() as u64 - 1
+        });
+        (InFlight { shared: self.clone(), tag: tag.map(str::to_owned), arrival }, nth)
     }
 
     fn reset(&self) {
-        let mut s = lock(&self.stats);
-        // Requests still running keep their guards, so in_flight must survive the reset.
-        let in_flight = s.in_flight;
-        *s = Stats { in_flight, max_in_flight: in_flight, ..Stats::default() };
+        let mut b = lock(&self.books);
+        // Requests still running keep their guards, so what is in flight must survive the reset.
+        let in_flight = b.stats.in_flight;
+        let by_tag: BTreeMap<String, u64> =
+            std::mem::take(&mut b.stats.in_flight_by_tag).into_iter().filter(|&(_, n)| n > 0).collect();
+        b.stats = Stats {
+            in_flight,
+            max_in_flight: in_flight,
+            max_in_flight_by_tag: by_tag.clone(),
+            in_flight_by_tag: by_tag,
+            ..Stats::default()
+        };
+        // Guards of requests logged before the reset hold numbers below the new first entry.
+        b.log_first += b.log.len() as u64;
+        b.log.clear();
     }
 }
 
-/// Decrements `in_flight` however the request ends: response sent, reset, or future dropped.
-struct InFlight(Arc<Shared>);
+/// Decrements the in-flight counts and stamps the arrival log entry however the request ends:
+/// response sent, reset, or future dropped.
+struct InFlight {
+    shared: Arc<Shared>,
+    tag: Option<String>,
+    /// Number of this request's arrival log entry.
+    arrival: Option<u64>,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut s = lock(&self.0.stats);
-        s.in_flight = s.in_flight.saturating_sub(1);
+        let now = self.shared.now_us().max(1);
+        let mut b = lock(&self.shared.books);
+        b.stats.in_flight = b.stats.in_flight.saturating_sub(1);
+        if let Some(n) = self.tag.as_ref().and_then(|t| b.stats.in_flight_by_tag.get_mut(t)) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(k) = self.arrival.and_then(|k| k.checked_sub(b.log_first)) {
+            if let Some(a) = usize::try_from(k).ok().and_then(|k| b.log.get_mut(k)) {
+                a.finished_us = now;
+            }
+        }
     }
 }
 
@@ -197,7 +337,7 @@ fn text(msg: String) -> BoxBody<Bytes, Infallible> {
 /// Handles `/__*` control endpoints; `None` means the request is ordinary traffic.
 fn control(shared: &Shared, method: &Method, path: &str, query: &str) -> Option<Response<TrackedBody>> {
     let (status, body) = match (method, path) {
-        (&Method::GET, "/__stats") => match serde_json::to_vec(&*lock(&shared.stats)) {
+        (&Method::GET, "/__stats") => match serde_json::to_vec(&lock(&shared.books).snapshot()) {
             Ok(json) => {
                 let mut resp = response(200, Full::new(Bytes::from(json)).boxed(), None);
                 resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -229,7 +369,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         return Ok(resp);
     }
     let seq = shared.seq.fetch_add(1, Ordering::Relaxed) + 1;
-    let (guard, nth) = shared.arrive(&path);
+    let (guard, nth) = shared.arrive(&path, query_value(&query, "tag"), query_value(&query, "id"));
     let grpc_request = req.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let default = lock(&shared.default).clone();
 
@@ -243,8 +383,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             if b.delay_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(b.delay_ms)).await;
             }
-            if b.reset {
-                lock(&shared.stats).resets += 1;
+            if b.reset || b.resets_nth(nth) {
+                lock(&shared.books).stats.resets += 1;
                 return Err(Abort);
             }
             let failing = b.fail_every > 0 && nth % b.fail_every == 0;
@@ -271,7 +411,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         }
     };
 
-    *lock(&shared.stats).responses_by_status.entry(status).or_default() += 1;
+    *lock(&shared.books).stats.responses_by_status.entry(status).or_default() += 1;
     let mut resp = response(status, body, Some(guard));
     resp.headers_mut().insert("x-upstream-seq", HeaderValue::from(seq));
     if grpc {
@@ -292,7 +432,7 @@ impl Upstream {
     pub async fn start(addr: SocketAddr) -> std::io::Result<Upstream> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new());
         let task = tokio::spawn(serve(listener, shared.clone()));
         Ok(Upstream { addr, shared, task })
     }
@@ -301,12 +441,31 @@ impl Upstream {
         self.addr
     }
 
-    /// Snapshot of the counters.
+    /// Snapshot of the counters and the arrival log.
     pub fn stats(&self) -> Stats {
-        lock(&self.shared.stats).clone()
+        lock(&self.shared.books).snapshot()
     }
 
-    /// Clears counters (including the per-path counts `fail_every` uses); `in_flight` is kept.
+    /// The arrival log alone (see [`Stats::arrivals`]).
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        lock(&self.shared.books).log.iter().cloned().collect()
+    }
+
+    /// Keeps at most `n` (at least 1) entries in the arrival log from now on, dropping the oldest.
+    pub fn set_arrival_log_capacity(&self, n: usize) {
+        let mut b = lock(&self.shared.books);
+        b.log_cap = n.max(1);
+        let keep = b.log_cap;
+        b.trim_log(keep);
+    }
+
+    /// Microseconds since this upstream started: the clock of [`Arrival`].
+    pub fn now_us(&self) -> u64 {
+        self.shared.now_us()
+    }
+
+    /// Clears counters (including the per-path counts `fail_every` and `reset_pct` use) and the
+    /// arrival log; what is in flight (in total and by tag) is kept.
     pub fn reset_stats(&self) {
         self.shared.reset();
     }

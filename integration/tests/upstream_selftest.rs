@@ -7,7 +7,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use integration::upstream::{Behaviour, Stats, Upstream};
+use integration::upstream::{Arrival, Behaviour, Stats, Upstream};
 
 type H1 = Client<HttpConnector, Empty<Bytes>>;
 
@@ -168,4 +168,160 @@ async fn drop_stops_serving() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let fresh: H1 = Client::builder(TokioExecutor::new()).build_http();
     assert!(fresh.get(u.parse().unwrap()).await.is_err());
+}
+
+#[tokio::test]
+async fn in_flight_is_counted_by_tag() {
+    let (up, c) = start().await;
+    let spawn = |pq: &str| {
+        let (c, u) = (c.clone(), url(&up, pq));
+        tokio::spawn(async move { get(&c, u).await.0 })
+    };
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        handles.push(spawn("/t?tag=bg&delay_ms=300"));
+    }
+    handles.push(spawn("/t?tag=crit&delay_ms=300"));
+    handles.push(spawn("/t?delay_ms=300"));
+    let s = wait_stats(&up, |s| s.in_flight == 5).await;
+    assert_eq!(s.in_flight_by_tag.get("bg"), Some(&3), "{s:?}");
+    assert_eq!(s.in_flight_by_tag.get("crit"), Some(&1), "{s:?}");
+    assert_eq!(s.in_flight_by_tag.len(), 2, "untagged requests are not listed: {s:?}");
+
+    // A reset while they run keeps what is in flight, by tag too.
+    up.reset_stats();
+    let s = up.stats();
+    assert_eq!((s.in_flight, s.max_in_flight, s.requests), (5, 5, 0), "{s:?}");
+    assert_eq!(s.in_flight_by_tag, s.max_in_flight_by_tag, "{s:?}");
+    assert_eq!(s.in_flight_by_tag.get("bg"), Some(&3), "{s:?}");
+
+    for h in handles {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    assert_eq!(get(&c, url(&up, "/t?tag=crit")).await.0, 200);
+    let s = wait_stats(&up, |s| s.in_flight == 0).await;
+    assert_eq!(s.in_flight_by_tag.values().sum::<u64>(), 0, "{s:?}");
+    assert_eq!(s.max_in_flight_by_tag.get("bg"), Some(&3), "{s:?}");
+    assert_eq!(s.max_in_flight_by_tag.get("crit"), Some(&1), "{s:?}");
+
+    // The JSON form carries the tags.
+    let (_, _, json) = get(&c, url(&up, "/__stats")).await;
+    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(v["max_in_flight_by_tag"]["bg"], 3, "{v}");
+    assert_eq!(v["in_flight_by_tag"]["bg"], 0, "{v}");
+}
+
+#[tokio::test]
+async fn arrival_log_records_ids_in_order_with_times() {
+    let (up, c) = start().await;
+    let t0 = up.now_us();
+    // `a` is slow; `b` and `c` arrive while it runs, one after the other; untagged `x` is not logged.
+    let slow = {
+        let (c, u) = (c.clone(), url(&up, "/l?id=a&delay_ms=200"));
+        tokio::spawn(async move { get(&c, u).await.0 })
+    };
+    let s = wait_stats(&up, |s| s.in_flight == 1).await;
+    assert_eq!(s.arrivals.len(), 1, "{s:?}");
+    assert_eq!((s.arrivals[0].id.as_str(), s.arrivals[0].finished_us), ("a", 0), "running: not finished yet");
+    assert_eq!(get(&c, url(&up, "/l?id=b&delay_ms=20")).await.0, 200);
+    assert_eq!(get(&c, url(&up, "/l?id=c")).await.0, 200);
+    assert_eq!(get(&c, url(&up, "/l?x=1")).await.0, 200);
+    assert_eq!(slow.await.unwrap(), 200);
+    let s = wait_stats(&up, |s| s.in_flight == 0).await;
+    let t1 = up.now_us();
+    let ids: Vec<&str> = s.arrivals.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c"]);
+    let [a, b, cc]: [&Arrival; 3] = [&s.arrivals[0], &s.arrivals[1], &s.arrivals[2]];
+    for e in [a, b, cc] {
+        assert!(t0 <= e.arrived_us && e.arrived_us <= e.finished_us && e.finished_us <= t1, "{e:?} in {t0}..{t1}");
+    }
+    assert!(a.finished_us - a.arrived_us >= 200_000, "the delay is inside the entry: {a:?}");
+    assert!(b.finished_us - b.arrived_us >= 20_000, "{b:?}");
+    assert!(a.arrived_us < b.arrived_us && b.finished_us <= cc.arrived_us, "{s:?}");
+    assert!(cc.finished_us < a.finished_us, "a finished last: {s:?}");
+    assert_eq!(up.arrivals(), s.arrivals);
+
+    // The JSON form carries the log; a reset clears it.
+    let (_, _, json) = get(&c, url(&up, "/__stats")).await;
+    let from_json: Stats = serde_json::from_slice(&json).unwrap();
+    assert_eq!(from_json.arrivals, s.arrivals);
+    let post = Request::post(url(&up, "/__reset")).body(Empty::new()).unwrap();
+    assert_eq!(c.request(post).await.unwrap().status(), 200);
+    assert!(up.stats().arrivals.is_empty());
+}
+
+/// A request logged before a reset and finishing after it stamps nothing in the new log.
+#[tokio::test]
+async fn arrival_log_reset_while_a_logged_request_runs() {
+    let (up, c) = start().await;
+    let old = {
+        let (c, u) = (c.clone(), url(&up, "/l?id=old&delay_ms=200"));
+        tokio::spawn(async move { get(&c, u).await.0 })
+    };
+    wait_stats(&up, |s| s.in_flight == 1).await;
+    up.reset_stats();
+    let new = {
+        let (c, u) = (c.clone(), url(&up, "/l?id=new&delay_ms=400"));
+        tokio::spawn(async move { get(&c, u).await.0 })
+    };
+    wait_stats(&up, |s| s.in_flight == 2).await;
+    assert_eq!(old.await.unwrap(), 200);
+    let log = up.arrivals();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!((log[0].id.as_str(), log[0].finished_us), ("new", 0), "the old request must not stamp the new one");
+    assert_eq!(new.await.unwrap(), 200);
+    let s = wait_stats(&up, |s| s.in_flight == 0).await;
+    assert!(s.arrivals[0].finished_us > 0, "{s:?}");
+}
+
+#[tokio::test]
+async fn reset_pct_resets_that_share_of_a_path() {
+    let (up, c) = start().await;
+    let mut reset_at = Vec::new();
+    for n in 1..=100u64 {
+        if c.get(url(&up, "/rp?reset_pct=5").parse().unwrap()).await.is_err() {
+            reset_at.push(n);
+        }
+    }
+    assert_eq!(reset_at, [20, 40, 60, 80, 100], "exactly 5 of 100, evenly spread");
+    let s = wait_stats(&up, |s| s.in_flight == 0).await;
+    assert_eq!((s.resets, s.requests, s.responses_by_status.get(&200).copied()), (5, 100, Some(95)), "{s:?}");
+
+    // Per path, like fail_every; 0 and 100 are the ends; over 100 is refused.
+    for _ in 0..10 {
+        assert_eq!(get(&c, url(&up, "/rp0?reset_pct=0")).await.0, 200);
+    }
+    assert!(c.get(url(&up, "/rp100?reset_pct=100").parse().unwrap()).await.is_err());
+    assert_eq!(get(&c, url(&up, "/rp?reset_pct=101")).await.0, 400);
+    let b = Behaviour::default().with_query("reset_pct=50").unwrap();
+    assert_eq!((1..=6).filter(|&n| b.resets_nth(n)).collect::<Vec<_>>(), [2, 4, 6]);
+    let b = Behaviour::default().with_query("reset_pct=30").unwrap();
+    assert_eq!((1..=1000).filter(|&n| b.resets_nth(n)).count(), 300);
+}
+
+/// The log keeps only the newest entries (default [`MAX_ARRIVALS`]; a small capacity here so
+/// the test is quick), and an evicted request that finishes later stamps nothing.
+#[tokio::test]
+async fn arrival_log_is_bounded() {
+    use integration::upstream::MAX_ARRIVALS;
+    let (up, c) = start().await;
+    assert_eq!(MAX_ARRIVALS, 100_000);
+    up.set_arrival_log_capacity(5);
+    let early = {
+        let (c, u) = (c.clone(), url(&up, "/b?id=early&delay_ms=300"));
+        tokio::spawn(async move { get(&c, u).await.0 })
+    };
+    wait_stats(&up, |s| s.in_flight == 1).await;
+    for i in 0..12 {
+        assert_eq!(get(&c, url(&up, &format!("/b?id={i}"))).await.0, 200);
+    }
+    assert_eq!(early.await.unwrap(), 200);
+    let s = wait_stats(&up, |s| s.in_flight == 0).await;
+    let ids: Vec<&str> = s.arrivals.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(ids, ["7", "8", "9", "10", "11"], "only the newest 5 are kept");
+    assert!(s.arrivals.iter().all(|a| a.finished_us >= a.arrived_us && a.finished_us > 0), "{s:?}");
+    // Shrinking drops the oldest at once.
+    up.set_arrival_log_capacity(2);
+    let ids: Vec<String> = up.arrivals().into_iter().map(|a| a.id).collect();
+    assert_eq!(ids, ["10", "11"]);
 }
