@@ -139,6 +139,8 @@ pub struct RouteSpec {
     pub timeout: Duration,
     /// Switch the Breakwater filter off on this route (per-route `FilterConfig.disabled`).
     pub filter_disabled: bool,
+    /// The route's own `retry_policy` (Envoy's), if any.
+    pub retry_policy: Option<Value>,
 }
 
 #[derive(Clone, Debug)]
@@ -186,7 +188,17 @@ impl Spec {
             cluster: cluster.to_owned(),
             timeout,
             filter_disabled: false,
+            retry_policy: None,
         });
+        self
+    }
+
+    /// A named route with Envoy's own `retry_policy` on it (`retry_on`, `num_retries`).
+    pub fn route_with_retry_policy(mut self, name: &str, prefix: &str, retry_on: &str, num_retries: u32) -> Spec {
+        self = self.route(name, prefix, "backend");
+        if let Some(r) = self.routes.last_mut() {
+            r.retry_policy = Some(json!({ "retry_on": retry_on, "num_retries": num_retries }));
+        }
         self
     }
 
@@ -207,6 +219,7 @@ impl Spec {
             cluster: cluster.to_owned(),
             timeout: Duration::from_secs(5),
             filter_disabled: false,
+            retry_policy: None,
         });
         self
     }
@@ -252,6 +265,9 @@ impl Spec {
                 if let Some(name) = &r.name {
                     route["name"] = json!(name);
                 }
+                if let Some(policy) = &r.retry_policy {
+                    route["route"]["retry_policy"] = policy.clone();
+                }
                 if r.filter_disabled {
                     route["typed_per_filter_config"] = json!({ "breakwater": {
                         "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
@@ -266,6 +282,13 @@ impl Spec {
                 "name": name,
                 "type": "STATIC",
                 "connect_timeout": "1s",
+                // Envoy's own per-cluster limits would cap what the tests measure (its default
+                // max_retries allows only 3 retries in flight at once): lift them, so Breakwater's
+                // policies are the only limits in play.
+                "circuit_breakers": { "thresholds": [{
+                    "max_connections": 100000, "max_pending_requests": 100000,
+                    "max_requests": 100000, "max_retries": 100000
+                }]},
                 "load_assignment": {
                     "cluster_name": name,
                     "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
