@@ -26,6 +26,7 @@ cat <<MSG
 Breakwater demo: Envoy on http://localhost:10000, admin on http://localhost:9901, logs in $logdir
 The route /checkout has a breaker: 5 consecutive failures trip it, it stays open 10s, then one probe.
 The route /search has a bulkhead: at most 2 requests in flight, 2 more may wait up to 500ms.
+The route /inventory retries (up to 3 times, 500ms per try) within a retry budget.
 The demo upstream takes its behaviour from the query string: ?status=500, ?delay_ms=800, ?reset=1.
 
   # 1. healthy
@@ -39,6 +40,9 @@ The demo upstream takes its behaviour from the query string: ?status=500, ?delay
   # 5. the bulkhead on /search: 2 in flight, 2 may wait 500ms. Six slow requests at once:
   #    two 200s, two 503 queue-timeout, two 503 bulkhead-full
   for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{http_code} %header{x-breakwater}\n' 'localhost:10000/search?delay_ms=1500' & done; wait
+  # 6. retries on /inventory: every third upstream answer fails, every client gets a 200
+  for i in $(seq 9); do curl -s -o /dev/null -w '%{http_code} ' 'localhost:10000/inventory?fail_every=3'; done; echo
+  curl -s localhost:9901/stats/prometheus | grep -E 'breakwater_retr'
   # stats, and the transition log lines
   curl -s localhost:9901/stats/prometheus | grep breakwater_
   grep 'circuit' $logdir/envoy.log

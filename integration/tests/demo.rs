@@ -80,3 +80,16 @@ async fn search_bulkhead_admits_two_queues_two_and_refuses_the_rest() {
     assert_eq!(stat("bulkhead_active.policy.search"), 0);
     assert_eq!(stat("rejections.policy.search.reason.queue_timeout"), 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inventory_retries_rescue_every_third_failure() {
+    let (up, envoy) = demo().await;
+    // The walk-through's step 6, one request after another.
+    for _ in 0..9 {
+        let r = envoy.get("/inventory?fail_every=3").await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    assert_eq!(up.stats().by_path.get("/inventory"), Some(&13), "9 requests, 4 of their attempts failed");
+    let retries = envoy.wait_stat("wasmcustom.breakwater.retries.policy.inventory", 4).await;
+    assert_eq!(retries, 4);
+}

@@ -31,7 +31,7 @@ fn the_demo_envoy_yaml_carries_a_valid_plugin_configuration() {
     let json = configuration["value"].as_str().expect("a StringValue");
     let c = breakwater::config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("envoy/envoy.yaml: {e}"));
     let names: Vec<_> = c.policies.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names, ["catalog", "checkout", "search"]);
+    assert_eq!(names, ["catalog", "checkout", "inventory", "search"]);
     let checkout = c.policies.iter().find(|p| p.name == "checkout").unwrap();
     assert!(checkout.breaker.is_some() && checkout.bulkhead.is_some(), "checkout shows both policies");
 }
@@ -48,6 +48,7 @@ fn the_istio_wasmplugin_carries_a_valid_plugin_configuration() {
     assert_eq!(names, ["catalog", "checkout"]);
     let checkout = c.policies.iter().find(|p| p.name == "checkout").unwrap();
     assert_eq!(checkout.bulkhead.as_ref().map(|b| b.machine.max_concurrent), Some(100));
+    assert_eq!(checkout.retry.as_ref().map(|r| r.max_retries), Some(3));
 }
 
 #[test]
