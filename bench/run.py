@@ -141,9 +141,10 @@ def upstream_yaml(port, admin_port):
     return envoy_yaml(port, admin_port, port, route="direct_response: { status: 200, body: { inline_string: ok } }")
 
 
-def breakwater_config(rules=1, fast_fail=False, bulkhead=False):
+def breakwater_config(rules=1, fast_fail=False, bulkhead=False, retry=False):
     """The realistic policy of the benchmark: failure-rate window and slow-call detection; with
-    `bulkhead`, also a bulkhead with a queue and priority classes (never full at this load)."""
+    `bulkhead`, also a bulkhead with a queue and priority classes (never full at this load); with
+    `retry`, also the issue's retry policy with a budget (nothing fails, so nothing is retried)."""
     policy = {
         "circuit_breaker": {
             "consecutive_failures": 5,
@@ -158,6 +159,14 @@ def breakwater_config(rules=1, fast_fail=False, bulkhead=False):
             "queue": {"max_size": 50, "timeout": "2s"},
             "priority": {"header": "x-priority", "default": "standard",
                          "classes": {"critical": {"reserved": 20}, "background": {"max": 10}}},
+        }
+    if retry:
+        policy["retry"] = {
+            "on": ["5xx", "reset", "connect-failure", "retriable-status-codes"],
+            "retriable_status_codes": [409],
+            "max_retries": 3,
+            "per_try_timeout": "500ms",
+            "budget": {"ratio": 0.2, "min_per_second": 10, "ttl": "10s"},
         }
     if fast_fail:
         policy = {"circuit_breaker": {"consecutive_failures": 1, "open_for": "1h"}}
@@ -361,11 +370,13 @@ def main():
 def make_variants(args, up_port, dead_port):
     bw = wasm_filter("breakwater", args.breakwater, breakwater_config())
     bw_bulkhead = wasm_filter("breakwater", args.breakwater, breakwater_config(bulkhead=True))
+    bw_all = wasm_filter("breakwater", args.breakwater, breakwater_config(bulkhead=True, retry=True))
     return {
         "plain": lambda p, a: envoy_yaml(p, a, up_port),
         "noop": lambda p, a: envoy_yaml(p, a, up_port, wasm_filter("noop", args.noop)),
         "breakwater": lambda p, a: envoy_yaml(p, a, up_port, bw),
         "breakwater_bulkhead": lambda p, a: envoy_yaml(p, a, up_port, bw_bulkhead),
+        "breakwater_all": lambda p, a: envoy_yaml(p, a, up_port, bw_all),
         "native": lambda p, a: envoy_yaml(p, a, up_port, ADMISSION_CONTROL, cluster_extras=NATIVE_CLUSTER_EXTRAS),
         "direct_response": lambda p, a: envoy_yaml(
             p, a, up_port, route="direct_response: { status: 503, body: { inline_string: unavailable } }"),
@@ -437,6 +448,7 @@ LABELS = {
     "noop": "(2) + no-op Wasm filter",
     "breakwater": "(3) + Breakwater breaker, nothing tripping",
     "breakwater_bulkhead": "(3') + Breakwater breaker and bulkhead (never full)",
+    "breakwater_all": "(3'') + Breakwater breaker, bulkhead and budgeted retries (nothing fails)",
     "native": "(4) + Envoy native: circuit_breakers, retry_budget, outlier_detection, admission_control",
     "fast_fail": "(5) Breakwater fast-fail (circuit open)",
     "direct_response": "(5') Envoy direct_response",
@@ -467,7 +479,8 @@ def report(r):
         ff = g["fast_fail"]["cpu_us_per_req"] / g["direct_response"]["cpu_us_per_req"]
         lines += ["", f"Fast-fail ÷ direct_response: **{ff:.2f}**; "
                   f"Breakwater ÷ no-op: **{g['breakwater']['cpu_us_per_req'] / noop:.2f}** "
-                  f"(with the bulkhead **{g['breakwater_bulkhead']['cpu_us_per_req'] / noop:.2f}**); "
+                  f"(with the bulkhead **{g['breakwater_bulkhead']['cpu_us_per_req'] / noop:.2f}**, "
+                  f"and retries **{g['breakwater_all']['cpu_us_per_req'] / noop:.2f}**); "
                   f"Breakwater ÷ native: **{g['breakwater']['cpu_us_per_req'] / g['native']['cpu_us_per_req']:.2f}**", ""]
     rules = r["rules"]
     base = rules["rules-1"]["cpu_us_per_req"]
@@ -487,7 +500,8 @@ def report(r):
             lines.append(f"| Breakwater, {n} route rules | {ins[f'rules-{n}']:,.0f} | "
                          f"{ins[f'rules-{n}'] / plain:.3f} | {ins[f'rules-{n}'] / noop:.3f} |")
         lines += ["", f"Breakwater ÷ no-op: **{ins['breakwater'] / noop:.3f}** "
-                  f"(with the bulkhead **{ins['breakwater_bulkhead'] / noop:.3f}**); "
+                  f"(with the bulkhead **{ins['breakwater_bulkhead'] / noop:.3f}**, "
+                  f"and retries **{ins['breakwater_all'] / noop:.3f}**); "
                   f"Breakwater ÷ native: **{ins['breakwater'] / ins['native']:.3f}**; "
                   f"fast-fail ÷ direct_response: **{ins['fast_fail'] / ins['direct_response']:.3f}**; "
                   f"10 000 rules ÷ 1 rule: **{ins['rules-10000'] / ins['rules-1']:.3f}**"]
