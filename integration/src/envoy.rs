@@ -567,14 +567,7 @@ impl Envoy {
     /// Polls until `name` equals `want` (stats are written in `on_log`, which may run just after
     /// the client has its response); returns the last value seen, so callers assert on it.
     pub async fn wait_stat(&self, name: &str, want: i64) -> i64 {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let v = self.stat(name).await;
-            if v == want || Instant::now() > deadline {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll(|| self.stat(name), |v| *v == want).await
     }
 
     /// Breakwater's stats for one policy, read at once.
@@ -585,14 +578,7 @@ impl Envoy {
     /// Polls the policy's stats until `done` holds (or 5s pass); returns the last reading, so
     /// callers assert on it and a failure shows every counter.
     pub async fn wait_policy(&self, policy: &str, done: impl Fn(&PolicyStats) -> bool) -> PolicyStats {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let s = self.policy(policy).await;
-            if done(&s) || Instant::now() > deadline {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll(|| self.policy(policy), done).await
     }
 
     /// Breakwater's bulkhead stats for one policy, read at once.
@@ -603,14 +589,7 @@ impl Envoy {
     /// Polls the policy's bulkhead stats until `done` holds (or 5s pass); returns the last
     /// reading, so callers assert on it.
     pub async fn wait_bulkhead(&self, policy: &str, done: impl Fn(&BulkheadStats) -> bool) -> BulkheadStats {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let s = self.bulkhead(policy).await;
-            if done(&s) || Instant::now() > deadline {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        poll(|| self.bulkhead(policy), done).await
     }
 
     /// Polls until the policy's bulkhead holds no permit and has nobody waiting (or 5s pass);
@@ -866,6 +845,19 @@ impl Envoy {
         }
         assert!(pinned.iter().all(|p| p.len() >= per_worker), "could not pin {per_worker} connections per worker");
         pinned
+    }
+}
+
+/// Reads `read` every 10ms until `done` holds or 5s pass; returns the last reading, so the
+/// caller asserts on it and a failure shows what was seen.
+async fn poll<T, F: std::future::Future<Output = T>>(mut read: impl FnMut() -> F, done: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = read().await;
+        if done(&v) || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

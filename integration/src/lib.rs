@@ -1,2 +1,20 @@
+//! The real-Envoy test kit: the controllable upstream, the Envoy harness, and the usual setup.
+
 pub mod envoy;
 pub mod upstream;
+
+use envoy::{Envoy, Spec};
+use upstream::Upstream;
+
+/// The test upstream on a free loopback port.
+pub async fn start_upstream() -> Upstream {
+    Upstream::start("127.0.0.1:0".parse().expect("loopback address")).await.expect("start the test upstream")
+}
+
+/// The test upstream, and Envoy (2 workers) in front of it with one route `/<name>` per policy
+/// of `policies` (a JSON object of policy bodies by name); see [`Spec::one_route_per_policy`].
+pub async fn setup(policies: serde_json::Value) -> (Upstream, Envoy) {
+    let up = start_upstream().await;
+    let envoy = Envoy::start(&Spec::one_route_per_policy(up.addr(), policies)).await;
+    (up, envoy)
+}

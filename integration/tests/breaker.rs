@@ -5,19 +5,8 @@
 //! Envoy's stats for the policy.
 
 use integration::envoy::{Envoy, PolicyStats, Reply, Spec, CLOSED, OPEN};
-use integration::upstream::Upstream;
-use serde_json::{json, Value};
-
-async fn upstream() -> Upstream {
-    Upstream::start("127.0.0.1:0".parse().unwrap()).await.unwrap()
-}
-
-/// Upstream and Envoy with one route `/<name>` per policy.
-async fn setup(policies: Value) -> (Upstream, Envoy) {
-    let up = upstream().await;
-    let envoy = Envoy::start(&Spec::one_route_per_policy(up.addr(), policies)).await;
-    (up, envoy)
-}
+use integration::{setup, start_upstream};
+use serde_json::json;
 
 /// `n` failing calls (upstream answers 500), each on a new connection, each recorded before the next.
 async fn fail(envoy: &Envoy, policy: &str, n: usize) {
@@ -237,7 +226,7 @@ async fn fast_fail_does_not_contact_upstream() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn per_route_isolation() {
-    let up = upstream().await;
+    let up = start_upstream().await;
     let breaker = json!({ "circuit_breaker": { "consecutive_failures": 2, "open_for": "3s" } });
     let spec = Spec::new(up.addr())
         .plugin(json!({
@@ -306,7 +295,7 @@ async fn dry_run_counts_rejections_but_lets_everything_through() {
 /// switches Breakwater off, so not even a catch-all rule sees those requests.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_route_with_the_filter_disabled_is_never_seen() {
-    let up = upstream().await;
+    let up = start_upstream().await;
     let policies = json!({ "all": { "circuit_breaker": { "consecutive_failures": 2, "open_for": "2s" } } });
     let spec = Spec::new(up.addr())
         .plugin(json!({ "policies": policies, "routes": [{ "match": {}, "policy": "all" }] }))

@@ -14,17 +14,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use integration::envoy::{BulkheadStats, Call, Conn, Envoy, Reply, Spec, CLOSED, OPEN};
+use integration::envoy::{BulkheadStats, Call, Conn, Envoy, Reply, CLOSED, OPEN};
+use integration::setup;
 use integration::upstream::{Arrival, Stats, Upstream};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
-
-/// Upstream and Envoy (2 workers) with one route `/<name>` per policy.
-async fn setup(policies: Value) -> (Upstream, Envoy) {
-    let up = Upstream::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let envoy = Envoy::start(&Spec::one_route_per_policy(up.addr(), policies).concurrency(2)).await;
-    (up, envoy)
-}
 
 /// A GET on a new connection, in the background.
 fn spawn_get(envoy: &Envoy, path: &str) -> JoinHandle<Reply> {

@@ -7,12 +7,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::Method;
 use integration::envoy::{Envoy, Reply, Spec, CLOSED, OPEN};
+use integration::start_upstream;
 use integration::upstream::Upstream;
 use serde_json::{json, Value};
-
-async fn upstream() -> Upstream {
-    Upstream::start("127.0.0.1:0".parse().unwrap()).await.unwrap()
-}
 
 /// Envoy with a single route `p` (prefix `/p`) to `cluster`, governed by policy `p`.
 async fn single_route(up: &Upstream, cluster: &str, timeout: Duration, breaker: Value) -> Envoy {
@@ -46,7 +43,7 @@ async fn two_errors_trip(envoy: &Envoy, path: &str, status: u16, body_part: &str
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_failure_counts_as_failure() {
-    let up = upstream().await;
+    let up = start_upstream().await;
     let envoy = single_route(&up, "dead", Duration::from_secs(5), two_failures()).await;
     two_errors_trip(&envoy, "/p", 503, "remote connection failure").await;
     assert_eq!(envoy.stat("cluster.dead.upstream_cx_connect_fail").await, 2, "exactly 2 connect attempts");
@@ -54,7 +51,7 @@ async fn connect_failure_counts_as_failure() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_reset_counts_as_failure() {
-    let up = upstream().await;
+    let up = start_upstream().await;
     let envoy = single_route(&up, "backend", Duration::from_secs(5), two_failures()).await;
     two_errors_trip(&envoy, "/p?reset=1", 503, "reset").await;
     let stats = up.stats();
@@ -63,7 +60,7 @@ async fn upstream_reset_counts_as_failure() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_stream_reset_over_h2_counts_as_failure() {
-    let up = upstream().await;
+    let up = start_upstream().await;
     let envoy = single_route(&up, "backend_h2", Duration::from_secs(5), two_failures()).await;
     two_errors_trip(&envoy, "/p?reset=1", 503, "reset").await;
     let stats = up.stats();
@@ -72,7 +69,7 @@ async fn upstream_stream_reset_over_h2_counts_as_failure() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn route_timeout_counts_as_failure() {
-    let up = upstream().await;
+    let up = start_upstream().await;
     let envoy = single_route(&up, "backend", Duration::from_millis(200), two_failures()).await;
     two_errors_trip(&envoy, "/p?delay_ms=500", 504, "upstream request timeout").await;
     assert_eq!(up.stats().requests, 2);
@@ -81,7 +78,7 @@ async fn route_timeout_counts_as_failure() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_failure_is_ignored_when_failure_on_says_so() {
-    let up = upstream().await;
+    let up = start_upstream().await;
     let breaker = json!({ "consecutive_failures": 2, "open_for": "3s", "failure_on": { "connect_failure": false } });
     let envoy = single_route(&up, "dead", Duration::from_secs(5), breaker).await;
     for r in envoy.send_recorded("p", "/p", 4).await {
@@ -107,7 +104,7 @@ async fn grpc_call(envoy: &Envoy, grpc_status: u32) -> Reply {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_unavailable_is_a_failure_and_not_found_is_not() {
-    let up = upstream().await;
+    let up = start_upstream().await;
     let envoy = single_route(&up, "backend_h2", Duration::from_secs(5), two_failures()).await;
     // NOT_FOUND (5) is not in the default failure_on.grpc_status [4, 13, 14].
     for i in 1..=3 {

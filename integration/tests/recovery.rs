@@ -4,17 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use integration::envoy::{get_and_abort, Envoy, PolicyStats, Reply, Spec, CLOSED, HALF_OPEN, OPEN};
+use integration::envoy::{get_and_abort, Envoy, PolicyStats, Reply, CLOSED, HALF_OPEN, OPEN};
+use integration::setup;
 use integration::upstream::Upstream;
 use serde_json::{json, Value};
 
 const OPEN_FOR: Duration = Duration::from_secs(1);
-
-async fn setup(policies: Value) -> (Upstream, Envoy) {
-    let up = Upstream::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let envoy = Envoy::start(&Spec::one_route_per_policy(up.addr(), policies)).await;
-    (up, envoy)
-}
 
 /// A policy `p` with consecutive_failures 2, open_for 1s and the given half_open settings.
 fn policy(half_open: Value, max_open_for: &str) -> Value {

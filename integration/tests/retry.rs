@@ -10,18 +10,8 @@ use std::time::{Duration, Instant};
 
 use integration::envoy::{Call, Envoy, Reply, Spec};
 use integration::upstream::Upstream;
-use serde_json::{json, Value};
-
-async fn upstream() -> Upstream {
-    Upstream::start("127.0.0.1:0".parse().unwrap()).await.unwrap()
-}
-
-/// Upstream and Envoy with one route `/<name>` per policy.
-async fn setup(policies: Value) -> (Upstream, Envoy) {
-    let up = upstream().await;
-    let envoy = Envoy::start(&Spec::one_route_per_policy(up.addr(), policies)).await;
-    (up, envoy)
-}
+use integration::{setup, start_upstream};
+use serde_json::json;
 
 /// Requests the upstream received on `path`.
 fn received(up: &Upstream, path: &str) -> u64 {
@@ -161,7 +151,7 @@ async fn the_per_try_timeout_takes_effect() {
 /// Breakwater policy with a budget but no `on` of its own caps it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retry_policy_on_the_envoy_route_is_budgeted_too() {
-    let up = upstream().await;
+    let up = start_upstream().await;
     let plugin = json!({
         "policies": { "p": { "retry": { "max_retries": 3, "budget": { "ratio": 0, "min_per_second": 1, "ttl": "10s" } } } },
         "routes": [{ "match": { "route_name": "budgeted" }, "policy": "p" }]

@@ -186,3 +186,78 @@ impl Host for FakeHost {
         self.process.queues.borrow_mut().get_mut(&queue).and_then(|q| q.pop_front())
     }
 }
+
+/// One worker of a fake process, for request-path scenarios: its host, its parked requests (its
+/// wake-up queue is token `id`) and its compiled configuration.
+pub struct Worker {
+    pub host: FakeHost,
+    pub parking: crate::parking::Parking,
+    pub c: Rc<crate::Compiled>,
+}
+
+impl Worker {
+    /// The first worker of a new process, with the configuration `config` (JSON).
+    pub fn first(config: &str) -> Worker {
+        Worker::new(FakeHost::new(), 1, config)
+    }
+    /// Another worker of `of`'s process.
+    pub fn second(of: &Worker, config: &str) -> Worker {
+        Worker::new(FakeHost::worker_of(&of.host), 2, config)
+    }
+    fn new(host: FakeHost, id: u32, config: &str) -> Worker {
+        host.process.queues.borrow_mut().insert(id, alloc::collections::VecDeque::new());
+        let parsed = crate::config::parse(config.as_bytes()).unwrap_or_else(|e| panic!("test config: {e}"));
+        let c = Rc::new(crate::Compiled::new(parsed, &host, "test"));
+        Worker { host, parking: crate::parking::Parking::new(id, true), c }
+    }
+    /// Request headers of stream `ticket` on route `route`, with `headers`.
+    pub fn send_with(
+        &self,
+        route: &str,
+        ticket: u32,
+        headers: &[(&str, &str)],
+    ) -> (crate::filter::Action, crate::filter::Stream) {
+        self.host.new_stream();
+        self.host.set_prop("xds.route_name", route.as_bytes());
+        for (k, v) in headers {
+            self.host.set_header(k, v);
+        }
+        crate::filter::on_request_headers(&self.c, &self.host, &self.parking, ticket)
+    }
+    pub fn send(&self, route: &str, ticket: u32) -> (crate::filter::Action, crate::filter::Stream) {
+        self.send_with(route, ticket, &[])
+    }
+    /// Stream `ticket` ends after `attempts` upstream attempts with `status` (0: no response,
+    /// e.g. the client left).
+    pub fn end_after(&self, ticket: u32, mut stream: crate::filter::Stream, attempts: u64, status: u16) {
+        if status != 0 {
+            self.host.set_response_header(":status", &status.to_string());
+            crate::filter::on_response_headers(&self.c, &self.host, &mut stream, false);
+        }
+        self.host.set_prop_u64("upstream.request_attempt_count", attempts);
+        self.host.set_prop_u64("response.flags", 0);
+        crate::filter::on_log(&self.c, &self.host, &self.parking, ticket, stream);
+    }
+    /// Stream `ticket` ends with `status` after one attempt.
+    pub fn end(&self, ticket: u32, stream: crate::filter::Stream, status: u16) {
+        self.end_after(ticket, stream, 1, status);
+    }
+    /// `on_queue_ready`: the streams this worker resumes.
+    pub fn wake(&self) -> Vec<u32> {
+        self.host.resumed.borrow_mut().clear();
+        crate::bulkhead::wake(&self.host, &self.parking, self.parking.worker.get());
+        self.host.resumed.borrow().clone()
+    }
+    /// `on_tick`.
+    pub fn tick(&self) {
+        crate::filter::sync(&self.c, &self.host, &self.parking);
+        crate::bulkhead::expire(&self.host, &self.parking);
+    }
+    pub fn at(&self, ns: u64) -> &Self {
+        self.host.now.set(ns);
+        self
+    }
+    pub fn stat(&self, name: &str) -> i64 {
+        self.host.metric(name)
+    }
+}

@@ -1,14 +1,7 @@
 //! The bulkhead on the request path, against fake workers of one process: what Envoy would see.
 
-use crate::config;
-use crate::fake::FakeHost;
-use crate::filter::{on_log, on_request_headers, on_response_headers, Action, Stream};
-use crate::parking::Parking;
-use crate::Compiled;
-use alloc::collections::VecDeque;
-use alloc::rc::Rc;
-use alloc::string::ToString;
-use alloc::vec::Vec;
+use crate::fake::Worker;
+use crate::filter::Action;
 use breakwater_policies::{MS, SECOND};
 
 const CONFIG: &str = r#"{
@@ -31,69 +24,18 @@ const CONFIG: &str = r#"{
   ]
 }"#;
 
-/// One worker: its host, its parked requests (its wake-up queue is token `id`), its config.
-struct Worker {
-    host: FakeHost,
-    parking: Parking,
-    c: Rc<Compiled>,
+fn first() -> Worker {
+    Worker::first(CONFIG)
 }
 
-impl Worker {
-    fn first() -> Worker {
-        Worker::new(FakeHost::new(), 1)
-    }
-    fn second(of: &Worker) -> Worker {
-        Worker::new(FakeHost::worker_of(&of.host), 2)
-    }
-    fn new(host: FakeHost, id: u32) -> Worker {
-        host.process.queues.borrow_mut().insert(id, VecDeque::new());
-        let c = Rc::new(Compiled::new(config::parse(CONFIG.as_bytes()).unwrap(), &host, "test"));
-        Worker { host, parking: Parking::new(id, true), c }
-    }
-    /// Request headers of stream `ticket` on `route`.
-    fn send(&self, route: &str, ticket: u32) -> (Action, Stream) {
-        self.send_with(route, ticket, &[])
-    }
-    fn send_with(&self, route: &str, ticket: u32, headers: &[(&str, &str)]) -> (Action, Stream) {
-        self.host.new_stream();
-        self.host.set_prop("xds.route_name", route.as_bytes());
-        for (k, v) in headers {
-            self.host.set_header(k, v);
-        }
-        on_request_headers(&self.c, &self.host, &self.parking, ticket)
-    }
-    /// The stream ends with a response of `status` (0: none, e.g. the client left).
-    fn end(&self, ticket: u32, mut stream: Stream, status: u16) {
-        if status != 0 {
-            self.host.set_response_header(":status", &status.to_string());
-            on_response_headers(&self.c, &self.host, &mut stream, false);
-        }
-        self.host.set_prop_u64("response.flags", 0);
-        on_log(&self.c, &self.host, &self.parking, ticket, stream);
-    }
-    /// `on_queue_ready`: what this worker resumes.
-    fn wake(&self) -> Vec<u32> {
-        self.host.resumed.borrow_mut().clear();
-        super::wake(&self.host, &self.parking, self.parking.worker.get());
-        self.host.resumed.borrow().clone()
-    }
-    fn tick(&self) {
-        crate::filter::sync(&self.c, &self.host, &self.parking);
-        super::expire(&self.host, &self.parking);
-    }
-    fn at(&self, ns: u64) -> &Self {
-        self.host.now.set(ns);
-        self
-    }
-    fn stat(&self, name: &str) -> i64 {
-        self.host.metric(name)
-    }
+fn second(of: &Worker) -> Worker {
+    Worker::second(of, CONFIG)
 }
 
 #[test]
 fn the_limit_holds_across_workers_and_the_next_request_is_refused_at_once() {
-    let w1 = Worker::first();
-    let w2 = Worker::second(&w1);
+    let w1 = first();
+    let w2 = second(&w1);
     let (a, _) = w1.send("plain", 10);
     assert_eq!(a, Action::Continue);
     let (b, _) = w2.send("plain", 20);
@@ -109,7 +51,7 @@ fn the_limit_holds_across_workers_and_the_next_request_is_refused_at_once() {
 
 #[test]
 fn a_permit_comes_back_however_the_stream_ends() {
-    let w = Worker::first();
+    let w = first();
     for status in [200, 503, 0] {
         let (a, s) = w.send("plain", 1);
         assert_eq!(a, Action::Continue, "status {status}: the previous permit was returned");
@@ -120,8 +62,8 @@ fn a_permit_comes_back_however_the_stream_ends() {
 
 #[test]
 fn a_waiter_on_another_worker_is_woken_when_a_permit_frees_and_holds_it_until_it_ends() {
-    let w1 = Worker::first();
-    let w2 = Worker::second(&w1);
+    let w1 = first();
+    let w2 = second(&w1);
     let (_, s1) = w1.send("orders", 1);
     let (_, _s2) = w1.send("orders", 2);
     let (queued, s3) = w2.at(5 * MS).send("orders", 3);
@@ -140,8 +82,8 @@ fn a_waiter_on_another_worker_is_woken_when_a_permit_frees_and_holds_it_until_it
 
 #[test]
 fn waiters_are_admitted_in_arrival_order() {
-    let w1 = Worker::first();
-    let w2 = Worker::second(&w1);
+    let w1 = first();
+    let w2 = second(&w1);
     let (_, s1) = w1.send("orders", 1);
     let (_, s2) = w1.send("orders", 2);
     assert_eq!(w2.send("orders", 3).0, Action::Queued);
@@ -155,7 +97,7 @@ fn waiters_are_admitted_in_arrival_order() {
 
 #[test]
 fn a_waiter_past_its_timeout_gets_queue_timeout_at_the_next_tick_and_nothing_leaks() {
-    let w = Worker::first();
+    let w = first();
     let (_, s1) = w.send("orders", 1);
     let (_, _s2) = w.send("orders", 2);
     let (_, s3) = w.at(0).send("orders", 3);
@@ -175,7 +117,7 @@ fn a_waiter_past_its_timeout_gets_queue_timeout_at_the_next_tick_and_nothing_lea
 
 #[test]
 fn a_waiter_whose_client_leaves_leaves_the_queue() {
-    let w = Worker::first();
+    let w = first();
     let (_, s1) = w.send("orders", 1);
     let (_, _s2) = w.send("orders", 2);
     let (_, s3) = w.send("orders", 3);
@@ -188,8 +130,8 @@ fn a_waiter_whose_client_leaves_leaves_the_queue() {
 
 #[test]
 fn a_client_that_leaves_after_its_grant_but_before_its_wake_up_gives_the_permit_back() {
-    let w1 = Worker::first();
-    let w2 = Worker::second(&w1);
+    let w1 = first();
+    let w2 = second(&w1);
     let (_, s1) = w1.send("orders", 1);
     let (_, _s2) = w1.send("orders", 2);
     let (_, s3) = w2.send("orders", 3);
@@ -202,8 +144,8 @@ fn a_client_that_leaves_after_its_grant_but_before_its_wake_up_gives_the_permit_
 
 #[test]
 fn a_permit_granted_to_a_dead_workers_waiter_goes_to_the_next_in_line() {
-    let w1 = Worker::first();
-    let w2 = Worker::second(&w1);
+    let w1 = first();
+    let w2 = second(&w1);
     let (_, s1) = w1.send("orders", 1);
     let (_, _s2) = w1.send("orders", 2);
     assert_eq!(w2.send("orders", 3).0, Action::Queued);
@@ -216,7 +158,7 @@ fn a_permit_granted_to_a_dead_workers_waiter_goes_to_the_next_in_line() {
 
 #[test]
 fn the_priority_header_picks_the_class_and_reserved_capacity_holds_against_a_flood() {
-    let w = Worker::first();
+    let w = first();
     let bg = [("x-priority", "background")];
     assert_eq!(w.send_with("tiered", 1, &bg).0, Action::Continue);
     assert_eq!(w.send_with("tiered", 2, &bg).0, Action::Rejected, "background: max 1");
@@ -227,7 +169,7 @@ fn the_priority_header_picks_the_class_and_reserved_capacity_holds_against_a_flo
 
 #[test]
 fn a_request_the_breaker_rejects_takes_no_permit_and_a_bulkhead_refusal_is_not_a_failure() {
-    let w = Worker::first();
+    let w = first();
     let (_, s1) = w.send("guarded", 1);
     let (refused, s2) = w.send("guarded", 2);
     assert_eq!(refused, Action::Rejected, "bulkhead full");
@@ -245,7 +187,7 @@ fn a_request_the_breaker_rejects_takes_no_permit_and_a_bulkhead_refusal_is_not_a
 
 #[test]
 fn dry_run_counts_what_it_would_refuse_and_neither_refuses_nor_queues() {
-    let w = Worker::first();
+    let w = first();
     let (a1, s1) = w.send("shadow", 1);
     let (a2, s2) = w.send("shadow", 2);
     assert_eq!((a1, a2), (Action::Continue, Action::Continue));
@@ -258,8 +200,8 @@ fn dry_run_counts_what_it_would_refuse_and_neither_refuses_nor_queues() {
 
 #[test]
 fn a_worker_holding_permits_renews_them_at_sync_so_they_are_never_reclaimed() {
-    let w1 = Worker::first();
-    let w2 = Worker::second(&w1);
+    let w1 = first();
+    let w2 = second(&w1);
     let (_, _s1) = w1.at(0).send("plain", 1);
     for t in 1..=30 {
         w1.at(t * SECOND).tick();
@@ -269,8 +211,8 @@ fn a_worker_holding_permits_renews_them_at_sync_so_they_are_never_reclaimed() {
 
 #[test]
 fn a_dead_workers_permits_are_reclaimed_after_ten_seconds_of_silence() {
-    let w1 = Worker::first();
-    let w2 = Worker::second(&w1);
+    let w1 = first();
+    let w2 = second(&w1);
     let (_, _s1) = w1.at(0).send("plain", 1);
     assert_eq!(w2.at(10 * SECOND).send("plain", 2).0, Action::Rejected);
     assert_eq!(w2.at(10 * SECOND + 1).send("plain", 3).0, Action::Continue, "worker 1 never renewed");
@@ -279,7 +221,7 @@ fn a_dead_workers_permits_are_reclaimed_after_ten_seconds_of_silence() {
 
 #[test]
 fn a_bulkhead_request_costs_the_route_name_and_two_cas_round_trips() {
-    let w = Worker::first();
+    let w = first();
     w.host.take_calls();
     let (_, s) = w.send("plain", 1);
     w.end(1, s, 200);

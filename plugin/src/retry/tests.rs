@@ -1,13 +1,9 @@
 //! Retries and the retry budget on the request path, against fake workers of one process.
 
-use crate::config;
-use crate::fake::FakeHost;
-use crate::filter::{on_log, on_request_headers, on_response_headers, sync, Action, Stream};
+use crate::fake::Worker;
+use crate::filter::{Action, Stream};
 use crate::host::Host;
-use crate::parking::Parking;
-use crate::Compiled;
-use alloc::rc::Rc;
-use alloc::string::{String, ToString};
+use alloc::string::String;
 use alloc::vec::Vec;
 use breakwater_policies::SECOND;
 
@@ -34,57 +30,30 @@ const CONFIG: &str = r#"{
   ]
 }"#;
 
-struct Worker {
-    host: FakeHost,
-    parking: Parking,
-    c: Rc<Compiled>,
+fn first() -> Worker {
+    Worker::first(CONFIG)
 }
 
-impl Worker {
-    fn first() -> Worker {
-        Worker::new(FakeHost::new())
-    }
-    fn second(of: &Worker) -> Worker {
-        Worker::new(FakeHost::worker_of(&of.host))
-    }
-    fn new(host: FakeHost) -> Worker {
-        let c = Rc::new(Compiled::new(config::parse(CONFIG.as_bytes()).unwrap(), &host, "test"));
-        Worker { host, parking: Parking::new(7, false), c }
-    }
-    /// Request headers; returns the action, the stream, and the max-retries header set.
-    fn send(&self, route: &str) -> (Action, Stream, Option<String>) {
-        self.host.new_stream();
-        self.host.set_prop("xds.route_name", route.as_bytes());
-        let (action, stream) = on_request_headers(&self.c, &self.host, &self.parking, 1);
-        (action, stream, self.host.request_header("x-envoy-max-retries"))
-    }
-    /// The stream ends after `attempts` attempts with `status`.
-    fn end(&self, mut stream: Stream, attempts: u64, status: u16) {
-        self.host.set_response_header(":status", &status.to_string());
-        on_response_headers(&self.c, &self.host, &mut stream, false);
-        self.host.set_prop_u64("upstream.request_attempt_count", attempts);
-        self.host.set_prop_u64("response.flags", 0);
-        on_log(&self.c, &self.host, &self.parking, 1, stream);
-    }
-    fn allowed(&self, route: &str) -> u32 {
-        self.send(route).2.unwrap().parse().unwrap()
-    }
-    fn sync(&self) {
-        sync(&self.c, &self.host, &self.parking);
-    }
-    fn at(&self, ns: u64) -> &Self {
-        self.host.now.set(ns);
-        self
-    }
-    fn stat(&self, name: &str) -> i64 {
-        self.host.metric(name)
-    }
+/// Request headers on `route`: the action, the stream, and the `x-envoy-max-retries` sent.
+fn send(w: &Worker, route: &str) -> (Action, Stream, Option<String>) {
+    let (action, stream) = w.send(route, 1);
+    (action, stream, w.host.request_header("x-envoy-max-retries"))
+}
+
+/// The retries a new request on `route` is allowed.
+fn allowed(w: &Worker, route: &str) -> u32 {
+    send(w, route).2.unwrap().parse().unwrap()
+}
+
+/// The stream ends after `attempts` attempts with `status`.
+fn end(w: &Worker, stream: Stream, attempts: u64, status: u16) {
+    w.end_after(1, stream, attempts, status);
 }
 
 #[test]
 fn the_router_is_told_how_to_retry_each_request() {
-    let w = Worker::first();
-    w.send("checkout");
+    let w = first();
+    send(&w, "checkout");
     let h = |name: &str| w.host.request_header(name);
     assert_eq!(h("x-envoy-retry-on").as_deref(), Some("5xx,reset,connect-failure,retriable-status-codes"));
     assert_eq!(h("x-envoy-retry-grpc-on").as_deref(), Some("unavailable"));
@@ -95,8 +64,8 @@ fn the_router_is_told_how_to_retry_each_request() {
 
 #[test]
 fn without_on_the_routes_own_retry_policy_is_kept_and_only_capped_by_the_budget() {
-    let w = Worker::first();
-    w.send("route_policy");
+    let w = first();
+    send(&w, "route_policy");
     assert_eq!(w.host.request_header("x-envoy-retry-on"), None);
     assert_eq!(w.host.request_header("x-envoy-max-retries").as_deref(), Some("2"));
 }
@@ -104,41 +73,41 @@ fn without_on_the_routes_own_retry_policy_is_kept_and_only_capped_by_the_budget(
 #[test]
 fn concurrent_requests_share_the_budget_and_never_overdraw_it_across_workers() {
     // Budget: 1/s × 10 s = 10 retries, nothing deposited yet; 3 wanted per request.
-    let w1 = Worker::first();
-    let w2 = Worker::second(&w1);
+    let w1 = first();
+    let w2 = Worker::second(&w1, CONFIG);
     let granted: Vec<u32> =
-        (0..6).map(|i| if i % 2 == 0 { w1.allowed("checkout") } else { w2.allowed("checkout") }).collect();
+        (0..6).map(|i| if i % 2 == 0 { allowed(&w1, "checkout") } else { allowed(&w2, "checkout") }).collect();
     assert_eq!(granted, [3, 3, 3, 1, 0, 0]);
     assert_eq!(w1.stat("retry_denied.policy.checkout.reason.budget_exhausted"), 2);
 }
 
 #[test]
 fn retries_a_request_did_not_use_are_refunded() {
-    let w = Worker::first();
-    let streams: Vec<Stream> = (0..3).map(|_| w.send("checkout").1).collect();
-    assert_eq!(w.allowed("checkout"), 1, "9 of 10 reserved");
+    let w = first();
+    let streams: Vec<Stream> = (0..3).map(|_| send(&w, "checkout").1).collect();
+    assert_eq!(allowed(&w, "checkout"), 1, "9 of 10 reserved");
     for s in streams {
-        w.end(s, 2, 200); // one retry each: two of three come back
+        end(&w, s, 2, 200); // one retry each: two of three come back
     }
-    assert_eq!(w.allowed("checkout"), 3);
+    assert_eq!(allowed(&w, "checkout"), 3);
     assert_eq!((w.stat("retries.policy.checkout"), w.stat("retry_rescued.policy.checkout")), (3, 3));
 }
 
 #[test]
 fn a_request_that_failed_after_its_retries_is_not_rescued() {
-    let w = Worker::first();
-    let (_, s, _) = w.send("checkout");
-    w.end(s, 4, 503);
+    let w = first();
+    let (_, s, _) = send(&w, "checkout");
+    end(&w, s, 4, 503);
     assert_eq!((w.stat("retries.policy.checkout"), w.stat("retry_rescued.policy.checkout")), (3, 0));
 }
 
 #[test]
 fn each_request_earns_ratio_of_a_retry_and_the_budget_never_runs_ahead_of_it() {
     // ratio 0.5, no reserve: requests 1..=n may have used floor(n / 2) retries between them.
-    let w = Worker::first();
+    let w = first();
     let mut total = 0;
     for n in 1..=10 {
-        total += w.allowed("earned");
+        total += allowed(&w, "earned");
         assert_eq!(total, n / 2, "after {n} requests");
     }
     assert_eq!(w.stat("retry_budget_remaining.policy.earned"), 0);
@@ -146,76 +115,77 @@ fn each_request_earns_ratio_of_a_retry_and_the_budget_never_runs_ahead_of_it() {
 
 #[test]
 fn deposits_made_while_served_from_stock_reach_the_budget_at_sync() {
-    let w = Worker::first();
+    let w = first();
     for _ in 0..5 {
-        let (_, s, _) = w.send("plenty");
-        w.end(s, 1, 200);
+        let (_, s, _) = send(&w, "plenty");
+        end(&w, s, 1, 200);
     }
     // The first request withdrew 3 + a stock of 24 and handed over its own deposit.
     assert_eq!(w.stat("retry_budget_remaining.policy.plenty"), 10_000 - 27);
-    w.sync();
+    w.tick();
     assert_eq!(w.stat("retry_budget_remaining.policy.plenty"), 10_000 - 27 + 1, "five deposits of 0.2 make one retry");
     for _ in 0..20 {
-        let (_, s, _) = w.send("plenty");
-        w.end(s, 1, 200);
+        let (_, s, _) = send(&w, "plenty");
+        end(&w, s, 1, 200);
     }
-    w.sync();
+    w.tick();
     assert_eq!(w.stat("retry_budget_remaining.policy.plenty"), 10_000 - 27 + 5, "25 requests × 0.2");
 }
 
 #[test]
 fn with_budget_to_spare_a_worker_serves_retries_from_its_stock_without_shared_data() {
-    let w = Worker::first();
-    let (_, first, _) = w.send("plenty");
+    let w = first();
+    let (_, first, _) = send(&w, "plenty");
     w.host.take_calls();
     let mut streams = Vec::new();
     for _ in 0..8 {
-        let (_, s, allowed) = w.send("plenty");
+        let (_, s, allowed) = send(&w, "plenty");
         assert_eq!(allowed.as_deref(), Some("3"));
         streams.push(s);
     }
     let calls = w.host.take_calls();
     assert_eq!(calls.get("shared_get"), None, "{calls:?}");
     for s in streams.into_iter().chain([first]) {
-        w.end(s, 1, 200);
+        end(&w, s, 1, 200);
     }
     assert_eq!(w.host.take_calls().get("shared_get"), None, "refunds go back to the stock");
 }
 
 #[test]
 fn a_stock_from_a_past_bucket_goes_back_at_sync() {
-    let w = Worker::first();
-    w.at(0).send("plenty");
-    w.at(2 * SECOND).sync();
+    let w = first();
+    w.at(0);
+    send(&w, "plenty");
+    w.at(2 * SECOND).tick();
     let remaining = w.stat("retry_budget_remaining.policy.plenty");
     assert_eq!(remaining, 10_000 - 3, "the stock of 24 went back; the request in flight keeps its 3");
 }
 
 #[test]
 fn an_unbudgeted_policy_allows_max_retries_and_touches_no_shared_data() {
-    let w = Worker::first();
+    let w = first();
     w.host.take_calls();
-    assert_eq!(w.allowed("unbudgeted"), 2);
+    assert_eq!(allowed(&w, "unbudgeted"), 2);
     assert_eq!(w.host.take_calls().get("shared_get"), None);
 }
 
 #[test]
 fn dry_run_lets_every_retry_through_and_counts_what_the_budget_would_deny() {
-    let w = Worker::first();
-    let (_, s, allowed) = w.send("shadow");
+    let w = first();
+    let (_, s, allowed) = send(&w, "shadow");
     assert_eq!(allowed.as_deref(), Some("3"));
     assert_eq!(w.stat("dry_run_retry_denied.policy.shadow.reason.budget_exhausted"), 1);
     assert_eq!(w.stat("retry_denied.policy.shadow.reason.budget_exhausted"), 0);
-    w.end(s, 3, 200);
+    end(&w, s, 3, 200);
     assert_eq!(w.stat("retries.policy.shadow"), 2);
 }
 
 #[test]
 fn a_request_the_bulkhead_refuses_reserves_no_retries() {
-    let w = Worker::first();
-    let (a, _held, _) = w.send("full");
+    let w = first();
+    let (a, _held, _) = send(&w, "full");
     assert_eq!(a, Action::Continue);
     w.host.headers.borrow_mut().clear();
-    let (refused, _, allowed) = w.send("full");
+    let (refused, _, allowed) = send(&w, "full");
     assert_eq!((refused, allowed), (Action::Rejected, None));
 }
