@@ -234,6 +234,7 @@ impl Worker {
             self.host.set_response_header(":status", &status.to_string());
             crate::filter::on_response_headers(&self.c, &self.host, &mut stream, false);
         }
+        self.host.set_prop_u64("response.code", u64::from(status));
         self.host.set_prop_u64("upstream.request_attempt_count", attempts);
         self.host.set_prop_u64("response.flags", 0);
         crate::filter::on_log(&self.c, &self.host, &self.parking, ticket, stream);

@@ -226,15 +226,13 @@ fn rejected(c: &Compiled, host: &impl Host, policy: usize, retry_after_ns: u64) 
 
 /// Notes the status of a tracked stream's response (an upstream's or a local reply's).
 pub fn on_response_headers(c: &Compiled, host: &impl Host, stream: &mut Stream, end_of_stream: bool) {
-    let Stream::Admitted { policy, status, grpc_status, counted, retry, .. } = stream else { return };
-    // Only the breaker and the retry stats care how the response went.
-    if !*counted && retry.is_none() {
-        return;
-    }
+    // Only the breaker needs every response's status; the retry stats look it up in on_log, and
+    // only for the rare request that was retried.
+    let Stream::Admitted { policy, status, grpc_status, counted: true, .. } = stream else { return };
     *status = host.response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
     // A trailers-only gRPC response carries its grpc-status in the headers, and has no body:
     // only then is it worth a look (a plain HTTP 200 almost always has a body).
-    if *counted && *status == 200 && end_of_stream && c.counts_grpc(*policy) {
+    if *status == 200 && end_of_stream && c.counts_grpc(*policy) {
         *grpc_status = host.response_header("grpc-status").and_then(|s| s.parse().ok());
     }
 }

@@ -141,6 +141,11 @@ pub fn settle(c: &Compiled, host: &impl Host, policy: usize, grant: Grant, forwa
     let mx = m(c, policy);
     if retries > 0 {
         metrics::add(host, mx.retries, i64::from(retries));
+        // Without a breaker the response headers were not read: ask now, for this rare case.
+        let status = match status {
+            0 => property_u64(host, &["response", "code"]).unwrap_or(0),
+            s => u64::from(s),
+        };
         if (1..500).contains(&status) {
             metrics::inc(host, mx.rescued);
         }

@@ -162,6 +162,21 @@ fn a_stock_from_a_past_bucket_goes_back_at_sync() {
 }
 
 #[test]
+fn a_retry_policy_without_a_breaker_reads_the_status_only_for_a_retried_request() {
+    let w = first();
+    let (_, s, _) = send(&w, "plenty");
+    w.host.take_calls();
+    end(&w, s, 1, 200);
+    let calls = w.host.take_calls();
+    assert_eq!((calls.get("header"), calls.get("property")), (None, Some(&1)), "the attempt count only: {calls:?}");
+    let (_, s, _) = send(&w, "plenty");
+    w.host.take_calls();
+    end(&w, s, 2, 200);
+    assert_eq!(w.host.take_calls().get("property"), Some(&2), "then the status too");
+    assert_eq!(w.stat("retry_rescued.policy.plenty"), 1);
+}
+
+#[test]
 fn an_unbudgeted_policy_allows_max_retries_and_touches_no_shared_data() {
     let w = first();
     w.host.take_calls();
