@@ -650,3 +650,39 @@ async fn prometheus_names() {
     assert!(!text.contains("wasmcustom"), "no untagged names:\n{}", shown());
     assert_eq!(up.stats().requests, 2, "only the holder and the waiter reached the upstream");
 }
+
+/// gRPC over HTTP/2 through the queue: a waiting gRPC call that times out gets a trailers-only
+/// gRPC reply (UNAVAILABLE, `x-breakwater: queue-timeout`), although Breakwater sends it from its
+/// tick rather than from the request's own callback; one that a freed permit wakes goes through
+/// to the upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_calls_wait_and_time_out_as_grpc() {
+    let (up, envoy) =
+        setup(json!({ "p": { "bulkhead": { "max_concurrent": 1, "queue": { "max_size": 4, "timeout": "300ms" } } } }))
+            .await;
+    let grpc = [("content-type", "application/grpc"), ("te", "trailers")];
+    let holder = spawn_get(&envoy, "/p?delay_ms=800");
+    wait_bulkhead(&envoy, "p", "the holder admitted", |b| b.active == 1).await;
+    let t = Instant::now();
+    let r = envoy
+        .h2_request(hyper::Method::POST, "/p/pkg.Svc/Call?grpc_status=0", &grpc, bytes::Bytes::from_static(&[0; 5]))
+        .await;
+    assert_eq!((r.status, r.header("grpc-status")), (200, Some("14")), "trailers-only UNAVAILABLE: {r:?}");
+    assert!(r.is_queue_timeout(), "{r:?}");
+    assert!(r.header("grpc-message").is_some_and(|m| m.contains("queue-timeout")), "{r:?}");
+    assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
+    assert_passed(&holder.await.unwrap());
+
+    // Now a gRPC call waits behind a short holder and is woken.
+    let holder = spawn_get(&envoy, "/p?delay_ms=100");
+    wait_bulkhead(&envoy, "p", "the holder admitted", |b| b.active == 1).await;
+    let r = envoy
+        .h2_request(hyper::Method::POST, "/p/pkg.Svc/Call?grpc_status=0", &grpc, bytes::Bytes::from_static(&[0; 5]))
+        .await;
+    // The upstream's own answer: grpc-status comes in its trailers, and no Breakwater header.
+    assert!(r.from_upstream() && r.status == 200 && r.header("x-breakwater").is_none(), "woken: {r:?}");
+    assert_passed(&holder.await.unwrap());
+    let b = assert_idle(&envoy, "p").await;
+    assert_eq!((b.waited, b.queue_timeout), (1, 1), "{b:?}");
+    assert_eq!(up.stats().requests, 3, "two holders and the woken call");
+}
