@@ -1,4 +1,4 @@
-//! Breakwater: per-route circuit breakers and bulkheads for Envoy, as a proxy-wasm HTTP filter.
+//! Breakwater: per-route circuit breakers, bulkheads and retry budgets for Envoy, as a proxy-wasm HTTP filter.
 //!
 //! * [`config`] parses and validates the plugin configuration once, in `on_configure`.
 //! * [`routes`] picks the policy for a request (first matching rule wins).
