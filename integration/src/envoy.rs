@@ -156,12 +156,14 @@ pub struct Spec {
     plugin: PluginConfig,
     routes: Vec<RouteSpec>,
     concurrency: u32,
+    /// Serve the listener from this LDS file instead of the bootstrap (see [`Spec::reloadable`]).
+    lds: Option<(PathBuf, u16)>,
 }
 
 impl Spec {
     /// `backend` is where the `backend` and `backend_h2` clusters point (the test upstream).
     pub fn new(backend: SocketAddr) -> Spec {
-        Spec { backend, plugin: PluginConfig::Json(json!({})), routes: Vec::new(), concurrency: 2 }
+        Spec { backend, plugin: PluginConfig::Json(json!({})), routes: Vec::new(), concurrency: 2, lds: None }
     }
 
     /// The plugin configuration, as JSON.
@@ -237,6 +239,14 @@ impl Spec {
         spec
     }
 
+    /// The listener comes from a file that Envoy watches (LDS from a path), on a fixed port, so
+    /// [`Envoy::reload`] can change the plugin configuration of the running Envoy, as a control
+    /// plane (or Istio) would.
+    pub fn reloadable(mut self) -> Spec {
+        self.lds = Some((unique_dir("lds").join("lds.json"), dead_port()));
+        self
+    }
+
     /// Worker threads (default 2).
     pub fn concurrency(mut self, n: u32) -> Spec {
         self.concurrency = n;
@@ -253,30 +263,6 @@ impl Spec {
     /// The bootstrap as YAML: block keys at the top, JSON (a YAML flow subset) inside, and the
     /// shipped `stats_config` block verbatim.
     pub fn yaml(&self) -> String {
-        let wasm = wasm_path();
-        let routes: Vec<Value> = self
-            .routes
-            .iter()
-            .map(|r| {
-                let mut route = json!({
-                    "match": { "prefix": r.prefix },
-                    "route": { "cluster": r.cluster, "timeout": format!("{}s", r.timeout.as_secs_f64()) }
-                });
-                if let Some(name) = &r.name {
-                    route["name"] = json!(name);
-                }
-                if let Some(policy) = &r.retry_policy {
-                    route["route"]["retry_policy"] = policy.clone();
-                }
-                if r.filter_disabled {
-                    route["typed_per_filter_config"] = json!({ "breakwater": {
-                        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
-                        "disabled": true
-                    }});
-                }
-                route
-            })
-            .collect();
         let cluster = |name: &str, port: u16, h2: bool| {
             let mut c = json!({
                 "name": name,
@@ -306,10 +292,83 @@ impl Spec {
             }
             c
         };
-        let static_resources = json!({
-            "listeners": [{
+        let mut static_resources = json!({
+            "listeners": [self.listener_config()],
+            "clusters": [
+                cluster("backend", self.backend.port(), false),
+                cluster("backend_h2", self.backend.port(), true),
+                cluster("dead", dead_port(), false),
+            ]
+        });
+        let mut dynamic = String::new();
+        if let Some((path, _)) = &self.lds {
+            static_resources["listeners"] = json!([]);
+            let lds = json!({ "lds_config": { "path_config_source": { "path": path }, "resource_api_version": "V3" } });
+            // Dynamic resources need a node identity, even from a file.
+            dynamic = format!(
+                "dynamic_resources: {}\nnode: {{ id: breakwater-test, cluster: breakwater-test }}\n",
+                serde_json::to_string(&lds).expect("json")
+            );
+        }
+        let admin = json!({ "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } });
+        format!(
+            "admin: {}\n{}static_resources: {}\n{dynamic}",
+            serde_json::to_string(&admin).expect("json"),
+            shipped_stats_config(),
+            serde_json::to_string(&static_resources).expect("json"),
+        )
+    }
+
+    /// The LDS file's contents: the listener as its one resource.
+    fn lds_json(&self) -> String {
+        let mut listener = self.listener_config();
+        listener["@type"] = json!("type.googleapis.com/envoy.config.listener.v3.Listener");
+        serde_json::to_string_pretty(&json!({ "resources": [listener] })).expect("json")
+    }
+
+    /// Writes the LDS file, atomically (Envoy reacts to the file being moved into place).
+    fn write_lds(&self) {
+        if let Some((path, _)) = &self.lds {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, self.lds_json()).expect("write the LDS file");
+            std::fs::rename(&tmp, path).expect("move the LDS file into place");
+        }
+    }
+
+    /// The Envoy routes, as JSON.
+    fn route_configs(&self) -> Vec<Value> {
+        self.routes
+            .iter()
+            .map(|r| {
+                let mut route = json!({
+                    "match": { "prefix": r.prefix },
+                    "route": { "cluster": r.cluster, "timeout": format!("{}s", r.timeout.as_secs_f64()) }
+                });
+                if let Some(name) = &r.name {
+                    route["name"] = json!(name);
+                }
+                if let Some(policy) = &r.retry_policy {
+                    route["route"]["retry_policy"] = policy.clone();
+                }
+                if r.filter_disabled {
+                    route["typed_per_filter_config"] = json!({ "breakwater": {
+                        "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                        "disabled": true
+                    }});
+                }
+                route
+            })
+            .collect()
+    }
+
+    /// The ingress listener: the Breakwater filter in front of the router.
+    fn listener_config(&self) -> Value {
+        let wasm = wasm_path();
+        let routes = self.route_configs();
+        let port = self.lds.as_ref().map_or(0, |(_, port)| *port);
+        json!({
                 "name": "ingress",
-                "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } },
+                "address": { "socket_address": { "address": "127.0.0.1", "port_value": port } },
                 "filter_chains": [{ "filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
                     "typed_config": {
@@ -350,20 +409,7 @@ impl Spec {
                         ]
                     }
                 }]}]
-            }],
-            "clusters": [
-                cluster("backend", self.backend.port(), false),
-                cluster("backend_h2", self.backend.port(), true),
-                cluster("dead", dead_port(), false),
-            ]
-        });
-        let admin = json!({ "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } });
-        format!(
-            "admin: {}\n{}static_resources: {}\n",
-            serde_json::to_string(&admin).expect("json"),
-            shipped_stats_config(),
-            serde_json::to_string(&static_resources).expect("json"),
-        )
+        })
     }
 }
 
@@ -397,12 +443,27 @@ pub struct Envoy {
 impl Envoy {
     /// Starts Envoy with a generated bootstrap; panics with the log tail if it does not come up.
     pub async fn start(spec: &Spec) -> Envoy {
-        Self::try_start_yaml(&spec.yaml(), spec.concurrency).await.unwrap_or_else(|e| panic!("{e}"))
+        Self::try_start(spec).await.unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Starts Envoy with a generated bootstrap, reporting a failed start instead of panicking.
     pub async fn try_start(spec: &Spec) -> Result<Envoy, StartError> {
+        spec.write_lds();
         Self::try_start_yaml(&spec.yaml(), spec.concurrency).await
+    }
+
+    /// Hands the running Envoy `spec`'s listener (a [`Spec::reloadable`] one, with a new plugin
+    /// configuration, say) and waits until Envoy has taken it. Envoy keeps the Wasm VMs and gives
+    /// the plugin a new root context; streams already running stay with the old configuration.
+    pub async fn reload(&self, spec: &Spec) {
+        assert!(spec.lds.is_some(), "only a Spec::reloadable() Envoy can reload");
+        let before = self.stat("listener_manager.lds.update_success").await;
+        spec.write_lds();
+        let after = poll(|| self.stat("listener_manager.lds.update_success"), |n| *n > before).await;
+        assert!(after > before, "Envoy did not take the new listener:\n{}", tail(&self.log(), 20));
+        // The new filter chain is in place once the listener reports ready again.
+        let warming = poll(|| self.stat("listener_manager.total_listeners_warming"), |n| *n == 0).await;
+        assert_eq!(warming, 0, "the new listener is still warming");
     }
 
     /// Starts the shipped demo configuration, pointed at `upstream` (see [`Envoy::demo_yaml`]).
