@@ -72,7 +72,7 @@ pub fn admit(c: &Rc<Compiled>, host: &impl Host, w: &Parking, policy: usize, tic
     match (u.value, p.mode) {
         (Acquire::Admitted, _) => {
             metrics::inc(host, mx.admitted);
-            c.add_held(policy, 1);
+            w.took(c, policy);
             Admit::Pass(Permit::Held(class))
         }
         (Acquire::Queued, _) => {
@@ -153,7 +153,7 @@ fn release(c: &Compiled, host: &impl Host, w: &Parking, policy: usize, class: u8
     // A permit this worker counted as held (at admission, or at wake-up) is back. One handed
     // over but never woken up was never counted.
     if waiting.is_none() {
-        c.add_held(policy, -1);
+        w.returned(c.bulkhead_key(policy));
     }
 }
 
@@ -192,7 +192,7 @@ pub fn wake(host: &impl Host, w: &Parking, queue: u32) {
         metrics::inc(host, mx.admitted);
         metrics::inc(host, mx.waited);
         metrics::set(host, mx.queue_ms, now.saturating_sub(since) / MS);
-        c.add_held(policy, 1);
+        w.took(&c, policy);
         if host.enter(ticket) {
             host.resume_request();
         }
@@ -228,16 +228,20 @@ pub fn expire(host: &impl Host, w: &Parking) {
     }
 }
 
-/// On every sync: a worker holding permits says it is alive (see `stale_after`).
-pub fn renew(c: &Compiled, host: &impl Host, w: &Parking, policy: usize) {
-    let Some(b) = c.bulkhead(policy) else { return };
-    if c.held(policy) == 0 {
+/// On every tick: a worker holding permits says it is alive (see `stale_after`), for every
+/// bulkhead it holds permits of, under whichever configuration took them.
+pub fn renew(host: &impl Host, w: &Parking) {
+    let holdings = w.holdings();
+    if holdings.is_empty() {
         return;
     }
     let (worker, now) = (w.worker.get(), host.now_ns());
-    if let Some((u, by)) = store::bulkhead(host, c.bulkhead_key(policy), |s| s.renew(&b.machine, now, worker)) {
-        moved(host, &m(c, policy), by);
-        notify(c, host, policy, u.granted);
+    for (c, policy) in holdings {
+        let Some(b) = c.bulkhead(policy) else { continue };
+        if let Some((u, by)) = store::bulkhead(host, c.bulkhead_key(policy), |s| s.renew(&b.machine, now, worker)) {
+            moved(host, &m(&c, policy), by);
+            notify(&c, host, policy, u.granted);
+        }
     }
 }
 

@@ -251,7 +251,8 @@ impl Worker {
     }
     /// `on_tick`.
     pub fn tick(&self) {
-        crate::filter::sync(&self.c, &self.host, &self.parking);
+        crate::filter::sync(&self.c, &self.host);
+        crate::bulkhead::renew(&self.host, &self.parking);
         crate::bulkhead::expire(&self.host, &self.parking);
     }
     pub fn at(&self, ns: u64) -> &Self {

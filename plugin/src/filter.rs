@@ -322,10 +322,10 @@ pub fn on_log(c: &Compiled, host: &impl Host, w: &Parking, ticket: u32, stream: 
 }
 
 /// The worker's tick: hands each active policy's batched successes to the shared breaker and
-/// refreshes its view; drops the views of idle policies; renews the bulkhead permits it holds.
-pub fn sync(c: &Compiled, host: &impl Host, w: &Parking) {
+/// refreshes its view; drops the views of idle policies. (Bulkhead permits are renewed by
+/// [`bulkhead::renew`], per worker rather than per configuration.)
+pub fn sync(c: &Compiled, host: &impl Host) {
     for policy in 0..c.config.policies.len() {
-        bulkhead::renew(c, host, w, policy);
         retry::sync(c, host, policy);
         if !c.begin_sync(policy) {
             continue;

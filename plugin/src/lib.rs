@@ -103,15 +103,6 @@ impl Compiled {
         self.config.policies.get(policy).and_then(|p| p.bulkhead.as_ref())
     }
 
-    /// Counts a permit this worker took (+1) or returned (-1).
-    pub fn add_held(&self, policy: usize, delta: i32) {
-        self.with_local(policy, |l| l.held = l.held.saturating_add_signed(delta));
-    }
-
-    pub fn held(&self, policy: usize) -> u32 {
-        self.with_local(policy, |l| l.held).unwrap_or(0)
-    }
-
     /// Whether the policy counts any gRPC status as a failure (else grpc-status is never read).
     pub fn counts_grpc(&self, policy: usize) -> bool {
         self.config

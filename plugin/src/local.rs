@@ -68,7 +68,5 @@ pub struct Local {
     pub pending: Pending,
     /// Handled a request since the last sync: its view is worth refreshing.
     pub active: bool,
-    /// Bulkhead permits this worker holds: while any, it renews them at every sync.
-    pub held: u32,
     pub retry: RetryLocal,
 }

@@ -1,4 +1,5 @@
-//! Requests paused in a bulkhead's queue, on this worker (one per Wasm VM).
+//! What this worker (one Wasm VM) has at stake in the bulkheads: the requests it paused in a
+//! queue, and the permits it holds.
 //!
 //! Only the worker that paused a request can resume it. The worker that frees a permit hands it
 //! to the first waiter in the shared state, then posts the waiter's ticket (its HTTP context id)
@@ -31,6 +32,15 @@ pub struct Parked {
     pub state: ParkState,
 }
 
+/// Permits this worker holds under one bulkhead key, and the configuration that took the last
+/// of them (whose limits its renewals are checked with).
+#[derive(Debug)]
+pub struct Holding {
+    pub compiled: Rc<Compiled>,
+    pub policy: usize,
+    pub held: u32,
+}
+
 #[derive(Debug, Default)]
 pub struct Parking {
     /// This worker's id in bulkhead state: the token of its wake-up queue, unique in the process.
@@ -38,11 +48,14 @@ pub struct Parking {
     /// Whether the wake-up queue exists; without it no request may wait.
     pub can_wait: Cell<bool>,
     parked: RefCell<HashMap<u32, Parked>>,
+    /// By bulkhead key. Kept per VM, not per configuration: after a reload the old root context
+    /// stops ticking, yet its streams still hold permits that must be renewed.
+    holdings: RefCell<HashMap<alloc::string::String, Holding>>,
 }
 
 impl Parking {
     pub fn new(worker: u32, can_wait: bool) -> Self {
-        Parking { worker: Cell::new(worker), can_wait: Cell::new(can_wait), parked: RefCell::default() }
+        Parking { worker: Cell::new(worker), can_wait: Cell::new(can_wait), ..Parking::default() }
     }
 
     pub fn park(&self, ticket: u32, p: Parked) {
@@ -76,6 +89,39 @@ impl Parking {
             })
             .map(|(t, _)| *t)
             .collect()
+    }
+
+    /// Counts a permit taken under `c`'s policy.
+    pub fn took(&self, c: &Rc<Compiled>, policy: usize) {
+        let Ok(mut h) = self.holdings.try_borrow_mut() else { return };
+        let key = c.bulkhead_key(policy);
+        match h.get_mut(key) {
+            Some(entry) => {
+                entry.held = entry.held.saturating_add(1);
+                (entry.compiled, entry.policy) = (c.clone(), policy);
+            }
+            None => {
+                h.insert(key.into(), Holding { compiled: c.clone(), policy, held: 1 });
+            }
+        }
+    }
+
+    /// Counts a permit given back under `key`.
+    pub fn returned(&self, key: &str) {
+        let Ok(mut h) = self.holdings.try_borrow_mut() else { return };
+        if let Some(entry) = h.get_mut(key) {
+            entry.held = entry.held.saturating_sub(1);
+            if entry.held == 0 {
+                h.remove(key);
+            }
+        }
+    }
+
+    /// The keys this worker holds permits under, with the configuration to renew them by.
+    pub fn holdings(&self) -> alloc::vec::Vec<(Rc<Compiled>, usize)> {
+        self.holdings
+            .try_borrow()
+            .map_or_else(|_| alloc::vec::Vec::new(), |h| h.values().map(|e| (e.compiled.clone(), e.policy)).collect())
     }
 
     pub fn len(&self) -> usize {

@@ -174,8 +174,9 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let w = parking();
         if let Some(c) = &self.compiled {
-            filter::sync(c, &WasmHost, &w);
+            filter::sync(c, &WasmHost);
         }
+        bulkhead::renew(&WasmHost, &w);
         bulkhead::expire(&WasmHost, &w);
     }
 

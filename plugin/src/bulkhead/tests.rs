@@ -210,6 +210,22 @@ fn a_worker_holding_permits_renews_them_at_sync_so_they_are_never_reclaimed() {
 }
 
 #[test]
+fn permits_taken_before_a_configuration_reload_are_still_renewed_after_it() {
+    let w1 = first();
+    let w2 = second(&w1);
+    let (_, _long_stream) = w1.at(0).send("plain", 1);
+    // A reload: a new root context with its own configuration; the old one never ticks again.
+    let reloaded =
+        alloc::rc::Rc::new(crate::Compiled::new(crate::config::parse(CONFIG.as_bytes()).unwrap(), &w1.host, "test"));
+    for t in 1..=30 {
+        w1.at(t * SECOND);
+        crate::filter::sync(&reloaded, &w1.host);
+        super::renew(&w1.host, &w1.parking);
+    }
+    assert_eq!(w2.at(30 * SECOND).send("plain", 2).0, Action::Rejected, "the old stream's permit is still held");
+}
+
+#[test]
 fn a_dead_workers_permits_are_reclaimed_after_ten_seconds_of_silence() {
     let w1 = first();
     let w2 = second(&w1);

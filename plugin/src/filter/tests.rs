@@ -303,11 +303,11 @@ fn batched_successes_reach_the_shared_breaker_on_sync() {
         checkout(&c, &host, 200);
     }
     assert_eq!(host.take_calls().get("shared_set"), None, "successes on a quiet breaker are batched");
-    sync(&c, &host, &Parking::default());
+    sync(&c, &host);
     assert_eq!(host.take_calls().get("shared_set"), Some(&1), "and written once per sync");
     let state = breakwater_policies::BreakerState::decode(&host.shared_get(c.breaker_key(0)).unwrap().0).unwrap();
     assert_eq!(state.window.totals(0, SECOND).total, 5);
-    sync(&c, &host, &Parking::default());
+    sync(&c, &host);
     assert_eq!(host.take_calls().get("shared_set"), None, "nothing pending, nothing written");
 }
 
@@ -322,7 +322,7 @@ fn a_quiet_worker_learns_of_another_workers_trip_at_its_next_sync() {
     }
     // Bounded staleness: until its next sync, worker 2 still admits.
     assert_eq!(checkout(&c2, &w2, 200), Action::Continue);
-    sync(&c2, &w2, &Parking::default());
+    sync(&c2, &w2);
     assert_eq!(checkout(&c2, &w2, 200), Action::Rejected);
 }
 
@@ -354,8 +354,8 @@ fn an_idle_policys_view_is_dropped_at_sync_and_read_again_on_next_use() {
     let host = FakeHost::new();
     let c = compiled(&host);
     checkout(&c, &host, 200);
-    sync(&c, &host, &Parking::default()); // active since the last sync: refreshed
-    sync(&c, &host, &Parking::default()); // idle for a whole interval: dropped
+    sync(&c, &host); // active since the last sync: refreshed
+    sync(&c, &host); // idle for a whole interval: dropped
     host.take_calls();
     checkout(&c, &host, 200);
     assert_eq!(host.take_calls().get("shared_get"), Some(&1));
