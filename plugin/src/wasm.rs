@@ -139,7 +139,16 @@ struct Root {
     compiled: Option<Rc<Compiled>>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    /// The root context is going away (a configuration reload, or shutdown): hand the batched
+    /// successes over now, since this context will not tick again.
+    fn on_done(&mut self) -> bool {
+        if let Some(c) = &self.compiled {
+            filter::sync(c, &WasmHost);
+        }
+        true
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
