@@ -153,7 +153,7 @@ fn release(c: &Compiled, host: &impl Host, w: &Parking, policy: usize, class: u8
     // A permit this worker counted as held (at admission, or at wake-up) is back. One handed
     // over but never woken up was never counted.
     if waiting.is_none() {
-        w.returned(c.bulkhead_key(policy));
+        w.returned(c, policy);
     }
 }
 

@@ -32,8 +32,7 @@ pub struct Parked {
     pub state: ParkState,
 }
 
-/// Permits this worker holds under one bulkhead key, and the configuration that took the last
-/// of them (whose limits its renewals are checked with).
+/// Permits this worker holds of one policy's bulkhead under one configuration.
 #[derive(Debug)]
 pub struct Holding {
     pub compiled: Rc<Compiled>,
@@ -48,9 +47,10 @@ pub struct Parking {
     /// Whether the wake-up queue exists; without it no request may wait.
     pub can_wait: Cell<bool>,
     parked: RefCell<HashMap<u32, Parked>>,
-    /// By bulkhead key. Kept per VM, not per configuration: after a reload the old root context
-    /// stops ticking, yet its streams still hold permits that must be renewed.
-    holdings: RefCell<HashMap<alloc::string::String, Holding>>,
+    /// By configuration and policy: a handful of entries, scanned. Kept per VM, not per root
+    /// context: after a reload the old root context stops ticking, yet its streams still hold
+    /// permits that must be renewed.
+    holdings: RefCell<alloc::vec::Vec<Holding>>,
 }
 
 impl Parking {
@@ -94,34 +94,31 @@ impl Parking {
     /// Counts a permit taken under `c`'s policy.
     pub fn took(&self, c: &Rc<Compiled>, policy: usize) {
         let Ok(mut h) = self.holdings.try_borrow_mut() else { return };
-        let key = c.bulkhead_key(policy);
-        match h.get_mut(key) {
-            Some(entry) => {
-                entry.held = entry.held.saturating_add(1);
-                (entry.compiled, entry.policy) = (c.clone(), policy);
-            }
-            None => {
-                h.insert(key.into(), Holding { compiled: c.clone(), policy, held: 1 });
-            }
+        match h.iter_mut().find(|e| e.policy == policy && Rc::ptr_eq(&e.compiled, c)) {
+            Some(entry) => entry.held = entry.held.saturating_add(1),
+            None => h.push(Holding { compiled: c.clone(), policy, held: 1 }),
         }
     }
 
-    /// Counts a permit given back under `key`.
-    pub fn returned(&self, key: &str) {
+    /// Counts a permit given back under `c`'s policy.
+    pub fn returned(&self, c: &Compiled, policy: usize) {
         let Ok(mut h) = self.holdings.try_borrow_mut() else { return };
-        if let Some(entry) = h.get_mut(key) {
-            entry.held = entry.held.saturating_sub(1);
-            if entry.held == 0 {
-                h.remove(key);
+        if let Some(i) = h.iter().position(|e| e.policy == policy && core::ptr::eq(Rc::as_ptr(&e.compiled), c)) {
+            if let Some(entry) = h.get_mut(i) {
+                entry.held = entry.held.saturating_sub(1);
+                if entry.held == 0 {
+                    // Lets go of a retired configuration; the Vec keeps its capacity.
+                    h.swap_remove(i);
+                }
             }
         }
     }
 
-    /// The keys this worker holds permits under, with the configuration to renew them by.
+    /// The bulkheads this worker holds permits of, with the configuration to renew them by.
     pub fn holdings(&self) -> alloc::vec::Vec<(Rc<Compiled>, usize)> {
         self.holdings
             .try_borrow()
-            .map_or_else(|_| alloc::vec::Vec::new(), |h| h.values().map(|e| (e.compiled.clone(), e.policy)).collect())
+            .map_or_else(|_| alloc::vec::Vec::new(), |h| h.iter().map(|e| (e.compiled.clone(), e.policy)).collect())
     }
 
     pub fn len(&self) -> usize {
