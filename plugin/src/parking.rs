@@ -48,7 +48,7 @@ pub struct Parking {
     pub can_wait: Cell<bool>,
     parked: RefCell<HashMap<u32, Parked>>,
     /// By configuration and policy: a handful of entries, scanned. Kept per VM, not per root
-    /// context: after a reload the old root context stops ticking, yet its streams still hold
+    /// context: after a reload the old root context may stop ticking, yet its streams still hold
     /// permits that must be renewed.
     holdings: RefCell<alloc::vec::Vec<Holding>>,
 }
