@@ -71,3 +71,33 @@ async fn a_configuration_change_keeps_waiters_permits_and_breakers() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!envoy.log().contains("panicked"), "{}", envoy.log());
 }
+
+/// A stream that outlives a configuration change by longer than the 10 s after which a silent
+/// worker's permits are reclaimed keeps its permit, so the limit still holds. (In this run the
+/// old root context keeps ticking while its stream lives; the worker renews its permits from
+/// whichever root context ticks, which also covers an old one retired early.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_stream_keeps_its_permit_across_a_configuration_change() {
+    let up = start_upstream().await;
+    // The route's timeout must outlast the stream (the harness default is 5 s).
+    let spec = Spec::new(up.addr()).route_with_timeout("p", "/p", "backend", Duration::from_secs(30)).reloadable();
+    let config = |queue: bool| {
+        let mut bulkhead = json!({ "max_concurrent": 1 });
+        if queue {
+            bulkhead["queue"] = json!({ "max_size": 1, "timeout": "100ms" });
+        }
+        json!({ "policies": { "p": { "bulkhead": bulkhead } }, "routes": [{ "match": { "route_name": "p" }, "policy": "p" }] })
+    };
+    let envoy = Envoy::start(&spec.clone().plugin(config(false))).await;
+    let addr = envoy.listener();
+    let long = tokio::spawn(async move { integration::envoy::Call::get("/p?delay_ms=12000").send(addr).await });
+    envoy.wait_bulkhead("p", |b| b.active == 1).await;
+    envoy.reload(&spec.clone().plugin(config(true))).await;
+    tokio::time::sleep(Duration::from_millis(11_000)).await;
+    let r = envoy.get("/p").await;
+    assert!(r.is_queue_timeout(), "11 s later the long stream still holds the only permit: {r:?}");
+    assert_eq!(up.stats().max_in_flight, 1);
+    assert_eq!(long.await.unwrap().expect("answered").status, 200);
+    let b = envoy.wait_bulkhead("p", |b| b.active == 0).await;
+    assert_eq!((b.active, b.queued), (0, 0), "{b:?}");
+}
