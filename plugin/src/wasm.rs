@@ -60,6 +60,17 @@ fn register_wake_queue(w: &Parking) {
     }
 }
 
+/// Raw proxy-wasm imports (the same ones the SDK declares), for calls whose SDK wrappers panic.
+mod abi {
+    pub const OK: u32 = 0;
+    pub const HTTP_REQUEST: u32 = 0;
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        pub fn proxy_set_effective_context(context_id: u32) -> u32;
+        pub fn proxy_continue_stream(stream_type: u32) -> u32;
+    }
+}
+
 /// Host calls for the current context (proxy-wasm calls are implicitly scoped to it).
 pub struct WasmHost;
 
@@ -119,12 +130,17 @@ impl Host for WasmHost {
     fn metric_set(&self, id: u32, value: u64) {
         let _ = hostcalls::record_metric(id, value);
     }
+    // These two go to the host directly: the SDK's wrappers panic on a status they do not
+    // expect, and a request that vanished between its wake-up and now must not trap the VM.
     fn enter(&self, context_id: u32) -> bool {
-        hostcalls::set_effective_context(context_id).is_ok()
+        // SAFETY: a proxy-wasm ABI import taking a plain integer.
+        unsafe { abi::proxy_set_effective_context(context_id) == abi::OK }
     }
     fn resume_request(&self) {
-        if let Err(e) = hostcalls::resume_http_request() {
-            log::warn!("resuming a queued request failed: {e:?}");
+        // SAFETY: a proxy-wasm ABI import taking a plain integer (0: the HTTP request stream).
+        let status = unsafe { abi::proxy_continue_stream(abi::HTTP_REQUEST) };
+        if status != abi::OK {
+            log::warn!("resuming a queued request failed: status {status}");
         }
     }
     fn enqueue(&self, queue: u32, message: &[u8]) -> bool {
