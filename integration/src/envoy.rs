@@ -815,54 +815,17 @@ impl Envoy {
         tokio::time::timeout(REQUEST_TIMEOUT, fut).await.expect("h2 request timed out")
     }
 
-    /// One kept-alive HTTP/1.1 connection on each worker, worker 0 first. Connections are opened
-    /// until every worker has one (identified by the per-worker `downstream_cx_active` gauges);
-    /// extra connections are closed.
+    /// One kept-alive HTTP/1.1 connection on each worker, worker 0 first.
     pub async fn conn_per_worker(&self, workers: usize) -> Vec<Conn> {
-        let mut pinned: Vec<Option<Conn>> = (0..workers).map(|_| None).collect();
-        for _ in 0..64 {
-            if pinned.iter().all(Option::is_some) {
-                break;
-            }
-            let before = self.per_worker("downstream_cx_active").await;
-            let conn = Conn::open(self.listener).await;
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let worker = loop {
-                let after = self.per_worker("downstream_cx_active").await;
-                let grew: Vec<usize> = (0..after.len())
-                    .filter(|&i| after.get(i).copied().unwrap_or(0) > before.get(i).copied().unwrap_or(0))
-                    .collect();
-                if grew.len() == 1 {
-                    break grew[0];
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "could not tell which worker took a connection: {before:?} -> {after:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            };
-            if let Some(slot @ None) = pinned.get_mut(worker) {
-                *slot = Some(conn.with_worker(worker));
-            } else {
-                drop(conn);
-                // Let Envoy see the close before the next diff.
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while self.per_worker("downstream_cx_active").await.iter().sum::<i64>()
-                    != pinned.iter().flatten().count() as i64
-                    && Instant::now() < deadline
-                {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-        pinned.into_iter().map(|c| c.expect("a connection on every worker")).collect()
+        self.conns_per_worker(workers, 1).await.into_iter().flatten().collect()
     }
 }
 
 impl Envoy {
     /// `per_worker` kept-alive HTTP/1.1 connections on each of `workers` workers: element `w`
-    /// holds worker `w`'s. Unlike [`Envoy::conn_per_worker`] this may be called while other
-    /// connections are open (they must stay open, and idle, meanwhile).
+    /// holds worker `w`'s. Other connections may be open meanwhile (they must stay open, and
+    /// idle). Connections are opened until every worker has its share (identified by the
+    /// per-worker `downstream_cx_active` gauges); extra ones are closed.
     pub async fn conns_per_worker(&self, workers: usize, per_worker: usize) -> Vec<Vec<Conn>> {
         let mut pinned: Vec<Vec<Conn>> = (0..workers).map(|_| Vec::new()).collect();
         let baseline: i64 = self.per_worker("downstream_cx_active").await.iter().sum();
