@@ -105,21 +105,16 @@ impl BulkheadMetrics {
 
 impl RetryMetrics {
     fn define(host: &impl Host, policy: &str, budget: bool) -> Self {
+        // The budget's stats only exist for a policy that has a budget.
         let metric = |kind, name: &str| host.define_metric(kind, &format!("breakwater.{name}"));
+        let budgeted = |kind, name: &str| if budget { metric(kind, name) } else { None };
         use MetricKind::{Counter, Gauge};
-        if !budget {
-            return RetryMetrics {
-                retries: metric(Counter, &format!("retries.policy.{policy}")),
-                rescued: metric(Counter, &format!("retry_rescued.policy.{policy}")),
-                ..RetryMetrics::default()
-            };
-        }
         RetryMetrics {
             retries: metric(Counter, &format!("retries.policy.{policy}")),
             rescued: metric(Counter, &format!("retry_rescued.policy.{policy}")),
-            denied: metric(Counter, &format!("retry_denied.policy.{policy}.reason.budget_exhausted")),
-            dry_run_denied: metric(Counter, &format!("dry_run_retry_denied.policy.{policy}.reason.budget_exhausted")),
-            budget_remaining: metric(Gauge, &format!("retry_budget_remaining.policy.{policy}")),
+            denied: budgeted(Counter, &format!("retry_denied.policy.{policy}.reason.budget_exhausted")),
+            dry_run_denied: budgeted(Counter, &format!("dry_run_retry_denied.policy.{policy}.reason.budget_exhausted")),
+            budget_remaining: budgeted(Gauge, &format!("retry_budget_remaining.policy.{policy}")),
         }
     }
 }
