@@ -337,17 +337,17 @@ fn bulkhead(v: &Value, path: &str) -> Result<Bulkhead> {
     if let Some(v) = o.opt("priority") {
         let ppath = o.path("priority");
         let mut p = Obj::new(v, &ppath)?;
-        let hpath = p.path("header");
-        let header = match p.req("header")?.as_str() {
+        let v = p.req("header")?;
+        let header = match v.as_str() {
             Some(h) if !h.is_empty() && !h.starts_with(':') && h.bytes().all(|b| b.is_ascii_graphic()) => {
                 h.to_ascii_lowercase()
             }
-            _ => return Err(expected(&hpath, "an HTTP header name", p.req("header")?)),
+            _ => return Err(expected(&p.path("header"), "an HTTP header name", v)),
         };
-        let dpath = p.path("default");
-        let default = match p.req("default")?.as_str() {
+        let v = p.req("default")?;
+        let default = match v.as_str() {
             Some(d) if !d.is_empty() => d.to_string(),
-            _ => return Err(expected(&dpath, "a class name", p.req("default")?)),
+            _ => return Err(expected(&p.path("default"), "a class name", v)),
         };
         let cpath = p.path("classes");
         let map = p.req("classes")?;
