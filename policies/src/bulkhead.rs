@@ -109,10 +109,6 @@ impl BulkheadState {
         self.waiters.len() as u32
     }
 
-    pub fn waiters(&self) -> &[Waiter] {
-        &self.waiters
-    }
-
     /// Permits `worker` holds.
     pub fn held_by(&self, worker: u32) -> u32 {
         self.holders.iter().find(|h| h.worker == worker).map_or(0, |h| h.active.iter().sum())
