@@ -162,7 +162,7 @@ def breakwater_config(rules=1, fast_fail=False, bulkhead=False, retry=False):
         }
     if retry:
         policy["retry"] = {
-            "on": ["5xx", "reset", "connect-failure", "retriable-status-codes"],
+            "retry_on": ["5xx", "reset", "connect-failure", "retriable-status-codes"],
             "retriable_status_codes": [409],
             "max_retries": 3,
             "per_try_timeout": "500ms",

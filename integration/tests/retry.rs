@@ -50,7 +50,7 @@ const TTL_S: u64 = 10;
 #[tokio::test(flavor = "multi_thread")]
 async fn retries_rescue_a_flaky_upstream() {
     let (up, envoy) = setup(json!({
-        "p": { "retry": { "on": ["5xx"], "max_retries": 2, "budget": {} } }
+        "p": { "retry": { "retry_on": ["5xx"], "max_retries": 2, "budget": {} } }
     }))
     .await;
     let replies = load(&envoy, 1, "/p?fail_every=3", 90).await;
@@ -69,7 +69,7 @@ async fn retries_rescue_a_flaky_upstream() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_budget_bounds_amplification_under_a_total_outage() {
     let retry = |budget: bool| {
-        let mut r = json!({ "on": ["5xx"], "max_retries": 3 });
+        let mut r = json!({ "retry_on": ["5xx"], "max_retries": 3 });
         if budget {
             r["budget"] = json!({ "ratio": BUDGET, "min_per_second": MIN_PER_SECOND, "ttl": format!("{TTL_S}s") });
         }
@@ -109,7 +109,7 @@ async fn the_budget_bounds_amplification_under_a_total_outage() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_budget_recovers_after_ttl() {
     let (up, envoy) = setup(json!({
-        "p": { "retry": { "on": ["5xx"], "max_retries": 1,
+        "p": { "retry": { "retry_on": ["5xx"], "max_retries": 1,
                           "budget": { "ratio": 0, "min_per_second": 2, "ttl": "2s" } } }
     }))
     .await;
@@ -131,8 +131,8 @@ async fn the_budget_recovers_after_ttl() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_per_try_timeout_takes_effect() {
     let (up, envoy) = setup(json!({
-        "short": { "retry": { "on": ["5xx"], "max_retries": 2, "per_try_timeout": "200ms" } },
-        "patient": { "retry": { "on": ["5xx"], "max_retries": 2 } }
+        "short": { "retry": { "retry_on": ["5xx"], "max_retries": 2, "per_try_timeout": "200ms" } },
+        "patient": { "retry": { "retry_on": ["5xx"], "max_retries": 2 } }
     }))
     .await;
     let t = Instant::now();
@@ -172,7 +172,7 @@ async fn a_retry_policy_on_the_envoy_route_is_budgeted_too() {
 async fn dry_run_counts_what_the_budget_would_deny() {
     let (up, envoy) = setup(json!({
         "p": { "mode": "dry_run",
-               "retry": { "on": ["5xx"], "max_retries": 2, "budget": { "ratio": 0, "min_per_second": 1, "ttl": "10s" } } }
+               "retry": { "retry_on": ["5xx"], "max_retries": 2, "budget": { "ratio": 0, "min_per_second": 1, "ttl": "10s" } } }
     }))
     .await;
     load(&envoy, 4, "/p?status=503", 20).await;
@@ -189,7 +189,7 @@ async fn dry_run_counts_what_the_budget_would_deny() {
 async fn the_breaker_counts_final_outcomes_and_refused_requests_make_no_retries() {
     let (up, envoy) = setup(json!({
         "p": { "circuit_breaker": { "consecutive_failures": 2, "open_for": "10s" },
-               "retry": { "on": ["5xx"], "max_retries": 2, "budget": {} } }
+               "retry": { "retry_on": ["5xx"], "max_retries": 2, "budget": {} } }
     }))
     .await;
     let replies = load(&envoy, 1, "/p?fail_every=2", 20).await;
@@ -213,7 +213,7 @@ async fn the_breaker_counts_final_outcomes_and_refused_requests_make_no_retries(
 #[tokio::test(flavor = "multi_thread")]
 async fn retry_stats_are_labelled_in_prometheus() {
     let (_up, envoy) = setup(json!({
-        "p": { "retry": { "on": ["5xx"], "max_retries": 1, "budget": { "ratio": 0, "min_per_second": 1, "ttl": "1s" } } }
+        "p": { "retry": { "retry_on": ["5xx"], "max_retries": 1, "budget": { "ratio": 0, "min_per_second": 1, "ttl": "1s" } } }
     }))
     .await;
     load(&envoy, 2, "/p?status=503", 4).await;

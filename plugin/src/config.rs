@@ -424,8 +424,8 @@ fn retry(v: &Value, path: &str) -> Result<Retry> {
     let mut o = Obj::new(v, path)?;
     let mut http = Vec::new();
     let mut grpc = Vec::new();
-    if let Some(v) = o.opt("on") {
-        let p = o.path("on");
+    if let Some(v) = o.opt("retry_on") {
+        let p = o.path("retry_on");
         let list =
             v.as_array().ok_or_else(|| expected(&p, "a list of Envoy retry conditions such as [5xx, reset]", v))?;
         for (i, c) in list.iter().enumerate() {
@@ -451,7 +451,7 @@ fn retry(v: &Value, path: &str) -> Result<Retry> {
             }
         }
         if !status_codes.is_empty() && !http.contains(&"retriable-status-codes") {
-            return err(&p, "has no effect unless `on` lists retriable-status-codes");
+            return err(&p, "has no effect unless retry_on lists retriable-status-codes");
         }
     }
     let max_retries = match o.opt("max_retries") {
@@ -792,10 +792,18 @@ impl<'a> Obj<'a> {
         }
     }
     fn finish(self) -> Result<()> {
-        match self.map.keys().find(|k| !self.read.contains(&k.as_str())) {
-            Some(k) => err(&self.path(k), format!("unknown key (expected one of: {})", self.read.join(", "))),
-            None => Ok(()),
-        }
+        let Some(k) = self.map.keys().find(|k| !self.read.contains(&k.as_str())) else { return Ok(()) };
+        let expected = self.read.join(", ");
+        let why = match k.as_str() {
+            // kubectl and Helm read YAML 1.1, where a bare `on` key is the boolean true.
+            "on" => format!("unknown key: Breakwater's key is retry_on (expected one of: {expected})"),
+            "true" | "false" => format!(
+                "unknown key: a YAML 1.1 reader (kubectl, Helm) turned a bare on/off/yes/no/y/n into {k}; \
+                 quote the key or use retry_on (expected one of: {expected})"
+            ),
+            _ => format!("unknown key (expected one of: {expected})"),
+        };
+        err(&self.path(k), why)
     }
 }
 

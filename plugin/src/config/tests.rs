@@ -133,11 +133,11 @@ fn bad_configs_are_refused_with_the_json_path_and_what_was_expected() {
          "policies.p.bulkhead.priority.classes.b.max: must be at most max_concurrent"),
         (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "priority": {"header": "x-p", "default": "s", "classes": {"b": {"limit": 1}}}}}}}"#,
          "policies.p.bulkhead.priority.classes.b.limit: unknown key (expected one of: reserved, max)"),
-        (r#"{"policies": {"p": {"retry": {"on": ["5xx", "sometimes"]}}}}"#,
-         "policies.p.retry.on[1]: expected an Envoy retry condition (5xx, gateway-error"),
-        (r#"{"policies": {"p": {"retry": {"on": ["5xx"], "retriable_status_codes": [409]}}}}"#,
-         "policies.p.retry.retriable_status_codes: has no effect unless `on` lists retriable-status-codes"),
-        (r#"{"policies": {"p": {"retry": {"on": ["retriable-status-codes"], "retriable_status_codes": [99]}}}}"#,
+        (r#"{"policies": {"p": {"retry": {"retry_on": ["5xx", "sometimes"]}}}}"#,
+         "policies.p.retry.retry_on[1]: expected an Envoy retry condition (5xx, gateway-error"),
+        (r#"{"policies": {"p": {"retry": {"retry_on": ["5xx"], "retriable_status_codes": [409]}}}}"#,
+         "policies.p.retry.retriable_status_codes: has no effect unless retry_on lists retriable-status-codes"),
+        (r#"{"policies": {"p": {"retry": {"retry_on": ["retriable-status-codes"], "retriable_status_codes": [99]}}}}"#,
          "policies.p.retry.retriable_status_codes[0]: expected a status code from 100 to 599, got 99"),
         (r#"{"policies": {"p": {"retry": {"max_retries": 11}}}}"#, "policies.p.retry.max_retries: expected a whole number from 0 to 10, got 11"),
         (r#"{"policies": {"p": {"retry": {"per_try_timeout": "0.5ms"}}}}"#, "policies.p.retry.per_try_timeout: must be at least 1ms"),
@@ -146,6 +146,8 @@ fn bad_configs_are_refused_with_the_json_path_and_what_was_expected() {
         (r#"{"policies": {"p": {"retry": {"budget": {"ttl": "2m"}}}}}"#, "policies.p.retry.budget.ttl: must be from 1s to 60s"),
         (r#"{"policies": {"p": {"retry": {"budget": {"min_per_second": -1}}}}}"#, "policies.p.retry.budget.min_per_second: expected a whole number from 0 to 1000000, got -1"),
         (r#"{"policies": {"p": {"retry": {"budget": {"minimum": 1}}}}}"#, "policies.p.retry.budget.minimum: unknown key (expected one of: ratio, min_per_second, ttl)"),
+        (r#"{"policies": {"p": {"retry": {"on": ["5xx"]}}}}"#, "policies.p.retry.on: unknown key: Breakwater's key is retry_on"),
+        (r#"{"policies": {"p": {"retry": {"true": ["5xx"]}}}}"#, "policies.p.retry.true: unknown key: a YAML 1.1 reader (kubectl, Helm) turned a bare on/off/yes/no/y/n into true"),
         (r#"{"policies": {"a.b": {}}}"#, "policies.a.b: a policy name must be 1-64 characters"),
         (r#"{"policies": {}, "routes": [{"match": {}, "policy": "ghost"}]}"#, "routes[0].policy: no policy named \"ghost\" in policies"),
         (r#"{"policies": {"p": {}}, "routes": [{"policy": "p"}]}"#, "routes[0].match: is required"),
@@ -185,7 +187,7 @@ fn a_bulkhead_with_priorities_compiles_its_classes_and_the_default_joins_them() 
 #[test]
 fn a_retry_policy_splits_http_and_grpc_conditions_and_defaults_its_budget() {
     let c = parse_str(
-        r#"{"policies": {"p": {"retry": {"on": ["5xx", "reset", "connect-failure", "retriable-status-codes", "unavailable", "cancelled"],
+        r#"{"policies": {"p": {"retry": {"retry_on": ["5xx", "reset", "connect-failure", "retriable-status-codes", "unavailable", "cancelled"],
             "retriable_status_codes": [409, 429], "max_retries": 3, "per_try_timeout": "500ms", "budget": {}}}}}"#,
     )
     .unwrap();

@@ -9,15 +9,15 @@ use breakwater_policies::SECOND;
 
 const CONFIG: &str = r#"{
   "policies": {
-    "checkout": { "retry": { "on": ["5xx", "reset", "connect-failure", "retriable-status-codes", "unavailable"],
+    "checkout": { "retry": { "retry_on": ["5xx", "reset", "connect-failure", "retriable-status-codes", "unavailable"],
                              "retriable_status_codes": [409], "max_retries": 3, "per_try_timeout": "500ms",
                              "budget": { "ratio": 0, "min_per_second": 1, "ttl": "10s" } } },
-    "plenty": { "retry": { "on": ["5xx"], "max_retries": 3, "budget": { "min_per_second": 1000 } } },
-    "earned": { "retry": { "on": ["5xx"], "max_retries": 1, "budget": { "ratio": 0.5, "min_per_second": 0 } } },
-    "unbudgeted": { "retry": { "on": ["reset"], "max_retries": 2 } },
+    "plenty": { "retry": { "retry_on": ["5xx"], "max_retries": 3, "budget": { "min_per_second": 1000 } } },
+    "earned": { "retry": { "retry_on": ["5xx"], "max_retries": 1, "budget": { "ratio": 0.5, "min_per_second": 0 } } },
+    "unbudgeted": { "retry": { "retry_on": ["reset"], "max_retries": 2 } },
     "route_policy": { "retry": { "max_retries": 2, "budget": {} } },
-    "shadow": { "mode": "dry_run", "retry": { "on": ["5xx"], "max_retries": 3, "budget": { "ratio": 0, "min_per_second": 0 } } },
-    "full": { "bulkhead": { "max_concurrent": 1 }, "retry": { "on": ["5xx"], "max_retries": 3, "budget": {} } }
+    "shadow": { "mode": "dry_run", "retry": { "retry_on": ["5xx"], "max_retries": 3, "budget": { "ratio": 0, "min_per_second": 0 } } },
+    "full": { "bulkhead": { "max_concurrent": 1 }, "retry": { "retry_on": ["5xx"], "max_retries": 3, "budget": {} } }
   },
   "routes": [
     { "match": { "route_name": "checkout" }, "policy": "checkout" },
