@@ -901,38 +901,53 @@ impl Drop for Envoy {
     }
 }
 
-/// Breakwater's stats for one policy (`wasmcustom.breakwater.*.policy.<P>.*`).
+/// Breakwater's stats for one policy (`wasmcustom.breakwater_*.policy.<P>…`). Counters reach
+/// Envoy on each worker's tick, `SYNC_INTERVAL` after the event at most.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyStats {
     pub success: i64,
     pub failure: i64,
     pub slow: i64,
+    /// Calls whose outcome did not count (every reason but `stale`).
     pub ignored: i64,
+    /// Calls admitted in an earlier breaker generation, dropped (`ignored_total{reason="stale"}`).
+    pub stale: i64,
     pub rejections: i64,
     pub dry_run_rejections: i64,
     pub to_open: i64,
     pub to_half_open: i64,
     pub to_closed: i64,
-    /// Gauge: 0 closed, 1 open, 2 half-open.
+    /// From the per-state gauges: [`CLOSED`], [`OPEN`] or [`HALF_OPEN`] (-1: none set).
     pub state: i64,
 }
+
+/// The `reason` labels of `breakwater_ignored_total`, `stale` last.
+pub const IGNORED_REASONS: [&str; 7] =
+    ["client_closed", "local_reply", "envoy_overflow", "rate_limited", "ext_authz", "not_counted", "stale"];
 
 impl PolicyStats {
     pub fn from_stats(stats: &BTreeMap<String, i64>, p: &str) -> PolicyStats {
         let get = |name: String| stats.get(&name).copied().unwrap_or(0);
-        let outcome = |o: &str| get(format!("wasmcustom.breakwater.requests.policy.{p}.outcome.{o}"));
-        let to = |t: &str| get(format!("wasmcustom.breakwater.transitions.policy.{p}.to.{t}"));
+        let stat = |metric: &str, label: &str| get(format!("wasmcustom.breakwater_{metric}.policy.{p}{label}"));
+        let outcome = |o: &str| stat("requests_total", &format!(".outcome.{o}"));
+        let to = |t: &str| stat("transitions_total", &format!(".to_state.{t}"));
+        let ignored = |r: &str| stat("ignored_total", &format!(".reason.{r}"));
+        let state = [("closed", CLOSED), ("open", OPEN), ("half_open", HALF_OPEN)]
+            .iter()
+            .find(|(s, _)| stat("circuit_state", &format!(".state.{s}")) == 1)
+            .map_or(-1, |(_, v)| *v);
         PolicyStats {
             success: outcome("success"),
             failure: outcome("failure"),
-            slow: outcome("slow"),
-            ignored: outcome("ignored"),
-            rejections: get(format!("wasmcustom.breakwater.rejections.policy.{p}.reason.circuit_open")),
-            dry_run_rejections: get(format!("wasmcustom.breakwater.dry_run_rejections.policy.{p}.reason.circuit_open")),
+            slow: stat("slow_calls_total", ""),
+            ignored: IGNORED_REASONS[..6].iter().map(|r| ignored(r)).sum(),
+            stale: ignored("stale"),
+            rejections: stat("rejections_total", ".reason.circuit_open"),
+            dry_run_rejections: stat("dry_run_rejections_total", ".reason.circuit_open"),
             to_open: to("open"),
             to_half_open: to("half_open"),
             to_closed: to("closed"),
-            state: get(format!("wasmcustom.breakwater.circuit_state.policy.{p}")),
+            state,
         }
     }
 
@@ -942,11 +957,11 @@ impl PolicyStats {
     }
 }
 
-/// Breakwater's bulkhead stats for one policy (`wasmcustom.breakwater.bulkhead_*.policy.<P>` and
-/// the bulkhead reasons of `rejections` and `dry_run_rejections`).
+/// Breakwater's bulkhead stats for one policy (`wasmcustom.breakwater_bulkhead_*.policy.<P>` and
+/// the bulkhead reasons of the rejection stats).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BulkheadStats {
-    /// Gauge: permits held.
+    /// Gauge: requests in flight.
     pub active: i64,
     /// Gauge: requests waiting in the queue.
     pub queued: i64,
@@ -954,26 +969,26 @@ pub struct BulkheadStats {
     pub admitted: i64,
     /// Admissions that waited in the queue first.
     pub waited: i64,
-    /// Rejected at once: no permit and no room in the queue (`reason.bulkhead_full`).
+    /// Rejected: no permit and no room in the queue (`reason="bulkhead_full"`).
     pub full: i64,
-    /// Rejected after waiting `queue.timeout` (`reason.queue_timeout`).
+    /// Rejected after waiting `queue.timeout` (`reason="queue_timeout"`).
     pub queue_timeout: i64,
-    /// dry_run: would have been rejected or queued (`dry_run_rejections…reason.bulkhead_full`).
+    /// dry_run: would have been rejected or queued (`dry_run_rejections_total{reason="bulkhead_full"}`).
     pub dry_run_full: i64,
 }
 
 impl BulkheadStats {
     pub fn from_stats(stats: &BTreeMap<String, i64>, p: &str) -> BulkheadStats {
         let get = |name: String| stats.get(&name).copied().unwrap_or(0);
-        let bulkhead = |s: &str| get(format!("wasmcustom.breakwater.bulkhead_{s}.policy.{p}"));
+        let stat = |metric: &str, label: &str| get(format!("wasmcustom.breakwater_{metric}.policy.{p}{label}"));
         BulkheadStats {
-            active: bulkhead("active"),
-            queued: bulkhead("queued"),
-            admitted: bulkhead("admitted"),
-            waited: bulkhead("waited"),
-            full: get(format!("wasmcustom.breakwater.rejections.policy.{p}.reason.bulkhead_full")),
-            queue_timeout: get(format!("wasmcustom.breakwater.rejections.policy.{p}.reason.queue_timeout")),
-            dry_run_full: get(format!("wasmcustom.breakwater.dry_run_rejections.policy.{p}.reason.bulkhead_full")),
+            active: stat("bulkhead_active", ""),
+            queued: stat("bulkhead_queued", ""),
+            admitted: stat("bulkhead_admitted_total", ""),
+            waited: stat("bulkhead_waited_total", ""),
+            full: stat("rejections_total", ".reason.bulkhead_full"),
+            queue_timeout: stat("rejections_total", ".reason.queue_timeout"),
+            dry_run_full: stat("dry_run_rejections_total", ".reason.bulkhead_full"),
         }
     }
 

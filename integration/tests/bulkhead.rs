@@ -510,7 +510,7 @@ async fn cross_worker_wake_up_latency() {
 async fn wake_up_rounds(up: &Upstream, envoy: &Envoy, kind: &str, pairs: Vec<(&Conn, &Conn)>) -> Vec<u64> {
     let mut gaps = Vec::new();
     for (i, (holder, waiter)) in pairs.into_iter().enumerate() {
-        let waited = envoy.bulkhead("p").await.waited;
+        let before = envoy.bulkhead("p").await;
         let (h, w) = (format!("{kind}-h{i}"), format!("{kind}-w{i}"));
         let (hold_path, wait_path) = (format!("/p?id={h}&delay_ms=30"), format!("/p?id={w}"));
         let (hr, wr) = tokio::join!(holder.get(&hold_path), async {
@@ -519,11 +519,14 @@ async fn wake_up_rounds(up: &Upstream, envoy: &Envoy, kind: &str, pairs: Vec<(&C
         });
         assert_passed(&hr);
         assert_passed(&wr);
-        let b = wait_bulkhead(envoy, "p", "the round accounted", |b| b.active == 0).await;
+        // Stats reach Envoy on each worker's tick: wait for both admissions to be counted.
+        let b =
+            wait_bulkhead(envoy, "p", "the round accounted", |b| b.active == 0 && b.admitted == before.admitted + 2)
+                .await;
         let log = wait_upstream(up, "the round finished", |s| s.in_flight == 0).await.arrivals;
         let (ha, wa) = (arrival(&log, &h), arrival(&log, &w));
         assert!(wa.arrived_us >= ha.finished_us, "the waiter overtook the holder: {ha:?} {wa:?}");
-        if b.waited > waited {
+        if b.waited > before.waited {
             gaps.push(wa.arrived_us - ha.finished_us);
         }
     }
@@ -634,16 +637,20 @@ async fn prometheus_names() {
         r#"breakwater_bulkhead_active{policy="p"} 0"#,
         "# TYPE breakwater_bulkhead_queued gauge",
         r#"breakwater_bulkhead_queued{policy="p"} 0"#,
-        r#"breakwater_bulkhead_admitted{policy="p"} 2"#,
-        r#"breakwater_bulkhead_waited{policy="p"} 1"#,
-        r#"breakwater_rejections{policy="p",reason="bulkhead_full"} 1"#,
-        r#"breakwater_rejections{policy="p",reason="queue_timeout"} 1"#,
-        "# TYPE breakwater_bulkhead_queue_ms histogram",
+        r#"breakwater_bulkhead_limit{policy="p"} 1"#,
+        "# TYPE breakwater_bulkhead_admitted_total counter",
+        r#"breakwater_bulkhead_admitted_total{policy="p"} 2"#,
+        r#"breakwater_bulkhead_waited_total{policy="p"} 1"#,
+        r#"breakwater_rejections_total{policy="p",reason="bulkhead_full"} 1"#,
+        r#"breakwater_rejections_total{policy="p",reason="queue_timeout"} 1"#,
+        "# TYPE breakwater_bulkhead_queue_wait_milliseconds histogram",
     ] {
         assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{}", shown());
     }
+    // Only what the policy has: no breaker, so no breaker series.
+    assert!(!text.contains("breakwater_circuit_state") && !text.contains("breakwater_requests_total"), "{}", shown());
     assert!(
-        text.lines().any(|l| l.starts_with(r#"breakwater_bulkhead_queue_ms_count{policy="p"}"#)),
+        text.lines().any(|l| l.starts_with(r#"breakwater_bulkhead_queue_wait_milliseconds_count{policy="p"}"#)),
         "no queue-time histogram for p:\n{}",
         shown()
     );

@@ -75,10 +75,9 @@ async fn search_bulkhead_admits_two_queues_two_and_refuses_the_rest() {
         "{replies:?}"
     );
     assert_eq!(up.stats().max_in_flight, 2);
-    let stats = envoy.stats().await;
-    let stat = |name: &str| stats.get(&format!("wasmcustom.breakwater.{name}")).copied().unwrap_or(0);
-    assert_eq!(stat("bulkhead_active.policy.search"), 0);
-    assert_eq!(stat("rejections.policy.search.reason.queue_timeout"), 2);
+    // Stats reach Envoy on each worker's tick.
+    let b = envoy.wait_bulkhead("search", |b| b.queue_timeout == 2 && b.active == 0).await;
+    assert_eq!((b.active, b.queue_timeout, b.full), (0, 2, 2), "{b:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -90,6 +89,6 @@ async fn inventory_retries_rescue_every_third_failure() {
         assert_eq!(r.status, 200, "{r:?}");
     }
     assert_eq!(up.stats().by_path.get("/inventory"), Some(&13), "9 requests, 4 of their attempts failed");
-    let retries = envoy.wait_stat("wasmcustom.breakwater.retries.policy.inventory", 4).await;
+    let retries = envoy.wait_stat("wasmcustom.breakwater_retries_total.policy.inventory", 4).await;
     assert_eq!(retries, 4);
 }

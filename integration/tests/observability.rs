@@ -63,20 +63,25 @@ async fn prometheus_labels_and_transition_log() {
     // As Envoy 1.40 prints them with the shipped stats_config: the tag extractors turn the
     // segments into labels, and custom (wasmcustom) stats get neither that prefix nor `envoy_`.
     for line in [
-        "# TYPE breakwater_requests counter",
-        r#"breakwater_requests{policy="p",outcome="failure"} 2"#,
-        r#"breakwater_requests{policy="p",outcome="success"} 0"#,
-        r#"breakwater_requests{policy="p",outcome="slow"} 0"#,
-        r#"breakwater_requests{policy="p",outcome="ignored"} 0"#,
-        r#"breakwater_rejections{policy="p",reason="circuit_open"} 1"#,
-        r#"breakwater_dry_run_rejections{policy="p",reason="circuit_open"} 0"#,
-        r#"breakwater_transitions{policy="p",to_state="open"} 1"#,
-        r#"breakwater_transitions{policy="p",to_state="half_open"} 0"#,
-        r#"breakwater_transitions{policy="p",to_state="closed"} 0"#,
+        "# TYPE breakwater_requests_total counter",
+        r#"breakwater_requests_total{policy="p",outcome="failure"} 2"#,
+        r#"breakwater_requests_total{policy="p",outcome="success"} 0"#,
+        r#"breakwater_ignored_total{policy="p",reason="client_closed"} 0"#,
+        r#"breakwater_ignored_total{policy="p",reason="stale"} 0"#,
+        r#"breakwater_rejections_total{policy="p",reason="circuit_open"} 1"#,
+        r#"breakwater_transitions_total{policy="p",to_state="open"} 1"#,
+        r#"breakwater_transitions_total{policy="p",to_state="half_open"} 0"#,
+        r#"breakwater_transitions_total{policy="p",to_state="closed"} 0"#,
         "# TYPE breakwater_circuit_state gauge",
-        r#"breakwater_circuit_state{policy="p"} 1"#,
+        r#"breakwater_circuit_state{policy="p",state="open"} 1"#,
+        r#"breakwater_circuit_state{policy="p",state="closed"} 0"#,
+        r#"breakwater_circuit_state{policy="p",state="half_open"} 0"#,
     ] {
         assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{}", breakwater_lines(&text));
+    }
+    // Only what the policy has: no slow_call, no bulkhead, no dry run.
+    for absent in ["breakwater_slow_calls_total", "breakwater_bulkhead", "breakwater_dry_run", "breakwater_retr"] {
+        assert!(!text.contains(absent), "{absent} should not exist:\n{}", breakwater_lines(&text));
     }
     assert!(
         !text.lines().any(|l| l.contains("wasmcustom")),

@@ -18,10 +18,10 @@ fn received(up: &Upstream, path: &str) -> u64 {
     up.stats().by_path.get(path).copied().unwrap_or(0)
 }
 
-/// One Breakwater stat of a policy, e.g. `retries.policy.p`; polled until it stops changing
-/// (stats are written in on_log, just after the client has its answer).
+/// One Breakwater stat of a policy, e.g. `retries_total.policy.p`; polled until it stops
+/// changing (stats reach Envoy on each worker's tick, just after the client has its answer).
 async fn settled(envoy: &Envoy, name: &str) -> i64 {
-    let full = format!("wasmcustom.breakwater.{name}");
+    let full = format!("wasmcustom.breakwater_{name}");
     let mut last = envoy.stat(&full).await;
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -57,10 +57,10 @@ async fn retries_rescue_a_flaky_upstream() {
     let ok = replies.iter().filter(|r| r.status == 200).count();
     assert_eq!(ok, 90, "every request rescued: {:?}", replies.iter().find(|r| r.status != 200));
     let attempts = received(&up, "/p");
-    let retries = settled(&envoy, "retries.policy.p").await;
+    let retries = settled(&envoy, "retries_total.policy.p").await;
     assert_eq!(attempts - 90, attempts / 3, "one attempt in three failed and was retried: {attempts}");
     assert_eq!(retries, attempts as i64 - 90, "retries counted by the plugin match the upstream");
-    assert_eq!(settled(&envoy, "retry_rescued.policy.p").await, retries, "each failure was one retry");
+    assert_eq!(settled(&envoy, "retry_rescued_total.policy.p").await, retries, "each failure was one retry");
 }
 
 /// Under a total outage, with `max_retries: 3`, 32 concurrent clients over both workers: with a
@@ -98,9 +98,9 @@ async fn the_budget_bounds_amplification_under_a_total_outage() {
     assert!(budgeted <= bound, "budget overdrawn: {budgeted} attempts for {n} requests, bound {bound}");
     assert!(budgeted > n as u64 + MIN_PER_SECOND * TTL_S / 2, "the budget was spent, not hoarded: {budgeted}");
     assert_eq!(unbudgeted, 4 * n as u64, "without a budget every request is tried 1 + 3 times");
-    let denied = settled(&envoy, "retry_denied.policy.budgeted.reason.budget_exhausted").await;
+    let denied = settled(&envoy, "retry_denied_total.policy.budgeted.reason.budget_exhausted").await;
     assert!(denied > n as i64 / 2, "most requests were forwarded without retries: {denied}");
-    let retries = settled(&envoy, "retries.policy.budgeted").await;
+    let retries = settled(&envoy, "retries_total.policy.budgeted").await;
     assert_eq!(retries, budgeted as i64 - n as i64, "the plugin counts the retries the upstream saw");
 }
 
@@ -178,9 +178,9 @@ async fn dry_run_counts_what_the_budget_would_deny() {
     load(&envoy, 4, "/p?status=503", 20).await;
     assert_eq!(received(&up, "/p"), 60, "all retries made");
     // 10 retries in the budget, 2 per request: the first 5 requests fit, the other 15 would not.
-    let would = settled(&envoy, "dry_run_retry_denied.policy.p.reason.budget_exhausted").await;
+    let would = settled(&envoy, "dry_run_retry_denied_total.policy.p.reason.budget_exhausted").await;
     assert_eq!(would, 15);
-    assert_eq!(settled(&envoy, "retry_denied.policy.p.reason.budget_exhausted").await, 0);
+    assert_eq!(settled(&envoy, "retry_denied_total.policy.p.reason.budget_exhausted").await, 0);
 }
 
 /// With a breaker: the breaker counts each request's final outcome, so retries that rescue a
@@ -217,13 +217,13 @@ async fn retry_stats_are_labelled_in_prometheus() {
     }))
     .await;
     load(&envoy, 2, "/p?status=503", 4).await;
-    settled(&envoy, "retries.policy.p").await;
+    settled(&envoy, "retries_total.policy.p").await;
     let prom = envoy.prometheus().await;
     for needle in [
-        "breakwater_retries{policy=\"p\"} 1",
-        "breakwater_retry_denied{policy=\"p\",reason=\"budget_exhausted\"} 3",
+        "breakwater_retries_total{policy=\"p\"} 1",
+        "breakwater_retry_denied_total{policy=\"p\",reason=\"budget_exhausted\"} 3",
         "breakwater_retry_budget_remaining{policy=\"p\"}",
-        "breakwater_retry_rescued{policy=\"p\"} 0",
+        "breakwater_retry_rescued_total{policy=\"p\"} 0",
     ] {
         assert!(
             prom.contains(needle),

@@ -1,20 +1,22 @@
 //! The bulkhead on the request path: take a permit (or wait, or be refused) on the request
-//! headers, give it back when the stream ends, and wake waiters when permits free up.
+//! headers, give it back when the stream ends, wake waiters when permits free up, answer
+//! recalls, and on the tick return idle leases, renew held permits and time out waiters.
 //!
-//! Every permit change is one CAS on the policy's shared state ([`store::bulkhead`]), so the
-//! limit is exact across workers. The gauges move by the change each CAS made, so they are exact
-//! too. A waiter handed a permit is woken by its own worker ([`crate::parking`]).
+//! While the bulkhead is far from full a worker serves its requests from its lease
+//! ([`crate::holdings`]) with no host call. Otherwise every permit change is one CAS on the
+//! policy's shared state, so the limit is exact across workers either way. A waiter handed a
+//! permit is woken by its own worker ([`crate::waiters`]).
 
 use crate::config::Mode;
-use crate::filter::reject;
+use crate::holdings::Holding;
 use crate::host::Host;
-use crate::metrics::{self, BulkheadMetrics};
-use crate::parking::{ParkState, Parked, Parking};
-use crate::store::{self, Moved};
-use crate::Compiled;
+use crate::reply::{reject, Refusal};
+use crate::vm::{message, Vm};
+use crate::waiters::{Parked, Wait};
+use crate::{metrics, store, Compiled, Policy};
 use alloc::rc::Rc;
 use alloc::vec::Vec;
-use breakwater_policies::bulkhead::{Update, Waiter};
+use breakwater_policies::bulkhead::{Ask, Update, Waiter};
 use breakwater_policies::{Acquire, MS, SECOND};
 
 /// Where a stream stands with the bulkhead.
@@ -23,103 +25,14 @@ pub enum Permit {
     /// No bulkhead, a dry run past the limit, or shared data failed us (fail open).
     #[default]
     None,
-    Held(u8),
-    /// Paused in the queue (see the worker's [`Parking`] for how the wait ended).
+    /// A permit of this worker's lease.
+    Leased,
+    /// A permit held one by one, of this class.
+    Exact(u8),
+    /// Paused in the queue (see the worker's waiters for how the wait ended).
     Waiting(u8),
     /// Refused at once; Breakwater answered it.
     Refused,
-}
-
-/// What admission decided.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Admit {
-    Pass(Permit),
-    /// Paused until woken or timed out.
-    Wait(u8),
-    /// Answered with `bulkhead-full`.
-    Refused,
-}
-
-/// Retry-After for a full bulkhead or a queue timeout: the pressure is momentary.
-const RETRY_AFTER_NS: u64 = SECOND;
-
-fn m(c: &Compiled, policy: usize) -> BulkheadMetrics {
-    c.metrics.get(policy).map(|m| m.bulkhead).unwrap_or_default()
-}
-
-fn moved(host: &impl Host, m: &BulkheadMetrics, by: Moved) {
-    metrics::add(host, m.active, by.active);
-    metrics::add(host, m.queued, by.queued);
-}
-
-/// Takes a permit for request `ticket`, or queues it, or refuses it (with the reply sent).
-pub fn admit(c: &Rc<Compiled>, host: &impl Host, w: &Parking, policy: usize, ticket: u32, now: u64) -> Admit {
-    let (Some(p), Some(b)) = (c.config.policies.get(policy), c.bulkhead(policy)) else {
-        return Admit::Pass(Permit::None);
-    };
-    let class = b.priority.as_ref().map_or(0, |pr| pr.class_of(host.request_header(&pr.header).as_deref()));
-    let may_wait = p.mode == Mode::Enforce && b.machine.queue_max > 0 && w.can_wait.get();
-    let worker = w.worker.get();
-    let Some((u, by)) =
-        store::bulkhead(host, c.bulkhead_key(policy), |s| s.acquire(&b.machine, now, worker, class, ticket, may_wait))
-    else {
-        // Shared data failing entirely: fail open, the bulkhead must not become the outage.
-        return Admit::Pass(Permit::None);
-    };
-    let mx = m(c, policy);
-    moved(host, &mx, by);
-    notify(c, host, policy, u.granted);
-    match (u.value, p.mode) {
-        (Acquire::Admitted, _) => {
-            metrics::inc(host, mx.admitted);
-            w.took(c, policy);
-            Admit::Pass(Permit::Held(class))
-        }
-        (Acquire::Queued, _) => {
-            w.park(ticket, Parked { compiled: c.clone(), policy, class, since: now, state: ParkState::Waiting });
-            Admit::Wait(class)
-        }
-        (Acquire::Full, Mode::Enforce) => {
-            metrics::inc(host, mx.rejected_full);
-            reject(host, p, "bulkhead-full", RETRY_AFTER_NS);
-            Admit::Refused
-        }
-        (Acquire::Full, Mode::DryRun) => {
-            metrics::inc(host, mx.dry_run_rejected_full);
-            Admit::Pass(Permit::None)
-        }
-    }
-}
-
-/// The stream is over: give its permit back, or leave the queue.
-pub fn finish(c: &Compiled, host: &impl Host, w: &Parking, policy: usize, ticket: u32, permit: Permit) -> Finished {
-    match permit {
-        Permit::None => Finished::Forwarded(None),
-        Permit::Refused => Finished::NotForwarded,
-        Permit::Held(class) => {
-            release(c, host, w, policy, class, None);
-            Finished::Forwarded(None)
-        }
-        Permit::Waiting(class) => match w.take(ticket) {
-            Some(Parked { state: ParkState::Granted { at }, .. }) => {
-                release(c, host, w, policy, class, None);
-                Finished::Forwarded(Some(at))
-            }
-            Some(Parked { state: ParkState::TimedOut, .. }) => Finished::NotForwarded,
-            // The client left while waiting: leave the queue, or, if a permit was handed over
-            // in the meantime (its wake-up still on the way), give that back.
-            Some(Parked { state: ParkState::Waiting, since, .. }) => {
-                release(c, host, w, policy, class, Some(ticket));
-                let now = host.now_ns();
-                metrics::set(host, m(c, policy).queue_ms, now.saturating_sub(since) / MS);
-                Finished::NotForwarded
-            }
-            None => {
-                release(c, host, w, policy, class, Some(ticket));
-                Finished::NotForwarded
-            }
-        },
-    }
 }
 
 /// How a stream that passed the bulkhead's admission ended.
@@ -131,116 +44,337 @@ pub enum Finished {
     NotForwarded,
 }
 
-/// Returns a permit. With `waiting`, the stream may still be queued under that ticket instead:
-/// then it only leaves the queue.
-fn release(c: &Compiled, host: &impl Host, w: &Parking, policy: usize, class: u8, waiting: Option<u32>) {
-    let Some(b) = c.bulkhead(policy) else { return };
-    let (worker, now) = (w.worker.get(), host.now_ns());
-    let result = store::bulkhead(host, c.bulkhead_key(policy), |s| {
-        if let Some(ticket) = waiting {
-            let left = s.withdraw(&b.machine, now, worker, ticket);
-            if left.value {
-                return left;
-            }
-        }
-        let u = s.release(&b.machine, now, worker, class);
-        Update { value: false, changed: u.changed, granted: u.granted }
-    });
-    if let Some((u, by)) = result {
-        moved(host, &m(c, policy), by);
-        notify(c, host, policy, u.granted);
+/// Retry-After for a full bulkhead or a queue timeout: the pressure is momentary.
+const RETRY_AFTER_NS: u64 = SECOND;
+
+/// This worker's holding of the policy's bulkhead (looked up once per policy, then cached).
+fn holding(vm: &Vm, p: &Policy) -> Option<Rc<Holding>> {
+    p.holding(|| vm.holdings.of(&p.bulkhead_key))
+}
+
+/// Takes a permit for request `ticket`, or queues it, or refuses it (with the reply sent).
+pub fn admit(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, ticket: u32) -> Permit {
+    let Some(b) = &p.cfg.bulkhead else { return Permit::None };
+    let Some(h) = holding(vm, p) else { return Permit::None };
+    let enforce = p.cfg.mode == Mode::Enforce;
+    // Leases need one class; a dry run takes the exact path so its counts are exact.
+    let leasing = enforce && b.priority.is_none();
+    if leasing && !h.draining.get() && h.idle() > 0 {
+        h.in_use.set(h.in_use.get() + 1);
+        h.used.set(true);
+        admitted(c, p, vm, false);
+        return Permit::Leased;
     }
-    // A permit this worker counted as held (at admission, or at wake-up) is back. One handed
-    // over but never woken up was never counted.
-    if waiting.is_none() {
-        w.returned(c, policy);
+    let class = b.priority.as_ref().map_or(0, |pr| pr.class_of(host.request_header(&pr.header).as_deref()));
+    let now = vm.clock(host);
+    let may_pause = enforce && vm.can_wait.get();
+    let ask = Ask {
+        worker: vm.worker.get(),
+        class,
+        ticket,
+        may_wait: may_pause && b.machine.queue_max > 0,
+        may_pause,
+        lease: leasing,
+    };
+    let Some(u) = store::bulkhead(host, &p.bulkhead_key, |s| s.ask(&b.machine, now, ask)) else {
+        // Shared data failing entirely: fail open, the bulkhead must not become the outage.
+        return Permit::None;
+    };
+    vm.holdings.touch(&h, c, p.index);
+    notify(p, host, vm, u.granted, u.refused);
+    match u.value {
+        Acquire::Leased(size) => {
+            h.lease.set(h.lease.get() + size);
+            h.draining.set(false);
+            h.in_use.set(h.in_use.get() + 1);
+            h.used.set(true);
+            h.renewed_at.set(now);
+            admitted(c, p, vm, false);
+            Permit::Leased
+        }
+        Acquire::Admitted => {
+            h.exact.set(h.exact.get() + 1);
+            h.renewed_at.set(now);
+            admitted(c, p, vm, false);
+            Permit::Exact(class)
+        }
+        Acquire::Queued => park(c, p, vm, ticket, class, now, false),
+        Acquire::Recalling { workers, recall_only } => {
+            // Ask the lease holders for their idle permits; they go to the waiters in order.
+            let recall = message::recall(&p.bulkhead_key);
+            for w in workers {
+                host.enqueue(w, &recall);
+            }
+            park(c, p, vm, ticket, class, now, recall_only)
+        }
+        Acquire::Full if enforce => {
+            p.local(|l| l.counts.reject(Refusal::BulkheadFull));
+            vm.list(c, p);
+            reject(host, p, Refusal::BulkheadFull, RETRY_AFTER_NS);
+            Permit::Refused
+        }
+        Acquire::Full => {
+            p.local(|l| l.counts.dry_run_reject(Refusal::BulkheadFull));
+            vm.list(c, p);
+            Permit::None
+        }
     }
 }
 
-/// Tells each granted waiter's worker to resume it. A waiter whose worker is gone (its queue no
-/// longer exists) cannot use the permit: it is returned at once, which may grant others.
-fn notify(c: &Compiled, host: &impl Host, policy: usize, granted: Vec<Waiter>) {
+fn admitted(c: &Rc<Compiled>, p: &Policy, vm: &Vm, waited: bool) {
+    p.local(|l| {
+        l.counts.admitted += 1;
+        l.counts.active += 1;
+        if waited {
+            l.counts.waited += 1;
+            l.counts.queued -= 1;
+        }
+    });
+    vm.list(c, p);
+}
+
+fn park(c: &Rc<Compiled>, p: &Policy, vm: &Vm, ticket: u32, class: u8, now: u64, recall_only: bool) -> Permit {
+    let parked = Parked { compiled: c.clone(), policy: p.index, class, since: now, recall_only, state: Wait::Waiting };
+    vm.waiters.park(ticket, parked);
+    p.local(|l| l.counts.queued += 1);
+    vm.list(c, p);
+    Permit::Waiting(class)
+}
+
+/// The stream is over: give its permit back, or leave the queue.
+pub fn finish(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, ticket: u32, permit: Permit) -> Finished {
+    match permit {
+        Permit::None => Finished::Forwarded(None),
+        Permit::Refused => Finished::NotForwarded,
+        Permit::Leased => {
+            return_leased(c, p, host, vm);
+            Finished::Forwarded(None)
+        }
+        Permit::Exact(class) => {
+            release(c, p, host, vm, class);
+            Finished::Forwarded(None)
+        }
+        Permit::Waiting(class) => match vm.waiters.take(ticket) {
+            Some(Parked { state: Wait::Granted { at }, .. }) => {
+                release(c, p, host, vm, class);
+                Finished::Forwarded(Some(at))
+            }
+            Some(Parked { state: Wait::TimedOut | Wait::Refused, .. }) => Finished::NotForwarded,
+            // The client left while waiting: leave the queue, or, if a permit was handed over
+            // in the meantime (its wake-up still on the way), give that back.
+            Some(Parked { state: Wait::Waiting, since, .. }) => {
+                let now = vm.clock(host);
+                leave(c, p, host, vm, class, ticket, now);
+                metrics::set(host, p.metrics.bulkhead.queue_ms, now.saturating_sub(since) / MS);
+                Finished::NotForwarded
+            }
+            None => Finished::NotForwarded,
+        },
+    }
+}
+
+/// A leased permit's request ended: the permit stays with the lease, idle, unless the lease is
+/// draining (after a recall), when it goes back at once.
+fn return_leased(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm) {
+    p.local(|l| l.counts.active -= 1);
+    vm.list(c, p);
+    let Some(h) = holding(vm, p) else { return };
+    h.in_use.set(h.in_use.get().saturating_sub(1));
+    if h.draining.get() {
+        let keep = h.lease.get().saturating_sub(1);
+        trim(p, host, vm, &h, keep, keep > 0);
+    }
+}
+
+/// Returns a permit held one by one.
+fn release(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, class: u8) {
+    p.local(|l| l.counts.active -= 1);
+    vm.list(c, p);
+    if let Some(h) = holding(vm, p) {
+        h.exact.set(h.exact.get().saturating_sub(1));
+    }
+    let Some(b) = &p.cfg.bulkhead else { return };
+    let (worker, now) = (vm.worker.get(), vm.clock(host));
+    if let Some(u) = store::bulkhead(host, &p.bulkhead_key, |s| s.release(&b.machine, now, worker, class)) {
+        notify(p, host, vm, u.granted, u.refused);
+    }
+}
+
+/// A waiter leaves the queue (its client left); if it was handed a permit meanwhile, the
+/// permit goes back.
+fn leave(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, class: u8, ticket: u32, now: u64) {
+    p.local(|l| l.counts.queued -= 1);
+    vm.list(c, p);
+    let Some(b) = &p.cfg.bulkhead else { return };
+    let worker = vm.worker.get();
+    let u = store::bulkhead(host, &p.bulkhead_key, |s| {
+        let left = s.withdraw(&b.machine, now, worker, ticket);
+        if left.value {
+            return left;
+        }
+        let u = s.release(&b.machine, now, worker, class);
+        Update { value: false, changed: u.changed, granted: u.granted, refused: u.refused }
+    });
+    if let Some(u) = u {
+        notify(p, host, vm, u.granted, u.refused);
+    }
+}
+
+/// Gives back the lease's permits beyond `keep`.
+fn trim(p: &Policy, host: &impl Host, vm: &Vm, h: &Holding, keep: u32, draining: bool) {
+    let Some(b) = &p.cfg.bulkhead else { return };
+    let (worker, now) = (vm.worker.get(), vm.clock(host));
+    let u = store::bulkhead(host, &p.bulkhead_key, |s| s.trim_lease(&b.machine, now, worker, keep, draining));
+    if let Some(u) = u {
+        h.lease.set(keep.min(h.lease.get()));
+        h.draining.set(draining && h.lease.get() > 0);
+        h.renewed_at.set(now);
+        notify(p, host, vm, u.granted, u.refused);
+    }
+}
+
+/// Tells each granted waiter's worker to resume it, and each refused one's to refuse it. A
+/// waiter whose worker is gone (its queue no longer exists) cannot use the permit: it is
+/// returned at once, which may grant others.
+fn notify(p: &Policy, host: &impl Host, vm: &Vm, granted: Vec<Waiter>, refused: Vec<Waiter>) {
+    for w in refused {
+        host.enqueue(w.worker, &message::ticket(message::REFUSE, w.ticket));
+    }
+    let Some(b) = &p.cfg.bulkhead else { return };
     let mut todo = granted;
     // Each round returns a permit for good; the bound only guards against a bug looping forever.
     for _ in 0..1024 {
-        let Some(waiter) = todo.pop() else { return };
-        if host.enqueue(waiter.worker, &waiter.ticket.to_le_bytes()) {
+        let Some(w) = todo.pop() else { return };
+        if host.enqueue(w.worker, &message::ticket(message::GRANT, w.ticket)) {
             continue;
         }
-        let Some(b) = c.bulkhead(policy) else { return };
-        let now = host.now_ns();
-        if let Some((u, by)) =
-            store::bulkhead(host, c.bulkhead_key(policy), |s| s.release(&b.machine, now, waiter.worker, waiter.class))
-        {
-            moved(host, &m(c, policy), by);
+        let now = vm.coarse_now();
+        if let Some(u) = store::bulkhead(host, &p.bulkhead_key, |s| s.release(&b.machine, now, w.worker, w.class)) {
             todo.extend(u.granted);
+            for r in u.refused {
+                host.enqueue(r.worker, &message::ticket(message::REFUSE, r.ticket));
+            }
         }
     }
 }
 
-/// `on_queue_ready`: resumes this worker's waiters that other workers (or this one) handed a
-/// permit to.
-pub fn wake(host: &impl Host, w: &Parking, queue: u32) {
-    while let Some(message) = host.dequeue(queue) {
-        let Some(ticket) = message.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes) else {
-            continue;
+/// `on_queue_ready`: this worker's messages (see [`message`]).
+pub fn on_message(host: &impl Host, vm: &Vm, queue: u32) {
+    while let Some(m) = host.dequeue(queue) {
+        let (kind, data) = match m.split_first() {
+            Some((k, d)) => (*k, d),
+            None => continue,
         };
-        let now = host.now_ns();
-        // Not waiting any more: its stream ended, and its on_log gave the permit back.
-        let Some((c, policy, _class, since)) = w.settle(ticket, ParkState::Granted { at: now }) else { continue };
-        let mx = m(&c, policy);
-        metrics::inc(host, mx.admitted);
-        metrics::inc(host, mx.waited);
-        metrics::set(host, mx.queue_ms, now.saturating_sub(since) / MS);
-        w.took(&c, policy);
-        if host.enter(ticket) {
-            host.resume_request();
+        let ticket = data.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
+        match (kind, ticket) {
+            (message::GRANT, Some(t)) => wake(host, vm, t),
+            (message::REFUSE, Some(t)) => refuse(host, vm, t),
+            (message::RECALL, _) => recall(host, vm, data),
+            _ => {}
         }
     }
 }
 
-/// On every tick: answers the waiters whose queue timeout has passed with `queue-timeout`.
-pub fn expire(host: &impl Host, w: &Parking) {
-    if w.is_empty() {
+/// Resumes a waiter that was handed a permit.
+fn wake(host: &impl Host, vm: &Vm, ticket: u32) {
+    let now = vm.clock(host);
+    // Not waiting any more: its stream ended, and its on_log gave the permit back.
+    let Some(s) = vm.waiters.settle(ticket, Wait::Granted { at: now }) else { return };
+    let Some(p) = s.compiled.policy(s.policy) else { return };
+    if let Some(h) = holding(vm, p) {
+        h.exact.set(h.exact.get() + 1);
+        h.renewed_at.set(now);
+        vm.holdings.touch(&h, &s.compiled, p.index);
+    }
+    admitted(&s.compiled, p, vm, true);
+    metrics::set(host, p.metrics.bulkhead.queue_ms, now.saturating_sub(s.since) / MS);
+    if host.enter(ticket) {
+        host.resume_request();
+    }
+}
+
+/// Refuses a waiter whose recall freed nothing.
+fn refuse(host: &impl Host, vm: &Vm, ticket: u32) {
+    let now = vm.clock(host);
+    let Some(s) = vm.waiters.settle(ticket, Wait::Refused) else { return };
+    let Some(p) = s.compiled.policy(s.policy) else { return };
+    ended_waiting(&s.compiled, p, host, vm, Refusal::BulkheadFull, now.saturating_sub(s.since));
+    if host.enter(ticket) {
+        reject(host, p, Refusal::BulkheadFull, RETRY_AFTER_NS);
+    }
+}
+
+fn ended_waiting(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, why: Refusal, waited_ns: u64) {
+    p.local(|l| {
+        l.counts.queued -= 1;
+        l.counts.reject(why);
+    });
+    vm.list(c, p);
+    metrics::set(host, p.metrics.bulkhead.queue_ms, waited_ns / MS);
+}
+
+/// Another worker needs a permit while this one's lease may sit idle: give back the idle ones,
+/// and the rest as their requests end.
+fn recall(host: &impl Host, vm: &Vm, key: &[u8]) {
+    let Some(h) = vm.holdings.find(key) else { return };
+    let Some((c, i)) = h.owner() else { return };
+    let Some(p) = c.policy(i) else { return };
+    if h.lease.get() > 0 && !h.draining.get() {
+        let keep = h.in_use.get();
+        trim(p, host, vm, &h, keep, keep > 0);
+    }
+}
+
+/// On every tick: returns leases unused since the last tick, and renews held permits now and
+/// then so that other workers know this one is alive (see `stale_after`).
+pub fn maintain(host: &impl Host, vm: &Vm, now: u64) {
+    for h in vm.holdings.take_listed() {
+        let Some((c, i)) = h.owner() else { continue };
+        let Some(p) = c.policy(i) else { continue };
+        let Some(b) = &p.cfg.bulkhead else { continue };
+        let unused = !h.used.replace(false);
+        if h.idle() > 0 && unused && !h.draining.get() {
+            let keep = h.in_use.get();
+            trim(p, host, vm, &h, keep, false);
+        } else if now.saturating_sub(h.renewed_at.get()) >= b.machine.stale_after_ns / 4 {
+            let worker = vm.worker.get();
+            if let Some(u) = store::bulkhead(host, &p.bulkhead_key, |s| s.renew(&b.machine, now, worker)) {
+                h.renewed_at.set(now);
+                notify(p, host, vm, u.granted, u.refused);
+            }
+        }
+    }
+}
+
+/// On every tick: answers the waiters whose time is up: `queue-timeout`, or `bulkhead-full`
+/// for those that waited only for a recall.
+pub fn expire(host: &impl Host, vm: &Vm, now: u64) {
+    if vm.waiters.is_empty() {
         return;
     }
-    let now = host.now_ns();
-    let worker = w.worker.get();
-    for ticket in w.overdue(now) {
-        let Some(parked) = w.take(ticket) else { continue };
-        let (c, policy, since) = (parked.compiled.clone(), parked.policy, parked.since);
-        let (Some(p), Some(b)) = (c.config.policies.get(policy), c.bulkhead(policy)) else { continue };
-        let left = store::bulkhead(host, c.bulkhead_key(policy), |s| s.withdraw(&b.machine, now, worker, ticket));
-        let Some((u, by)) = left.filter(|(u, _)| u.value) else {
+    let worker = vm.worker.get();
+    for ticket in vm.waiters.overdue(now) {
+        let Some(parked) = vm.waiters.take(ticket) else { continue };
+        let c = parked.compiled.clone();
+        let Some(p) = c.policy(parked.policy) else { continue };
+        let Some(b) = &p.cfg.bulkhead else { continue };
+        let left = store::bulkhead(host, &p.bulkhead_key, |s| s.withdraw(&b.machine, now, worker, ticket));
+        let Some(u) = left.filter(|u| u.value) else {
             // Not in the queue: it was just handed a permit; its wake-up is on the way.
-            w.park(ticket, parked);
+            vm.waiters.park(ticket, parked);
             continue;
         };
-        w.park(ticket, Parked { state: ParkState::TimedOut, ..parked });
-        let mx = m(&c, policy);
-        moved(host, &mx, by);
-        notify(&c, host, policy, u.granted);
-        metrics::inc(host, mx.rejected_queue_timeout);
-        metrics::set(host, mx.queue_ms, now.saturating_sub(since) / MS);
+        let (why, state) = if parked.recall_only {
+            (Refusal::BulkheadFull, Wait::Refused)
+        } else {
+            (Refusal::QueueTimeout, Wait::TimedOut)
+        };
+        let since = parked.since;
+        vm.waiters.park(ticket, Parked { state, ..parked });
+        notify(p, host, vm, u.granted, u.refused);
+        ended_waiting(&c, p, host, vm, why, now.saturating_sub(since));
         if host.enter(ticket) {
-            reject(host, p, "queue-timeout", RETRY_AFTER_NS);
-        }
-    }
-}
-
-/// On every tick: a worker holding permits says it is alive (see `stale_after`), for every
-/// bulkhead it holds permits of, under whichever configuration took them.
-pub fn renew(host: &impl Host, w: &Parking) {
-    let holdings = w.holdings();
-    if holdings.is_empty() {
-        return;
-    }
-    let (worker, now) = (w.worker.get(), host.now_ns());
-    for (c, policy) in holdings {
-        let Some(b) = c.bulkhead(policy) else { continue };
-        if let Some((u, by)) = store::bulkhead(host, c.bulkhead_key(policy), |s| s.renew(&b.machine, now, worker)) {
-            moved(host, &m(&c, policy), by);
-            notify(&c, host, policy, u.granted);
+            reject(host, p, why, RETRY_AFTER_NS);
         }
     }
 }

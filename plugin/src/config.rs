@@ -1,9 +1,18 @@
 //! The plugin configuration: parsed and compiled once, in `on_configure`.
 //!
-//! Parsing walks `serde_json::Value` by hand so that every error names the JSON path of the
-//! offending field and what was expected, e.g.
+//! Parsing walks the JSON by hand so that every error names the JSON path of the offending
+//! field and what was expected, e.g.
 //! `policies.checkout.circuit_breaker.open_for: expected a duration such as "250ms", "10s" or "5m", got "30 seconds"`.
-//! Unknown keys are errors: a typo must not silently disable a policy.
+//! A bad configuration is refused whole:
+//! * unknown keys (a typo must not silently disable a policy; the nearest known key is
+//!   suggested), checked before anything else in an object;
+//! * duplicate keys (JSON readers keep the last one silently);
+//! * values that cannot mean what they say: out-of-range numbers, fractions where a whole
+//!   number is meant, durations that overflow time arithmetic, a host with a port (never
+//!   matches), a reject status a gRPC client would read as an error of the server's own…
+//!
+//! Error messages are safe to log: values and odd keys are quoted with control characters
+//! escaped and cut after 64 characters, so no input can forge a log line or flood the log.
 
 use crate::routes::{HostPattern, Route, RouteTable};
 use alloc::format;
@@ -11,8 +20,11 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use breakwater_policies::breaker::{RateRule, SlowRule};
 use breakwater_policies::{BreakerConfig, BudgetConfig, BulkheadConfig, ClassLimit, MS, SECOND};
+use core::cell::RefCell;
 use core::fmt;
-use serde_json::{Map, Value};
+use hashbrown::HashMap;
+use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -65,7 +77,7 @@ impl Default for FailureOn {
     }
 }
 
-/// What a fast-failed request gets.
+/// What a refused request gets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reject {
     pub status: u32,
@@ -84,7 +96,7 @@ impl Default for Reject {
 pub struct Breaker {
     pub machine: BreakerConfig,
     pub failure_on: FailureOn,
-    /// From slow_call.duration; None when slow calls are not tracked (no clock read needed).
+    /// From slow_call.duration; None when slow calls are not tracked.
     pub slow_ns: Option<u64>,
 }
 
@@ -100,9 +112,10 @@ pub struct Priority {
 }
 
 impl Priority {
-    pub fn class_of(&self, value: Option<&str>) -> u8 {
+    /// The class a header value names (any bytes: a value naming no class gets the default).
+    pub fn class_of(&self, value: Option<&[u8]>) -> u8 {
         value
-            .and_then(|v| self.classes.iter().position(|c| c == v))
+            .and_then(|v| self.classes.iter().position(|c| c.as_bytes() == v))
             .and_then(|i| u8::try_from(i).ok())
             .unwrap_or(self.default)
     }
@@ -118,17 +131,23 @@ pub struct Bulkhead {
 /// Retries, as instructions to Envoy's router on each request, and their budget.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Retry {
-    /// `x-envoy-retry-on`; empty: leave the route's own retry conditions alone.
-    pub on: String,
-    /// `x-envoy-retry-grpc-on`; empty: none added.
-    pub grpc_on: String,
-    /// `x-envoy-retriable-status-codes`; empty: none added.
-    pub status_codes: String,
+    /// The headers set on every request (`x-envoy-retry-on`, `x-envoy-retry-grpc-on`,
+    /// `x-envoy-retriable-status-codes`, `x-envoy-upstream-rq-per-try-timeout-ms`); empty:
+    /// the route's own retry policy decides, and Breakwater only budgets it.
+    pub router_headers: Vec<(&'static str, String)>,
     pub max_retries: u32,
-    /// `x-envoy-upstream-rq-per-try-timeout-ms`.
-    pub per_try_timeout_ms: Option<u64>,
     /// None: retries are not budgeted (Envoy's own behaviour).
     pub budget: Option<BudgetConfig>,
+    /// Remove `x-envoy-attempt-count` from the client's response once read (the route's
+    /// `include_attempt_count_in_response` was turned on for Breakwater's sake).
+    pub strip_attempt_count: bool,
+}
+
+impl Retry {
+    /// Breakwater tells the router how to retry every request (`retry_on` is set).
+    pub fn drives_router(&self) -> bool {
+        !self.router_headers.is_empty()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,258 +166,278 @@ pub struct Config {
     pub routes: RouteTable,
     /// How often each worker hands its batched successes to the shared breakers.
     pub sync_interval_ns: u64,
+    /// `policy`: this filter instance is enabled per route and applies this policy (an index
+    /// into `policies`) to every request it sees, with no route lookup.
+    pub only: Option<usize>,
 }
 
 pub const DEFAULT_SYNC_INTERVAL_NS: u64 = 50 * MS;
-
-/// Parses and validates the whole configuration; nothing is applied unless all of it is valid.
-pub fn parse(bytes: &[u8]) -> Result<Config> {
-    let root: Value = serde_json::from_slice(bytes)
-        .map_err(|e| ConfigError { path: String::new(), message: format!("configuration is not valid JSON: {e}") })?;
-    let mut root = Obj::new(&root, "")?;
-    let mut policies = Vec::new();
-    if let Some(v) = root.opt("policies") {
-        let path = root.path("policies");
-        let map = v.as_object().ok_or_else(|| expected(&path, "an object of policies by name", v))?;
-        for (name, body) in map {
-            let path = join(&path, name);
-            check_name(&path, name)?;
-            policies.push(policy(name, body, &path)?);
-        }
-    }
-    let mut routes = Vec::new();
-    if let Some(v) = root.opt("routes") {
-        let path = root.path("routes");
-        let list = v.as_array().ok_or_else(|| expected(&path, "a list of routes", v))?;
-        for (i, r) in list.iter().enumerate() {
-            routes.push(route(r, &format!("{path}[{i}]"), &policies)?);
-        }
-    }
-    let mut sync_interval_ns = DEFAULT_SYNC_INTERVAL_NS;
-    if let Some(v) = root.opt("sync_interval") {
-        let p = root.path("sync_interval");
-        sync_interval_ns = duration(v, &p)?;
-        if !(MS..=10 * SECOND).contains(&sync_interval_ns) {
-            return err(&p, "must be from 1ms to 10s");
-        }
-    }
-    root.finish()?;
-    // Window-based trips wait two sync intervals, so every worker's batched successes are in.
-    for b in policies.iter_mut().filter_map(|p| p.breaker.as_mut()) {
-        b.machine.confirm_ns = 2 * sync_interval_ns;
-    }
-    // Workers renew their permits every sync: one silent for many syncs (and 10s) is dead.
-    for b in policies.iter_mut().filter_map(|p| p.bulkhead.as_mut()) {
-        b.machine.stale_after_ns = (10 * SECOND).max(20 * sync_interval_ns);
-    }
-    Ok(Config { policies, routes: RouteTable::new(routes), sync_interval_ns })
-}
-
-fn policy(name: &str, v: &Value, path: &str) -> Result<Policy> {
-    let mut o = Obj::new(v, path)?;
-    let mode = match o.opt("mode") {
-        None => Mode::Enforce,
-        Some(v) => match v.as_str() {
-            Some("enforce") => Mode::Enforce,
-            Some("dry_run") => Mode::DryRun,
-            _ => return Err(expected(&o.path("mode"), "\"enforce\" or \"dry_run\"", v)),
-        },
-    };
-    let breaker = match o.opt("circuit_breaker") {
-        Some(v) => Some(breaker(v, &o.path("circuit_breaker"))?),
-        None => None,
-    };
-    let bulkhead = match o.opt("bulkhead") {
-        Some(v) => Some(bulkhead(v, &o.path("bulkhead"))?),
-        None => None,
-    };
-    let retry = match o.opt("retry") {
-        Some(v) => Some(retry(v, &o.path("retry"))?),
-        None => None,
-    };
-    let reject = match o.opt("reject") {
-        Some(v) => reject(v, &o.path("reject"))?,
-        None => Reject::default(),
-    };
-    o.finish()?;
-    Ok(Policy { name: name.to_string(), mode, breaker, bulkhead, retry, reject })
-}
-
-fn breaker(v: &Value, path: &str) -> Result<Breaker> {
-    let mut o = Obj::new(v, path)?;
-    let mut m = BreakerConfig { consecutive_failures: 0, ..BreakerConfig::default() };
-    let consecutive = o.opt("consecutive_failures");
-    if let Some(v) = consecutive {
-        m.consecutive_failures = positive_u32(v, &o.path("consecutive_failures"))?;
-    }
-    let mut window: Option<(u64, String)> = None;
-    if let Some(v) = o.opt("failure_rate") {
-        let path = o.path("failure_rate");
-        let mut r = Obj::new(v, &path)?;
-        let threshold = percent(r.req("threshold")?, &r.path("threshold"))?;
-        let minimum_requests = match r.opt("minimum_requests") {
-            Some(v) => positive_u32(v, &r.path("minimum_requests"))?,
-            None => 20,
-        };
-        if let Some(v) = r.opt("window") {
-            window = Some((duration(v, &r.path("window"))?, r.path("window")));
-        }
-        r.finish()?;
-        m.failure_rate = Some(RateRule { threshold, minimum_requests });
-    }
-    let mut slow_ns = None;
-    if let Some(v) = o.opt("slow_call") {
-        let path = o.path("slow_call");
-        let mut s = Obj::new(v, &path)?;
-        let duration_ns = duration(s.req("duration")?, &s.path("duration"))?;
-        let threshold = percent(s.req("threshold")?, &s.path("threshold"))?;
-        let minimum_requests = match s.opt("minimum_requests") {
-            Some(v) => positive_u32(v, &s.path("minimum_requests"))?,
-            None => m.failure_rate.map_or(20, |r| r.minimum_requests),
-        };
-        if let Some(v) = s.opt("window") {
-            let w = duration(v, &s.path("window"))?;
-            if let Some((other, other_path)) = &window {
-                if *other != w {
-                    return err(
-                        &s.path("window"),
-                        format!("must equal {other_path}: a breaker has one sliding window"),
-                    );
-                }
-            }
-            window = Some((w, s.path("window")));
-        }
-        s.finish()?;
-        slow_ns = Some(duration_ns);
-        m.slow_call = Some(SlowRule { duration_ns, threshold, minimum_requests });
-    }
-    if let Some((w, wpath)) = &window {
-        if *w < 10 * MS {
-            return err(wpath, "must be at least 10ms");
-        }
-        m.window_ns = *w;
-    }
-    if consecutive.is_none() && m.failure_rate.is_none() && m.slow_call.is_none() {
-        m.consecutive_failures = 5;
-    }
-    if let Some(v) = o.opt("open_for") {
-        m.open_for_ns = duration(v, &o.path("open_for"))?;
-    }
-    m.max_open_for_ns = match o.opt("max_open_for") {
-        Some(v) => duration(v, &o.path("max_open_for"))?,
-        None => (10 * m.open_for_ns).max(300 * SECOND),
-    };
-    if m.max_open_for_ns < m.open_for_ns {
-        return err(&o.path("max_open_for"), "must be at least open_for");
-    }
-    if let Some(v) = o.opt("half_open") {
-        let mut h = Obj::new(v, &o.path("half_open"))?;
-        if let Some(v) = h.opt("max_probes") {
-            m.max_probes = positive_u32(v, &h.path("max_probes"))?;
-        }
-        if let Some(v) = h.opt("successes_to_close") {
-            m.successes_to_close = positive_u32(v, &h.path("successes_to_close"))?;
-        }
-        if let Some(v) = h.opt("probe_timeout") {
-            m.probe_timeout_ns = duration(v, &h.path("probe_timeout"))?;
-        }
-        h.finish()?;
-    }
-    let failure_on = match o.opt("failure_on") {
-        Some(v) => failure_on(v, &o.path("failure_on"))?,
-        None => FailureOn::default(),
-    };
-    o.finish()?;
-    Ok(Breaker { machine: m, failure_on, slow_ns })
-}
-
+/// The shortest `sync_interval`: a tick costs little when nothing changed, but every worker
+/// wakes up for it.
+pub const MIN_SYNC_INTERVAL_NS: u64 = 10 * MS;
 /// Most priority classes a bulkhead may have (they are counted per class in shared data).
 pub const MAX_CLASSES: usize = 16;
 /// Largest wait queue: the queue lives in one shared-data value that every admission copies.
 pub const MAX_QUEUE: u32 = 10_000;
+/// Envoy refuses more; a higher count would also make every request reserve a large budget share.
+pub const MAX_RETRIES: u32 = 10;
+/// Largest reject body (it is also a gRPC client's `grpc-message` header).
+pub const MAX_BODY: usize = 4096;
+const MAX_HEADER_VALUE: usize = 1024;
+const MAX_REJECT_HEADERS: usize = 16;
+const MAX_COUNT: u64 = 1_000_000;
+const HOUR: u64 = 3600 * SECOND;
+const DAY: u64 = 24 * HOUR;
+
+/// Parses and validates the whole configuration; nothing is applied unless all of it is valid.
+pub fn parse(bytes: &[u8]) -> Result<Config> {
+    // No configuration at all (Istio without pluginConfig): no policies, nothing to do.
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
+    let root = strict_json(bytes)?;
+    let root = Obj::new(&root, "", &["policies", "routes", "policy", "sync_interval"])?;
+    let mut policies = Vec::new();
+    let mut by_name: HashMap<&str, usize> = HashMap::new();
+    if let Some((v, path)) = root.get("policies") {
+        let map = v.as_object().ok_or_else(|| expected(&path, "an object of policies by name", v))?;
+        for (name, body) in map {
+            let path = join(&path, name);
+            check_name(&path, name)?;
+            by_name.insert(name.as_str(), policies.len());
+            policies.push(policy(name, body, &path)?);
+        }
+    }
+    let only = match root.get("policy") {
+        None => None,
+        Some((v, path)) => {
+            let name = v.as_str().ok_or_else(|| expected(&path, "the name of this filter instance's policy", v))?;
+            let Some(&i) = by_name.get(name) else {
+                return err(&path, format!("no policy named {} in policies", show_str(name)));
+            };
+            if root.get("routes").is_some() {
+                return err(
+                    &path,
+                    "a filter instance with `policy` applies it to every request it sees: remove `routes`",
+                );
+            }
+            if let Some(other) = policies.iter().find(|p| p.name != name) {
+                return err(
+                    &join("policies", &other.name),
+                    format!("a filter instance with `policy` carries only that policy ({})", show_str(name)),
+                );
+            }
+            Some(i)
+        }
+    };
+    let mut routes = Vec::new();
+    if let Some((v, path)) = root.get("routes") {
+        let list = v.as_array().ok_or_else(|| expected(&path, "a list of routes", v))?;
+        routes.reserve(list.len());
+        for (i, r) in list.iter().enumerate() {
+            routes.push(route(r, &format!("{path}[{i}]"), &by_name)?);
+        }
+    }
+    let mut sync_interval_ns = DEFAULT_SYNC_INTERVAL_NS;
+    if let Some((v, p)) = root.get("sync_interval") {
+        sync_interval_ns = duration_in(v, &p, MIN_SYNC_INTERVAL_NS, 10 * SECOND)?;
+    }
+    // Window-based trips wait two sync intervals, so every worker's batched successes are in.
+    for b in policies.iter_mut().filter_map(|p| p.breaker.as_mut()) {
+        b.machine.confirm_ns = 2 * sync_interval_ns;
+    }
+    for b in policies.iter_mut().filter_map(|p| p.bulkhead.as_mut()) {
+        // Workers renew their permits every sync: one silent for many syncs (and 10s) is dead.
+        b.machine.stale_after_ns = (10 * SECOND).max(20 * sync_interval_ns);
+        // A recall is answered within one cross-worker hop; the tick checks every interval.
+        b.machine.recall_timeout_ns = 2 * sync_interval_ns;
+    }
+    Ok(Config { policies, routes: RouteTable::new(routes), sync_interval_ns, only })
+}
+
+fn policy(name: &str, v: &Value, path: &str) -> Result<Policy> {
+    let o = Obj::new(v, path, &["mode", "circuit_breaker", "bulkhead", "retry", "reject"])?;
+    let mode = match o.get("mode") {
+        None => Mode::Enforce,
+        Some((v, p)) => match v.as_str() {
+            Some("enforce") => Mode::Enforce,
+            Some("dry_run") => Mode::DryRun,
+            _ => return Err(expected(&p, "\"enforce\" or \"dry_run\"", v)),
+        },
+    };
+    Ok(Policy {
+        name: name.to_string(),
+        mode,
+        breaker: o.get("circuit_breaker").map(|(v, p)| breaker(v, &p)).transpose()?,
+        bulkhead: o.get("bulkhead").map(|(v, p)| bulkhead(v, &p)).transpose()?,
+        retry: o.get("retry").map(|(v, p)| retry(v, &p)).transpose()?,
+        reject: o.get("reject").map(|(v, p)| reject(v, &p)).transpose()?.unwrap_or_default(),
+    })
+}
+
+fn breaker(v: &Value, path: &str) -> Result<Breaker> {
+    let o = Obj::new(
+        v,
+        path,
+        &["consecutive_failures", "failure_rate", "slow_call", "open_for", "max_open_for", "half_open", "failure_on"],
+    )?;
+    let mut m = BreakerConfig { consecutive_failures: 0, ..BreakerConfig::default() };
+    let consecutive = o.get("consecutive_failures");
+    if let Some((v, p)) = &consecutive {
+        m.consecutive_failures = count(v, p, 1)?;
+    }
+    let mut window: Option<(u64, String)> = None;
+    if let Some((v, path)) = o.get("failure_rate") {
+        let r = Obj::new(v, &path, &["threshold", "minimum_requests", "window"])?;
+        let (t, tp) = r.req("threshold")?;
+        let threshold = percent(t, &tp)?;
+        let minimum_requests = match r.get("minimum_requests") {
+            Some((v, p)) => count(v, &p, 1)?,
+            None => 20,
+        };
+        if let Some((v, p)) = r.get("window") {
+            window = Some((duration_in(v, &p, 100 * MS, HOUR)?, p));
+        }
+        m.failure_rate = Some(RateRule { threshold, minimum_requests });
+    }
+    let mut slow_ns = None;
+    if let Some((v, path)) = o.get("slow_call") {
+        let s = Obj::new(v, &path, &["duration", "threshold", "minimum_requests", "window"])?;
+        let (d, dp) = s.req("duration")?;
+        let duration_ns = duration_in(d, &dp, MS, HOUR)?;
+        let (t, tp) = s.req("threshold")?;
+        let threshold = percent(t, &tp)?;
+        let minimum_requests = match s.get("minimum_requests") {
+            Some((v, p)) => count(v, &p, 1)?,
+            None => m.failure_rate.map_or(20, |r| r.minimum_requests),
+        };
+        if let Some((v, p)) = s.get("window") {
+            let w = duration_in(v, &p, 100 * MS, HOUR)?;
+            if let Some((other, other_path)) = &window {
+                if *other != w {
+                    return err(&p, format!("must equal {other_path}: a breaker has one sliding window"));
+                }
+            }
+            window = Some((w, p));
+        }
+        slow_ns = Some(duration_ns);
+        m.slow_call = Some(SlowRule { duration_ns, threshold, minimum_requests });
+    }
+    if let Some((w, _)) = window {
+        m.window_ns = w;
+    }
+    if consecutive.is_none() && m.failure_rate.is_none() && m.slow_call.is_none() {
+        m.consecutive_failures = 5;
+    }
+    if let Some((v, p)) = o.get("open_for") {
+        m.open_for_ns = duration_in(v, &p, MS, DAY)?;
+    }
+    m.max_open_for_ns = match o.get("max_open_for") {
+        Some((v, p)) => {
+            let max = duration_in(v, &p, MS, DAY)?;
+            if max < m.open_for_ns {
+                return err(&p, "must be at least open_for");
+            }
+            max
+        }
+        None => (10 * m.open_for_ns).clamp(300 * SECOND, DAY).max(m.open_for_ns),
+    };
+    if let Some((v, path)) = o.get("half_open") {
+        let h = Obj::new(v, &path, &["max_probes", "successes_to_close", "probe_timeout"])?;
+        if let Some((v, p)) = h.get("max_probes") {
+            m.max_probes = bounded(v, &p, 1, 1000)?;
+        }
+        if let Some((v, p)) = h.get("successes_to_close") {
+            m.successes_to_close = bounded(v, &p, 1, 1000)?;
+        }
+        if let Some((v, p)) = h.get("probe_timeout") {
+            m.probe_timeout_ns = duration_in(v, &p, MS, HOUR)?;
+        }
+    }
+    let failure_on = o.get("failure_on").map(|(v, p)| failure_on(v, &p)).transpose()?.unwrap_or_default();
+    Ok(Breaker { machine: m, failure_on, slow_ns })
+}
 
 fn bulkhead(v: &Value, path: &str) -> Result<Bulkhead> {
-    let mut o = Obj::new(v, path)?;
-    let max_concurrent = positive_u32(o.req("max_concurrent")?, &o.path("max_concurrent"))?;
+    let o = Obj::new(v, path, &["max_concurrent", "queue", "priority"])?;
+    let (v, p) = o.req("max_concurrent")?;
+    let max_concurrent = count(v, &p, 1)?;
     let mut m = BulkheadConfig { max_concurrent, ..BulkheadConfig::default() };
-    if let Some(v) = o.opt("queue") {
-        let mut q = Obj::new(v, &o.path("queue"))?;
-        let p = q.path("max_size");
-        m.queue_max = positive_u32(q.req("max_size")?, &p)?;
-        if m.queue_max > MAX_QUEUE {
-            return err(&p, format!("must be at most {MAX_QUEUE}"));
+    if let Some((v, path)) = o.get("queue") {
+        let q = Obj::new(v, &path, &["max_size", "timeout"])?;
+        let (v, p) = q.req("max_size")?;
+        m.queue_max = bounded(v, &p, 1, MAX_QUEUE)?;
+        if let Some((v, p)) = q.get("timeout") {
+            m.queue_timeout_ns = duration_in(v, &p, MS, HOUR)?;
         }
-        if let Some(v) = q.opt("timeout") {
-            m.queue_timeout_ns = duration(v, &q.path("timeout"))?;
-        }
-        q.finish()?;
     }
-    let mut priority = None;
-    if let Some(v) = o.opt("priority") {
-        let ppath = o.path("priority");
-        let mut p = Obj::new(v, &ppath)?;
-        let v = p.req("header")?;
-        let header = match v.as_str() {
-            Some(h) if !h.is_empty() && !h.starts_with(':') && h.bytes().all(|b| b.is_ascii_graphic()) => {
-                h.to_ascii_lowercase()
-            }
-            _ => return Err(expected(&p.path("header"), "an HTTP header name", v)),
-        };
-        let v = p.req("default")?;
-        let default = match v.as_str() {
-            Some(d) if !d.is_empty() => d.to_string(),
-            _ => return Err(expected(&p.path("default"), "a class name", v)),
-        };
-        let cpath = p.path("classes");
-        let map = p.req("classes")?;
-        let map = map.as_object().ok_or_else(|| expected(&cpath, "an object of classes by name", map))?;
-        let mut names = Vec::new();
-        let mut limits = Vec::new();
-        for (name, body) in map {
-            let path = join(&cpath, name);
-            let mut c = Obj::new(body, &path)?;
-            let mut limit = ClassLimit::default();
-            if let Some(v) = c.opt("reserved") {
-                limit.reserved = positive_u32(v, &c.path("reserved"))?;
-            }
-            if let Some(v) = c.opt("max") {
-                limit.max = Some(positive_u32(v, &c.path("max"))?);
-            }
-            if limit.max.is_some_and(|max| max < limit.reserved) {
-                return err(&c.path("max"), "must be at least reserved");
-            }
-            if limit.max.is_some_and(|max| max > m.max_concurrent) {
-                return err(&c.path("max"), "must be at most max_concurrent");
-            }
-            c.finish()?;
-            names.push(name.clone());
-            limits.push(limit);
+    let priority = o.get("priority").map(|(v, p)| priority(v, &p, &mut m)).transpose()?;
+    Ok(Bulkhead { machine: m, priority })
+}
+
+fn priority(v: &Value, path: &str, m: &mut BulkheadConfig) -> Result<Priority> {
+    let p = Obj::new(v, path, &["header", "default", "classes"])?;
+    let (v, hp) = p.req("header")?;
+    let header = match v.as_str() {
+        Some(h) if is_header_name(&h.to_ascii_lowercase()) => h.to_ascii_lowercase(),
+        _ => return Err(expected(&hp, "an HTTP header name", v)),
+    };
+    let (v, dp) = p.req("default")?;
+    let default = v.as_str().ok_or_else(|| expected(&dp, "a class name", v))?;
+    check_class_name(&dp, default)?;
+    let (map, cpath) = p.req("classes")?;
+    let map = map.as_object().ok_or_else(|| expected(&cpath, "an object of classes by name", map))?;
+    let mut names = Vec::new();
+    let mut limits = Vec::new();
+    for (name, body) in map {
+        let path = join(&cpath, name);
+        check_class_name(&path, name)?;
+        let c = Obj::new(body, &path, &["reserved", "max"])?;
+        let mut limit = ClassLimit::default();
+        if let Some((v, p)) = c.get("reserved") {
+            limit.reserved = bounded(v, &p, 0, m.max_concurrent)?;
         }
-        // The default class may be listed with limits, or be a plain class of its own.
-        let default = match names.iter().position(|n| *n == default) {
-            Some(i) => i,
-            None => {
-                names.push(default);
-                limits.push(ClassLimit::default());
-                names.len() - 1
+        if let Some((v, p)) = c.get("max") {
+            let max = bounded(v, &p, 1, m.max_concurrent)?;
+            if max < limit.reserved {
+                return err(&p, "must be at least reserved");
             }
-        };
-        if names.len() > MAX_CLASSES {
-            return err(&cpath, format!("at most {} classes, the default included", MAX_CLASSES));
+            limit.max = Some(max);
         }
-        let reserved: u64 = limits.iter().map(|l| u64::from(l.reserved)).sum();
-        if reserved > u64::from(m.max_concurrent) {
+        names.push(name.clone());
+        limits.push(limit);
+    }
+    // The default class may be listed with limits, or be a plain class of its own.
+    let default = match names.iter().position(|n| n == default) {
+        Some(i) => i,
+        None => {
+            names.push(default.to_string());
+            limits.push(ClassLimit::default());
+            names.len() - 1
+        }
+    };
+    if names.len() > MAX_CLASSES {
+        return err(&cpath, format!("at most {MAX_CLASSES} classes, the default included"));
+    }
+    let reserved: u64 = limits.iter().map(|l| u64::from(l.reserved)).sum();
+    if reserved > u64::from(m.max_concurrent) {
+        return err(&cpath, format!("reserved capacity ({reserved}) exceeds max_concurrent ({})", m.max_concurrent));
+    }
+    // Every class must be able to run at least one request.
+    for (name, l) in names.iter().zip(&limits) {
+        let others = reserved - u64::from(l.reserved);
+        if u64::from(m.max_concurrent) <= others {
+            let what = if names.get(default) == Some(name) { "the default class" } else { "class" };
             return err(
                 &cpath,
-                format!("reserved capacity ({reserved}) exceeds max_concurrent ({})", m.max_concurrent),
+                format!(
+                    "leaves {what} {} no capacity: the other classes reserve all {} permits",
+                    show_str(name),
+                    m.max_concurrent
+                ),
             );
         }
-        p.finish()?;
-        m.classes = limits;
-        priority = Some(Priority { header, classes: names, default: default as u8 });
     }
-    o.finish()?;
-    Ok(Bulkhead { machine: m, priority })
+    m.classes = limits;
+    Ok(Priority { header, classes: names, default: default as u8 })
 }
 
 /// Envoy's `x-envoy-retry-on` conditions.
@@ -417,15 +456,16 @@ const RETRY_ON: [&str; 11] = [
 ];
 /// Envoy's `x-envoy-retry-grpc-on` conditions.
 const RETRY_GRPC_ON: [&str; 5] = ["cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"];
-/// Envoy refuses more; a higher count would also make every request reserve a large budget share.
-pub const MAX_RETRIES: u32 = 10;
 
 fn retry(v: &Value, path: &str) -> Result<Retry> {
-    let mut o = Obj::new(v, path)?;
+    let o = Obj::new(
+        v,
+        path,
+        &["retry_on", "retriable_status_codes", "max_retries", "per_try_timeout", "budget", "strip_attempt_count"],
+    )?;
     let mut http = Vec::new();
     let mut grpc = Vec::new();
-    if let Some(v) = o.opt("retry_on") {
-        let p = o.path("retry_on");
+    if let Some((v, p)) = o.get("retry_on") {
         let list =
             v.as_array().ok_or_else(|| expected(&p, "a list of Envoy retry conditions such as [5xx, reset]", v))?;
         for (i, c) in list.iter().enumerate() {
@@ -441,8 +481,7 @@ fn retry(v: &Value, path: &str) -> Result<Retry> {
         }
     }
     let mut status_codes = Vec::new();
-    if let Some(v) = o.opt("retriable_status_codes") {
-        let p = o.path("retriable_status_codes");
+    if let Some((v, p)) = o.get("retriable_status_codes") {
         let list = v.as_array().ok_or_else(|| expected(&p, "a list of status codes such as [409]", v))?;
         for (i, c) in list.iter().enumerate() {
             match c.as_u64() {
@@ -454,76 +493,60 @@ fn retry(v: &Value, path: &str) -> Result<Retry> {
             return err(&p, "has no effect unless retry_on lists retriable-status-codes");
         }
     }
-    let max_retries = match o.opt("max_retries") {
-        Some(v) => match v.as_u64() {
-            Some(n) if n <= u64::from(MAX_RETRIES) => n as u32,
-            _ => return Err(expected(&o.path("max_retries"), &format!("a whole number from 0 to {MAX_RETRIES}"), v)),
-        },
+    let max_retries = match o.get("max_retries") {
+        Some((v, p)) => bounded(v, &p, 0, MAX_RETRIES)?,
         None => 1, // Envoy's own default num_retries
     };
-    let per_try_timeout_ms = match o.opt("per_try_timeout") {
-        Some(v) => {
-            let p = o.path("per_try_timeout");
-            let ns = duration(v, &p)?;
-            if ns < MS {
-                return err(&p, "must be at least 1ms");
-            }
-            Some(ns / MS)
+    let per_try_timeout_ms = o.get("per_try_timeout").map(|(v, p)| duration_in(v, &p, MS, HOUR)).transpose()?;
+    let budget = o.get("budget").map(|(v, p)| budget(v, &p)).transpose()?;
+    let strip_attempt_count = match o.get("strip_attempt_count") {
+        Some((v, p)) => v.as_bool().ok_or_else(|| expected(&p, "true or false", v))?,
+        None => true,
+    };
+    let mut router_headers = Vec::new();
+    for (name, value) in [
+        ("x-envoy-retry-on", http.join(",")),
+        ("x-envoy-retry-grpc-on", grpc.join(",")),
+        ("x-envoy-retriable-status-codes", status_codes.join(",")),
+        (
+            "x-envoy-upstream-rq-per-try-timeout-ms",
+            per_try_timeout_ms.map(|ns| (ns / MS).to_string()).unwrap_or_default(),
+        ),
+    ] {
+        if !value.is_empty() {
+            router_headers.push((name, value));
         }
-        None => None,
-    };
-    let budget = match o.opt("budget") {
-        Some(v) => Some(budget(v, &o.path("budget"))?),
-        None => None,
-    };
-    o.finish()?;
-    Ok(Retry {
-        on: http.join(","),
-        grpc_on: grpc.join(","),
-        status_codes: status_codes.join(","),
-        max_retries,
-        per_try_timeout_ms,
-        budget,
-    })
+    }
+    Ok(Retry { router_headers, max_retries, budget, strip_attempt_count })
 }
 
 fn budget(v: &Value, path: &str) -> Result<BudgetConfig> {
-    let mut o = Obj::new(v, path)?;
+    let o = Obj::new(v, path, &["ratio", "min_per_second", "ttl"])?;
     let mut b = BudgetConfig::default();
-    if let Some(v) = o.opt("ratio") {
+    if let Some((v, p)) = o.get("ratio") {
         b.ratio_milli = match v.as_f64() {
             Some(r) if (0.0..=1.0).contains(&r) => (r * 1000.0 + 0.5) as u32,
-            _ => return Err(expected(&o.path("ratio"), "a ratio from 0 to 1 such as 0.2", v)),
+            _ => return Err(expected(&p, "a ratio from 0 to 1 such as 0.2", v)),
         };
     }
-    if let Some(v) = o.opt("min_per_second") {
-        b.min_per_second = match v.as_u64() {
-            Some(n) if n <= 1_000_000 => n as u32,
-            _ => return Err(expected(&o.path("min_per_second"), "a whole number from 0 to 1000000", v)),
-        };
+    if let Some((v, p)) = o.get("min_per_second") {
+        b.min_per_second = bounded(v, &p, 0, 1_000_000)?;
     }
-    if let Some(v) = o.opt("ttl") {
-        let p = o.path("ttl");
-        b.ttl_ns = duration(v, &p)?;
-        if !(SECOND..=60 * SECOND).contains(&b.ttl_ns) {
-            return err(&p, "must be from 1s to 60s");
-        }
+    if let Some((v, p)) = o.get("ttl") {
+        b.ttl_ns = duration_in(v, &p, SECOND, 60 * SECOND)?;
     }
-    o.finish()?;
     Ok(b)
 }
 
 fn failure_on(v: &Value, path: &str) -> Result<FailureOn> {
-    let mut o = Obj::new(v, path)?;
+    let o = Obj::new(v, path, &["status", "grpc_status", "reset", "connect_failure", "timeout"])?;
     let mut f = FailureOn::default();
-    if let Some(v) = o.opt("status") {
-        let p = o.path("status");
+    if let Some((v, p)) = o.get("status") {
         let list = v.as_array().ok_or_else(|| expected(&p, "a list such as [\"5xx\", 429]", v))?;
         f.status =
             list.iter().enumerate().map(|(i, s)| status_range(s, &format!("{p}[{i}]"))).collect::<Result<_>>()?;
     }
-    if let Some(v) = o.opt("grpc_status") {
-        let p = o.path("grpc_status");
+    if let Some((v, p)) = o.get("grpc_status") {
         let list = v.as_array().ok_or_else(|| expected(&p, "a list such as [UNAVAILABLE]", v))?;
         f.grpc_status =
             list.iter().enumerate().map(|(i, s)| grpc_code(s, &format!("{p}[{i}]"))).collect::<Result<_>>()?;
@@ -531,62 +554,68 @@ fn failure_on(v: &Value, path: &str) -> Result<FailureOn> {
     for (key, slot) in
         [("reset", &mut f.reset), ("connect_failure", &mut f.connect_failure), ("timeout", &mut f.timeout)]
     {
-        if let Some(v) = o.opt(key) {
-            *slot = v.as_bool().ok_or_else(|| expected(&o.path(key), "true or false", v))?;
+        if let Some((v, p)) = o.get(key) {
+            *slot = v.as_bool().ok_or_else(|| expected(&p, "true or false", v))?;
         }
     }
-    o.finish()?;
     Ok(f)
 }
 
 fn reject(v: &Value, path: &str) -> Result<Reject> {
-    let mut o = Obj::new(v, path)?;
+    let o = Obj::new(v, path, &["status", "body", "headers"])?;
     let mut r = Reject::default();
-    if let Some(v) = o.opt("status") {
-        let p = o.path("status");
-        r.status = match v.as_u64() {
-            Some(s @ 200..=599) => s as u32,
-            _ => return Err(expected(&p, "an HTTP status from 200 to 599", v)),
-        };
+    if let Some((v, p)) = o.get("status") {
+        // A 2xx or 3xx "refusal" would read as success; for gRPC, Envoy maps 200 to UNKNOWN.
+        r.status = bounded(v, &p, 400, 599)
+            .map_err(|_| expected(&p, "an HTTP error status from 400 to 599 (503 is what clients retry later)", v))?;
     }
-    if let Some(v) = o.opt("body") {
-        r.body = Some(v.as_str().ok_or_else(|| expected(&o.path("body"), "a string", v))?.to_string());
+    if let Some((v, p)) = o.get("body") {
+        let body = v.as_str().ok_or_else(|| expected(&p, "a string", v))?;
+        if body.len() > MAX_BODY {
+            return err(
+                &p,
+                format!("must be at most {MAX_BODY} bytes (it is also gRPC's grpc-message header), got {}", body.len()),
+            );
+        }
+        r.body = Some(body.to_string());
     }
-    if let Some(v) = o.opt("headers") {
-        let p = o.path("headers");
+    if let Some((v, p)) = o.get("headers") {
         let map = v.as_object().ok_or_else(|| expected(&p, "an object of header names to strings", v))?;
+        if map.len() > MAX_REJECT_HEADERS {
+            return err(&p, format!("at most {MAX_REJECT_HEADERS} headers"));
+        }
         for (name, value) in map {
             let hp = join(&p, name);
-            if name.is_empty()
-                || name.starts_with(':')
-                || name.bytes().any(|b| !b.is_ascii_graphic() || b.is_ascii_uppercase())
-            {
+            if !is_header_name(name) || name.bytes().any(|b| b.is_ascii_uppercase()) {
                 return err(&hp, "expected a lower-case HTTP header name");
+            }
+            if name == "x-breakwater" || name == "retry-after" {
+                return err(&hp, "is set by Breakwater itself");
             }
             let value = match value.as_str() {
                 // Control characters (CR, LF, …) would break the response or be refused by Envoy.
-                Some(v) if !v.chars().any(char::is_control) => v,
-                _ => return Err(expected(&hp, "a string without control characters", value)),
+                Some(v) if !v.chars().any(char::is_control) && v.len() <= MAX_HEADER_VALUE => v,
+                _ => {
+                    let what = format!("a string of at most {MAX_HEADER_VALUE} bytes without control characters");
+                    return Err(expected(&hp, &what, value));
+                }
             };
             r.headers.push((name.clone(), value.to_string()));
         }
     }
-    o.finish()?;
     Ok(r)
 }
 
-fn route(v: &Value, path: &str, policies: &[Policy]) -> Result<Route> {
-    let mut o = Obj::new(v, path)?;
-    let policy_path = o.path("policy");
-    let name = o.req("policy")?;
+fn route(v: &Value, path: &str, policies: &HashMap<&str, usize>) -> Result<Route> {
+    let o = Obj::new(v, path, &["match", "policy"])?;
+    let (name, policy_path) = o.req("policy")?;
     let name = name.as_str().ok_or_else(|| expected(&policy_path, "a policy name", name))?;
-    let policy = policies.iter().position(|p| p.name == name).ok_or_else(|| ConfigError {
+    let policy = *policies.get(name).ok_or_else(|| ConfigError {
         path: policy_path.clone(),
-        message: format!("no policy named \"{name}\" in policies"),
+        message: format!("no policy named {} in policies", show_str(name)),
     })?;
-    let mpath = o.path("match");
-    let m = o.req("match")?;
-    let mut mo = Obj::new(m, &mpath)?;
+    let (m, mpath) = o.req("match")?;
+    let mo = Obj::new(m, &mpath, &["route_name", "path_prefix", "methods", "host", "headers", "cluster"])?;
     let mut r = Route { policy, ..Route::default() };
     let string = |v: &Value, p: &str| -> Result<String> {
         match v.as_str() {
@@ -594,25 +623,23 @@ fn route(v: &Value, path: &str, policies: &[Policy]) -> Result<Route> {
             _ => Err(expected(p, "a non-empty string", v)),
         }
     };
-    if let Some(v) = mo.opt("route_name") {
-        r.route_name = Some(string(v, &mo.path("route_name"))?);
+    if let Some((v, p)) = mo.get("route_name") {
+        r.route_name = Some(string(v, &p)?);
     }
-    if let Some(v) = mo.opt("path_prefix") {
-        let p = mo.path("path_prefix");
+    if let Some((v, p)) = mo.get("path_prefix") {
         let s = string(v, &p)?;
         if !s.starts_with('/') {
-            return err(&p, format!("expected a path starting with \"/\", got \"{s}\""));
+            return err(&p, format!("expected a path starting with \"/\", got {}", show_str(&s)));
         }
         r.path_prefix = Some(s);
     }
-    if let Some(v) = mo.opt("methods") {
-        let p = mo.path("methods");
+    if let Some((v, p)) = mo.get("methods") {
         let list = v.as_array().ok_or_else(|| expected(&p, "a list of HTTP methods", v))?;
         for (i, m) in list.iter().enumerate() {
             let mp = format!("{p}[{i}]");
             let s = string(m, &mp)?;
             if !s.bytes().all(|b| b.is_ascii_uppercase()) {
-                return err(&mp, format!("expected an upper-case HTTP method such as GET, got \"{s}\""));
+                return err(&mp, format!("expected an upper-case HTTP method such as GET, got {}", show_str(&s)));
             }
             r.methods.push(s);
         }
@@ -620,26 +647,39 @@ fn route(v: &Value, path: &str, policies: &[Policy]) -> Result<Route> {
             return err(&p, "expected at least one method (omit the key to match any)");
         }
     }
-    if let Some(v) = mo.opt("host") {
-        let p = mo.path("host");
-        r.host =
-            Some(HostPattern::parse(&string(v, &p)?).map_err(|m| ConfigError { path: p, message: m.to_string() })?);
+    if let Some((v, p)) = mo.get("host") {
+        let s = string(v, &p)?;
+        if let Some((_, port)) = s.rsplit_once(':') {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                return err(
+                    &p,
+                    format!("expected a host without a port (the port is ignored when matching), got {}", show_str(&s)),
+                );
+            }
+        }
+        r.host = Some(HostPattern::parse(&s).map_err(|m| ConfigError { path: p, message: m.to_string() })?);
     }
-    if let Some(v) = mo.opt("headers") {
-        let p = mo.path("headers");
+    if let Some((v, p)) = mo.get("headers") {
         let map = v.as_object().ok_or_else(|| expected(&p, "an object of header names to exact values", v))?;
         for (name, value) in map {
             let hp = join(&p, name);
+            if !is_header_name(&name.to_ascii_lowercase()) {
+                return err(&hp, "expected an HTTP header name");
+            }
             let value = value.as_str().ok_or_else(|| expected(&hp, "a string", value))?;
             r.headers.push((name.to_ascii_lowercase(), value.to_string()));
         }
     }
-    if let Some(v) = mo.opt("cluster") {
-        r.cluster = Some(string(v, &mo.path("cluster"))?);
+    if let Some((v, p)) = mo.get("cluster") {
+        r.cluster = Some(string(v, &p)?);
     }
-    mo.finish()?;
-    o.finish()?;
     Ok(r)
+}
+
+/// YAML 1.1 (kubectl, Helm) reads a bare `on`, `yes`, `off`… as a boolean: as a name it
+/// arrives as "true" or "false", which is refused so that the mistake shows.
+fn yaml_boolean(name: &str) -> bool {
+    matches!(name, "true" | "false" | "null")
 }
 
 /// Policy names become stat name segments and shared-data keys: keep them to a safe alphabet.
@@ -647,28 +687,53 @@ fn check_name(path: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        err(path, "a policy name must be 1-64 characters of letters, digits, '_' or '-'")
+    if !ok {
+        return err(path, "a policy name must be 1-64 characters of letters, digits, '_' or '-'");
     }
+    if yaml_boolean(name) {
+        return err(path, "a YAML 1.1 reader (kubectl, Helm) makes this name from a bare on/off/yes/no: quote it or rename the policy");
+    }
+    Ok(())
 }
 
-fn positive_u32(v: &Value, path: &str) -> Result<u32> {
+fn check_class_name(path: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+        return err(path, "a class name must be 1-64 visible ASCII characters (it is matched against a header value)");
+    }
+    if yaml_boolean(name) {
+        return err(path, "a YAML 1.1 reader (kubectl, Helm) makes this name from a bare on/off/yes/no: quote it");
+    }
+    Ok(())
+}
+
+/// An HTTP header name as Envoy accepts it (RFC 9110 token characters, no pseudo-headers).
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A whole number from `min` to [`MAX_COUNT`].
+fn count(v: &Value, path: &str, min: u32) -> Result<u32> {
+    bounded(v, path, min, MAX_COUNT as u32)
+}
+
+fn bounded(v: &Value, path: &str, min: u32, max: u32) -> Result<u32> {
     match v.as_u64() {
-        Some(n) if n > 0 && n <= u64::from(u32::MAX) => Ok(n as u32),
-        _ => Err(expected(path, "a whole number greater than 0", v)),
+        Some(n) if n >= u64::from(min) && n <= u64::from(max) => Ok(n as u32),
+        _ => Err(expected(path, &format!("a whole number from {min} to {max}"), v)),
     }
 }
 
 fn percent(v: &Value, path: &str) -> Result<u8> {
     match v.as_u64() {
         Some(n @ 1..=100) => Ok(n as u8),
-        _ => Err(expected(path, "a percent from 1 to 100", v)),
+        _ => Err(expected(path, "a percent: a whole number from 1 to 100", v)),
     }
 }
 
-/// "250ms", "10s", "1.5s", "5m", "1h" → nanoseconds; zero is refused.
+/// "250ms", "10s", "1.5s", "5m", "1h" → nanoseconds; zero is refused, and a duration too long
+/// for 64 bits saturates (so that the caller's bounds refuse it with a plain message).
 pub fn parse_duration(s: &str) -> Option<u64> {
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
     let (number, unit) = s.split_at(split);
@@ -680,20 +745,35 @@ pub fn parse_duration(s: &str) -> Option<u64> {
         _ => return None,
     };
     let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
-    if whole.is_empty() || frac.len() > 3 || (number.contains('.') && frac.is_empty()) {
+    if whole.is_empty() || whole.len() > 30 || frac.len() > 3 || (number.contains('.') && frac.is_empty()) {
         return None;
     }
-    let whole: u64 = whole.parse().ok()?;
+    let whole: u128 = whole.parse().ok()?;
     let frac_value: u64 = if frac.is_empty() { 0 } else { frac.parse().ok()? };
     let frac_ns = unit_ns / 10u64.pow(frac.len() as u32) * frac_value;
-    let ns = whole.checked_mul(unit_ns)?.checked_add(frac_ns)?;
+    let ns = whole.saturating_mul(u128::from(unit_ns)).saturating_add(u128::from(frac_ns));
+    let ns = u64::try_from(ns).unwrap_or(u64::MAX);
     (ns > 0).then_some(ns)
 }
 
-fn duration(v: &Value, path: &str) -> Result<u64> {
-    v.as_str()
+fn fmt_bound(ns: u64) -> String {
+    match ns {
+        n if n >= HOUR && n % HOUR == 0 => format!("{}h", n / HOUR),
+        n if n >= SECOND && n % SECOND == 0 => format!("{}s", n / SECOND),
+        n => format!("{}ms", n / MS),
+    }
+}
+
+/// A duration from `min` to `max`.
+fn duration_in(v: &Value, path: &str, min: u64, max: u64) -> Result<u64> {
+    let ns = v
+        .as_str()
         .and_then(parse_duration)
-        .ok_or_else(|| expected(path, "a duration greater than zero such as \"250ms\", \"10s\" or \"5m\"", v))
+        .ok_or_else(|| expected(path, "a duration greater than zero such as \"250ms\", \"10s\" or \"5m\"", v))?;
+    if !(min..=max).contains(&ns) {
+        return err(path, format!("must be from {} to {}, got {}", fmt_bound(min), fmt_bound(max), show(v)));
+    }
+    Ok(ns)
 }
 
 fn status_range(v: &Value, path: &str) -> Result<(u16, u16)> {
@@ -744,66 +824,186 @@ fn grpc_code(v: &Value, path: &str) -> Result<u32> {
     Err(expected(path, "a gRPC status name such as UNAVAILABLE, or its number 0-16", v))
 }
 
-fn expected(path: &str, what: &str, got: &Value) -> ConfigError {
-    let got = match got {
+/// Longest value or key shown in a message, in characters.
+const SHOWN: usize = 64;
+
+/// A string quoted with every control character escaped, cut after [`SHOWN`] characters: safe
+/// in one log line whatever it holds.
+pub fn show_str(s: &str) -> String {
+    let cut: String = s.chars().take(SHOWN).collect();
+    if cut.len() == s.len() {
+        format!("{cut:?}")
+    } else {
+        format!("{cut:?}… ({} bytes)", s.len())
+    }
+}
+
+fn show(v: &Value) -> String {
+    match v {
         Value::Null => "null".to_string(),
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
-        // Quoted and escaped, so the refusal stays one log line whatever the input holds.
-        Value::String(s) => format!("{s:?}"),
+        Value::String(s) => show_str(s),
         Value::Array(_) => "a list".to_string(),
         Value::Object(_) => "an object".to_string(),
-    };
-    ConfigError { path: path.to_string(), message: format!("expected {what}, got {got}") }
-}
-
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
     }
 }
 
-/// A JSON object being read field by field; `finish` rejects whatever was not read.
+fn expected(path: &str, what: &str, got: &Value) -> ConfigError {
+    ConfigError { path: path.to_string(), message: format!("expected {what}, got {}", show(got)) }
+}
+
+/// `path.key`, or `path["key"]` (quoted, escaped, cut) for a key that is not a plain name.
+fn join(path: &str, key: &str) -> String {
+    let plain = !key.is_empty()
+        && key.len() <= SHOWN
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    match (path.is_empty(), plain) {
+        (true, true) => key.to_string(),
+        (false, true) => format!("{path}.{key}"),
+        (_, false) => format!("{path}[{}]", show_str(key)),
+    }
+}
+
+/// Levenshtein distance, for "did you mean".
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row.first().copied().unwrap_or(0);
+        if let Some(first) = row.first_mut() {
+            *first = i + 1;
+        }
+        for (j, cb) in b.iter().enumerate() {
+            let above = row.get(j + 1).copied().unwrap_or(0);
+            let left = row.get(j).copied().unwrap_or(0);
+            let value = (prev + usize::from(ca != *cb)).min(above + 1).min(left + 1);
+            prev = above;
+            if let Some(slot) = row.get_mut(j + 1) {
+                *slot = value;
+            }
+        }
+    }
+    row.last().copied().unwrap_or(0)
+}
+
+/// A JSON object with a known set of keys; any other key is refused when it is made, before
+/// any of its fields is read (so a typo is reported as such, not as a missing field).
 struct Obj<'a> {
     path: String,
     map: &'a Map<String, Value>,
-    read: Vec<&'a str>,
 }
 
 impl<'a> Obj<'a> {
-    fn new(v: &'a Value, path: &str) -> Result<Self> {
+    fn new(v: &'a Value, path: &str, keys: &[&str]) -> Result<Self> {
         let what = if path.is_empty() { "the configuration to be a JSON object" } else { "an object" };
         let map = v.as_object().ok_or_else(|| expected(path, what, v))?;
-        Ok(Obj { path: path.to_string(), map, read: Vec::new() })
+        if let Some(k) = map.keys().find(|k| !keys.contains(&k.as_str())) {
+            let known = keys.join(", ");
+            let nearest = keys.iter().copied().filter(|c| distance(k, c) <= 2).min_by_key(|c| distance(k, c));
+            let why = match (k.as_str(), nearest) {
+                // kubectl and Helm read YAML 1.1, where a bare `on` key is the boolean true.
+                ("on", _) => format!("unknown key: Breakwater's key is retry_on (expected one of: {known})"),
+                ("true" | "false", _) => format!(
+                    "unknown key: a YAML 1.1 reader (kubectl, Helm) turned a bare on/off/yes/no/y/n into {k}; \
+                     quote the key or use retry_on (expected one of: {known})"
+                ),
+                (_, Some(near)) => format!("unknown key: did you mean {near}? (expected one of: {known})"),
+                _ => format!("unknown key (expected one of: {known})"),
+            };
+            return err(&join(path, k), why);
+        }
+        Ok(Obj { path: path.to_string(), map })
     }
-    fn path(&self, key: &str) -> String {
-        join(&self.path, key)
+    /// The value of `key` and its path, if present.
+    fn get(&self, key: &str) -> Option<(&'a Value, String)> {
+        self.map.get(key).map(|v| (v, join(&self.path, key)))
     }
-    fn opt(&mut self, key: &'a str) -> Option<&'a Value> {
-        self.read.push(key);
-        self.map.get(key)
+    fn req(&self, key: &str) -> Result<(&'a Value, String)> {
+        self.get(key).ok_or_else(|| ConfigError { path: join(&self.path, key), message: "is required".into() })
     }
-    fn req(&mut self, key: &'a str) -> Result<&'a Value> {
-        match self.opt(key) {
-            Some(v) => Ok(v),
-            None => err(&self.path(key), "is required"),
+}
+
+/// Parses JSON, refusing duplicate keys (serde_json keeps the last one silently) with the path
+/// of the duplicate. Nesting is bounded by serde_json's recursion limit.
+fn strict_json(bytes: &[u8]) -> Result<Value> {
+    let duplicate = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let parsed = Seed { path: String::new(), duplicate: &duplicate }.deserialize(&mut de).and_then(|v| {
+        de.end()?;
+        Ok(v)
+    });
+    match (parsed, duplicate.into_inner()) {
+        (_, Some(e)) => Err(e),
+        (Ok(v), None) => Ok(v),
+        // serde_json's messages name a position, never the input itself.
+        (Err(e), None) => err("", format!("configuration is not valid JSON: {e}")),
+    }
+}
+
+struct Seed<'a> {
+    path: String,
+    duplicate: &'a RefCell<Option<ConfigError>>,
+}
+
+impl<'de> DeserializeSeed<'de> for Seed<'_> {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> core::result::Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Seed<'_> {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> core::result::Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> core::result::Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_u64<E>(self, v: u64) -> core::result::Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_f64<E>(self, v: f64) -> core::result::Result<Value, E> {
+        Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> core::result::Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> core::result::Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> core::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> core::result::Result<Value, A::Error> {
+        let mut out = Vec::new();
+        loop {
+            let path = format!("{}[{}]", self.path, out.len());
+            match seq.next_element_seed(Seed { path, duplicate: self.duplicate })? {
+                Some(v) => out.push(v),
+                None => return Ok(Value::Array(out)),
+            }
         }
     }
-    fn finish(self) -> Result<()> {
-        let Some(k) = self.map.keys().find(|k| !self.read.contains(&k.as_str())) else { return Ok(()) };
-        let expected = self.read.join(", ");
-        let why = match k.as_str() {
-            // kubectl and Helm read YAML 1.1, where a bare `on` key is the boolean true.
-            "on" => format!("unknown key: Breakwater's key is retry_on (expected one of: {expected})"),
-            "true" | "false" => format!(
-                "unknown key: a YAML 1.1 reader (kubectl, Helm) turned a bare on/off/yes/no/y/n into {k}; \
-                 quote the key or use retry_on (expected one of: {expected})"
-            ),
-            _ => format!("unknown key (expected one of: {expected})"),
-        };
-        err(&self.path(k), why)
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> core::result::Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let path = join(&self.path, &key);
+            if out.contains_key(&key) {
+                let message = "duplicate key: JSON readers keep only the last one, so it is refused".into();
+                if let Ok(mut d) = self.duplicate.try_borrow_mut() {
+                    *d = Some(ConfigError { path, message });
+                }
+                return Err(A::Error::custom("duplicate key"));
+            }
+            let value = map.next_value_seed(Seed { path, duplicate: self.duplicate })?;
+            out.insert(key, value);
+        }
+        Ok(Value::Object(out))
     }
 }
 

@@ -17,6 +17,9 @@ pub struct Reply {
     pub body: String,
 }
 
+/// Host calls that return data: each costs a VM re-entry in Envoy (~10–12k instructions).
+pub const DATA_CALLS: [&str; 5] = ["property", "header", "response_headers", "trailer", "shared_get"];
+
 impl Reply {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
@@ -39,9 +42,10 @@ pub struct FakeHost {
     pub now: Cell<u64>,
     /// Attributes by dotted path, e.g. "response.code".
     pub props: RefCell<HashMap<String, Vec<u8>>>,
-    pub headers: RefCell<HashMap<String, String>>,
-    pub response_headers: RefCell<HashMap<String, String>>,
-    pub response_trailers: RefCell<HashMap<String, String>>,
+    pub headers: RefCell<HashMap<String, Vec<u8>>>,
+    /// In order, as Envoy keeps them.
+    pub response_headers: RefCell<Vec<(String, Vec<u8>)>>,
+    pub response_trailers: RefCell<HashMap<String, Vec<u8>>>,
     pub replies: RefCell<Vec<Reply>>,
     /// Host calls made, by kind ("property", "header", "shared_get", …): what a request costs.
     pub calls: RefCell<HashMap<&'static str, u32>>,
@@ -65,14 +69,23 @@ impl FakeHost {
     pub fn set_prop_u64(&self, path: &str, value: u64) {
         self.set_prop(path, &value.to_le_bytes());
     }
-    pub fn set_header(&self, name: &str, value: &str) {
-        self.headers.borrow_mut().insert(name.to_string(), value.to_string());
+    pub fn set_header(&self, name: &str, value: impl AsRef<[u8]>) {
+        self.headers.borrow_mut().insert(name.to_string(), value.as_ref().to_vec());
     }
-    pub fn set_response_header(&self, name: &str, value: &str) {
-        self.response_headers.borrow_mut().insert(name.to_string(), value.to_string());
+    /// A request header as text, for assertions.
+    pub fn header_text(&self, name: &str) -> Option<String> {
+        self.headers.borrow().get(name).map(|v| String::from_utf8_lossy(v).into_owned())
     }
-    pub fn set_response_trailer(&self, name: &str, value: &str) {
-        self.response_trailers.borrow_mut().insert(name.to_string(), value.to_string());
+    pub fn set_response_header(&self, name: &str, value: impl AsRef<[u8]>) {
+        let mut h = self.response_headers.borrow_mut();
+        h.retain(|(n, _)| n != name);
+        h.push((name.to_string(), value.as_ref().to_vec()));
+    }
+    pub fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.response_headers.borrow().iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+    }
+    pub fn set_response_trailer(&self, name: &str, value: impl AsRef<[u8]>) {
+        self.response_trailers.borrow_mut().insert(name.to_string(), value.as_ref().to_vec());
     }
     /// Forget the last stream's attributes and headers, as a new stream would.
     pub fn new_stream(&self) {
@@ -88,9 +101,20 @@ impl FakeHost {
     pub fn take_calls(&self) -> HashMap<&'static str, u32> {
         core::mem::take(&mut *self.calls.borrow_mut())
     }
+    /// Of `calls`, those that return data (see [`DATA_CALLS`]).
+    pub fn data_calls(calls: &HashMap<&'static str, u32>) -> u32 {
+        DATA_CALLS.iter().map(|k| calls.get(k).copied().unwrap_or(0)).sum()
+    }
+    /// A stat by its name without the `breakwater_` prefix, e.g.
+    /// `requests_total.policy.checkout.outcome.failure`.
     pub fn metric(&self, name: &str) -> i64 {
-        let full = alloc::format!("breakwater.{name}");
+        let full = alloc::format!("breakwater_{name}");
         self.process.metrics.borrow().iter().find(|(n, _)| *n == full).map_or(0, |(_, v)| *v)
+    }
+    /// Whether a stat of that name was defined.
+    pub fn has_metric(&self, name: &str) -> bool {
+        let full = alloc::format!("breakwater_{name}");
+        self.process.metrics.borrow().iter().any(|(n, _)| *n == full)
     }
     pub fn last_reply(&self) -> Option<Reply> {
         self.replies.borrow().last().cloned()
@@ -106,20 +130,26 @@ impl Host for FakeHost {
         self.count("property");
         self.props.borrow().get(&path.join(".")).cloned()
     }
-    fn request_header(&self, name: &str) -> Option<String> {
+    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
         self.count("header");
         self.headers.borrow().get(name).cloned()
     }
-    fn set_request_header(&self, name: &str, value: &str) {
+    fn set_request_header(&self, name: &str, value: &[u8]) {
         self.count("set_header");
-        self.headers.borrow_mut().insert(name.to_string(), value.to_string());
+        self.headers.borrow_mut().insert(name.to_string(), value.to_vec());
     }
-    fn response_header(&self, name: &str) -> Option<String> {
-        self.count("header");
-        self.response_headers.borrow().get(name).cloned()
+    fn response_headers(&self) -> Option<Vec<u8>> {
+        self.count("response_headers");
+        let h = self.response_headers.borrow();
+        let pairs: Vec<(&str, &[u8])> = h.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+        Some(crate::headers::serialize(&pairs))
     }
-    fn response_trailer(&self, name: &str) -> Option<String> {
-        self.count("header");
+    fn remove_response_header(&self, name: &str) {
+        self.count("remove_header");
+        self.response_headers.borrow_mut().retain(|(n, _)| n != name);
+    }
+    fn response_trailer(&self, name: &str) -> Option<Vec<u8>> {
+        self.count("trailer");
         self.response_trailers.borrow().get(name).cloned()
     }
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
@@ -141,8 +171,9 @@ impl Host for FakeHost {
         map.insert(key.to_string(), (value.to_vec(), current + 1));
         Ok(())
     }
-    fn send_http_reply(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
-        let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    fn send_http_reply(&self, status: u32, headers: &[(&str, &[u8])], body: &[u8]) {
+        self.count("reply");
+        let headers = headers.iter().map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v).into_owned())).collect();
         let body = String::from_utf8_lossy(body).into_owned();
         self.replies.borrow_mut().push(Reply { context: self.context.get(), status, headers, body });
     }
@@ -187,11 +218,11 @@ impl Host for FakeHost {
     }
 }
 
-/// One worker of a fake process, for request-path scenarios: its host, its parked requests (its
-/// wake-up queue is token `id`) and its compiled configuration.
+/// One worker of a fake process, for request-path scenarios: its host, its state (its wake-up
+/// queue is token `id`) and its compiled configuration.
 pub struct Worker {
     pub host: FakeHost,
-    pub parking: crate::parking::Parking,
+    pub vm: crate::vm::Vm,
     pub c: Rc<crate::Compiled>,
 }
 
@@ -208,7 +239,14 @@ impl Worker {
         host.process.queues.borrow_mut().insert(id, alloc::collections::VecDeque::new());
         let parsed = crate::config::parse(config.as_bytes()).unwrap_or_else(|e| panic!("test config: {e}"));
         let c = Rc::new(crate::Compiled::new(parsed, &host, "test"));
-        Worker { host, parking: crate::parking::Parking::new(id, true), c }
+        c.create_shared_state(&host);
+        Worker { host, vm: crate::vm::Vm::new(id, true), c }
+    }
+    /// The same worker with a new configuration (a reload: a new root context, the same VM).
+    pub fn reconfigure(&mut self, config: &str) {
+        let parsed = crate::config::parse(config.as_bytes()).unwrap_or_else(|e| panic!("test config: {e}"));
+        self.c = Rc::new(crate::Compiled::new(parsed, &self.host, "test"));
+        self.c.create_shared_state(&self.host);
     }
     /// Request headers of stream `ticket` on route `route`, with `headers`.
     pub fn send_with(
@@ -222,22 +260,38 @@ impl Worker {
         for (k, v) in headers {
             self.host.set_header(k, v);
         }
-        crate::filter::on_request_headers(&self.c, &self.host, &self.parking, ticket)
+        self.host.context.set(ticket);
+        crate::filter::on_request_headers(&self.c, &self.host, &self.vm, ticket)
     }
     pub fn send(&self, route: &str, ticket: u32) -> (crate::filter::Action, crate::filter::Stream) {
         self.send_with(route, ticket, &[])
     }
+    /// The upstream's response headers pass: `status` (0: none came), with Envoy's
+    /// `x-envoy-upstream-service-time` of `upstream_ms` and the other `headers`.
+    pub fn respond(&self, stream: &mut crate::filter::Stream, status: u16, upstream_ms: u64, headers: &[(&str, &str)]) {
+        if status == 0 {
+            return;
+        }
+        self.host.response_headers.borrow_mut().clear();
+        self.host.set_response_header(":status", status.to_string());
+        self.host.set_response_header("x-envoy-upstream-service-time", upstream_ms.to_string());
+        for (k, v) in headers {
+            self.host.set_response_header(k, v);
+        }
+        crate::filter::on_response_headers(&self.c, &self.host, stream);
+    }
     /// Stream `ticket` ends after `attempts` upstream attempts with `status` (0: no response,
     /// e.g. the client left).
     pub fn end_after(&self, ticket: u32, mut stream: crate::filter::Stream, attempts: u64, status: u16) {
-        if status != 0 {
-            self.host.set_response_header(":status", &status.to_string());
-            crate::filter::on_response_headers(&self.c, &self.host, &mut stream, false);
-        }
+        self.respond(&mut stream, status, 1, &[]);
         self.host.set_prop_u64("response.code", u64::from(status));
         self.host.set_prop_u64("upstream.request_attempt_count", attempts);
         self.host.set_prop_u64("response.flags", 0);
-        crate::filter::on_log(&self.c, &self.host, &self.parking, ticket, stream);
+        self.log(ticket, stream);
+    }
+    /// `on_log` for stream `ticket`.
+    pub fn log(&self, ticket: u32, stream: crate::filter::Stream) {
+        crate::filter::on_log(&self.c, &self.host, &self.vm, ticket, stream);
     }
     /// Stream `ticket` ends with `status` after one attempt.
     pub fn end(&self, ticket: u32, stream: crate::filter::Stream, status: u16) {
@@ -246,20 +300,24 @@ impl Worker {
     /// `on_queue_ready`: the streams this worker resumes.
     pub fn wake(&self) -> Vec<u32> {
         self.host.resumed.borrow_mut().clear();
-        crate::bulkhead::wake(&self.host, &self.parking, self.parking.worker.get());
+        crate::bulkhead::on_message(&self.host, &self.vm, self.vm.worker.get());
         self.host.resumed.borrow().clone()
     }
     /// `on_tick`.
     pub fn tick(&self) {
-        crate::filter::sync(&self.c, &self.host);
-        crate::bulkhead::renew(&self.host, &self.parking);
-        crate::bulkhead::expire(&self.host, &self.parking);
+        crate::tick::tick(&self.host, &self.vm);
     }
     pub fn at(&self, ns: u64) -> &Self {
         self.host.now.set(ns);
         self
     }
+    /// A stat (its name without the `breakwater_` prefix) as Envoy would show it after this
+    /// worker's next tick: the worker's counts are flushed first, and nothing else happens.
     pub fn stat(&self, name: &str) -> i64 {
+        for p in &self.c.policies {
+            let counts = p.local(|l| core::mem::take(&mut l.counts));
+            p.metrics.flush(&self.host, &counts);
+        }
         self.host.metric(name)
     }
 }

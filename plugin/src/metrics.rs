@@ -1,29 +1,103 @@
-//! Envoy stats per policy. Names carry the policy (and outcome, reason, state) as dot-separated
-//! segments that the `stats_config` tag extractors in `envoy/` turn into Prometheus labels:
-//! `wasmcustom.breakwater.requests.policy.checkout.outcome.failure` becomes
-//! `breakwater_requests{policy="checkout",outcome="failure"}` in /stats/prometheus (Envoy 1.40 drops the
-//! `wasmcustom` prefix there).
+//! Envoy stats per policy, named for Prometheus.
+//!
+//! A stat is `breakwater_<metric>.policy.<P>[.<label>.<value>]`; Envoy prefixes custom Wasm
+//! stats with `wasmcustom.`, and the `stats_config` tag extractors shipped in `envoy/` turn the
+//! segments into labels, so `wasmcustom.breakwater_requests_total.policy.checkout.outcome.failure`
+//! is `breakwater_requests_total{policy="checkout",outcome="failure"}` in `/stats/prometheus`
+//! (Envoy 1.40 drops the `wasmcustom` prefix there). Counters end in `_total`; units are in
+//! the names. A policy gets only the stats of the sections it has.
+//!
+//! Counters are counted on the worker ([`Counts`]) and added to Envoy's on the tick: one host
+//! call per changed counter per sync interval instead of one per event.
 
+use crate::config;
 use crate::host::{Host, MetricKind};
+use crate::outcome::Ignored;
+use crate::reply::Refusal;
 use alloc::format;
 
-/// Metric ids of one policy; None where the host refused to define one (stats then go missing,
-/// requests do not).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Circuit states, one gauge series each (1 for the current one, 0 for the others), so that
+/// `max by (policy, state)` across pods reads right.
+pub const STATES: [&str; 5] = ["closed", "open", "half_open", "forced_open", "forced_closed"];
+
+/// Counts not yet added to Envoy's counters (and the gauges' changes not yet applied).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub success: u32,
+    pub failure: u32,
+    pub slow: u32,
+    pub ignored: [u32; Ignored::ALL.len()],
+    pub rejected: [u32; Refusal::ALL.len()],
+    pub dry_run_rejected: [u32; Refusal::ALL.len()],
+    pub admitted: u32,
+    pub waited: u32,
+    pub retries: u32,
+    pub rescued: u32,
+    pub denied: u32,
+    pub dry_run_denied: u32,
+    /// Requests in flight / waiting: this worker's change to the shared gauges.
+    pub active: i64,
+    pub queued: i64,
+}
+
+impl Counts {
+    pub fn is_empty(&self) -> bool {
+        *self == Counts::default()
+    }
+
+    /// `n` more calls ignored for `why`.
+    pub fn ignore(&mut self, why: Ignored, n: u32) {
+        bump(self.ignored.get_mut(why.index()), n);
+    }
+
+    /// One more request refused for `why`.
+    pub fn reject(&mut self, why: Refusal) {
+        bump(self.rejected.get_mut(why.index()), 1);
+    }
+
+    /// One more request a dry run would have refused for `why`.
+    pub fn dry_run_reject(&mut self, why: Refusal) {
+        bump(self.dry_run_rejected.get_mut(why.index()), 1);
+    }
+}
+
+fn bump(slot: Option<&mut u32>, n: u32) {
+    if let Some(slot) = slot {
+        *slot = slot.saturating_add(n);
+    }
+}
+
+/// Metric ids of one policy; None where the policy has no such stat, or where the host
+/// refused to define one (stats then go missing, requests do not).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyMetrics {
     pub success: Option<u32>,
     pub failure: Option<u32>,
     pub slow: Option<u32>,
-    pub ignored: Option<u32>,
-    pub rejected_circuit_open: Option<u32>,
-    pub dry_run_rejected_circuit_open: Option<u32>,
-    pub to_open: Option<u32>,
-    pub to_half_open: Option<u32>,
-    pub to_closed: Option<u32>,
-    /// 0 closed, 1 open, 2 half-open, as last seen by a transition.
-    pub circuit_state: Option<u32>,
+    pub ignored: [Option<u32>; Ignored::ALL.len()],
+    pub rejected: [Option<u32>; Refusal::ALL.len()],
+    pub dry_run_rejected: [Option<u32>; Refusal::ALL.len()],
+    pub transitions: [Option<u32>; 3],
+    /// One gauge per entry of [`STATES`].
+    pub circuit_state: [Option<u32>; STATES.len()],
     pub bulkhead: BulkheadMetrics,
     pub retry: RetryMetrics,
+}
+
+/// The bulkhead's stats; all None for a policy without a bulkhead.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BulkheadMetrics {
+    /// Gauges: requests in flight and waiting, all workers (each adds its changes on its tick).
+    pub active: Option<u32>,
+    pub queued: Option<u32>,
+    /// Gauge: `max_concurrent`.
+    pub limit: Option<u32>,
+    /// Every admission, at once or after waiting.
+    pub admitted: Option<u32>,
+    /// Admissions that waited first.
+    pub waited: Option<u32>,
+    /// Histogram: milliseconds each waiting request spent queued, however its wait ended.
+    pub queue_ms: Option<u32>,
 }
 
 /// The retry policy's stats; all None for a policy without one.
@@ -31,7 +105,7 @@ pub struct PolicyMetrics {
 pub struct RetryMetrics {
     /// Retries made (attempts beyond the first), as Envoy reports them.
     pub retries: Option<u32>,
-    /// Requests that succeeded after at least one retry.
+    /// Requests that got a status below 500 after at least one retry.
     pub rescued: Option<u32>,
     /// Requests forwarded with no retry allowed, for want of budget.
     pub denied: Option<u32>,
@@ -40,94 +114,131 @@ pub struct RetryMetrics {
     pub budget_remaining: Option<u32>,
 }
 
-/// The bulkhead's stats; all None for a policy without a bulkhead.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BulkheadMetrics {
-    /// Gauges, kept exact by adding the change each worker makes to the shared counts.
-    pub active: Option<u32>,
-    pub queued: Option<u32>,
-    /// Every admission, at once or after waiting.
-    pub admitted: Option<u32>,
-    /// Admissions that waited first.
-    pub waited: Option<u32>,
-    pub rejected_full: Option<u32>,
-    pub rejected_queue_timeout: Option<u32>,
-    pub dry_run_rejected_full: Option<u32>,
-    /// Histogram: milliseconds each waiting request spent queued, however its wait ended.
-    pub queue_ms: Option<u32>,
-}
-
 impl PolicyMetrics {
-    pub fn define(host: &impl Host, p: &crate::config::Policy) -> Self {
+    pub fn define(host: &impl Host, p: &config::Policy) -> Self {
         let policy = p.name.as_str();
-        let counter = |name: &str| host.define_metric(MetricKind::Counter, &format!("breakwater.{name}"));
-        let requests = |outcome: &str| counter(&format!("requests.policy.{policy}.outcome.{outcome}"));
-        PolicyMetrics {
-            success: requests("success"),
-            failure: requests("failure"),
-            slow: requests("slow"),
-            ignored: requests("ignored"),
-            rejected_circuit_open: counter(&format!("rejections.policy.{policy}.reason.circuit_open")),
-            dry_run_rejected_circuit_open: counter(&format!("dry_run_rejections.policy.{policy}.reason.circuit_open")),
-            to_open: counter(&format!("transitions.policy.{policy}.to.open")),
-            to_half_open: counter(&format!("transitions.policy.{policy}.to.half_open")),
-            to_closed: counter(&format!("transitions.policy.{policy}.to.closed")),
-            circuit_state: host.define_metric(MetricKind::Gauge, &format!("breakwater.circuit_state.policy.{policy}")),
-            bulkhead: if p.bulkhead.is_some() {
-                BulkheadMetrics::define(host, policy)
-            } else {
-                BulkheadMetrics::default()
-            },
-            retry: match &p.retry {
-                Some(r) => RetryMetrics::define(host, policy, r.budget.is_some()),
-                None => RetryMetrics::default(),
-            },
+        let define = |kind, metric: &str, label: &str| {
+            host.define_metric(kind, &format!("breakwater_{metric}.policy.{policy}{label}"))
+        };
+        let counter = |metric: &str| define(MetricKind::Counter, metric, "");
+        let labelled =
+            |metric: &str, label: &str, value: &str| define(MetricKind::Counter, metric, &format!(".{label}.{value}"));
+        let mut m = PolicyMetrics::default();
+        let breaker = p.breaker.as_ref();
+        let bulkhead = p.bulkhead.as_ref();
+        if let Some(b) = breaker {
+            m.success = labelled("requests_total", "outcome", "success");
+            m.failure = labelled("requests_total", "outcome", "failure");
+            // The "ignored" outcome is the sum of the ignored stat's reasons.
+            if b.slow_ns.is_some() {
+                m.slow = counter("slow_calls_total");
+            }
+            for (id, reason) in m.ignored.iter_mut().zip(Ignored::ALL) {
+                *id = labelled("ignored_total", "reason", reason.label());
+            }
+            for (id, to) in m.transitions.iter_mut().zip(["open", "half_open", "closed"]) {
+                *id = labelled("transitions_total", "to_state", to);
+            }
+            for (id, state) in m.circuit_state.iter_mut().zip(STATES) {
+                *id = define(MetricKind::Gauge, "circuit_state", &format!(".state.{state}"));
+            }
+        }
+        for (i, reason) in Refusal::ALL.into_iter().enumerate() {
+            let applies = match reason {
+                Refusal::CircuitOpen => breaker.is_some(),
+                Refusal::BulkheadFull => bulkhead.is_some(),
+                Refusal::QueueTimeout => bulkhead.is_some_and(|b| b.machine.queue_max > 0),
+            };
+            if !applies {
+                continue;
+            }
+            let dry_run = p.mode == config::Mode::DryRun;
+            let slot = if dry_run { m.dry_run_rejected.get_mut(i) } else { m.rejected.get_mut(i) };
+            let metric = if dry_run { "dry_run_rejections_total" } else { "rejections_total" };
+            if let Some(slot) = slot.filter(|_| !(dry_run && reason == Refusal::QueueTimeout)) {
+                *slot = labelled(metric, "reason", reason.label());
+            }
+        }
+        if bulkhead.is_some() {
+            use MetricKind::{Counter, Gauge, Histogram};
+            m.bulkhead = BulkheadMetrics {
+                active: define(Gauge, "bulkhead_active", ""),
+                queued: define(Gauge, "bulkhead_queued", ""),
+                limit: define(Gauge, "bulkhead_limit", ""),
+                admitted: define(Counter, "bulkhead_admitted_total", ""),
+                waited: define(Counter, "bulkhead_waited_total", ""),
+                queue_ms: define(Histogram, "bulkhead_queue_wait_milliseconds", ""),
+            };
+        }
+        if let Some(r) = &p.retry {
+            let budgeted = |id: Option<u32>| if r.budget.is_some() { id } else { None };
+            let dry_run = p.mode == config::Mode::DryRun;
+            m.retry = RetryMetrics {
+                retries: counter("retries_total"),
+                rescued: counter("retry_rescued_total"),
+                denied: budgeted(if dry_run {
+                    None
+                } else {
+                    labelled("retry_denied_total", "reason", "budget_exhausted")
+                }),
+                dry_run_denied: budgeted(if dry_run {
+                    labelled("dry_run_retry_denied_total", "reason", "budget_exhausted")
+                } else {
+                    None
+                }),
+                budget_remaining: budgeted(define(MetricKind::Gauge, "retry_budget_remaining", "")),
+            };
+        }
+        m
+    }
+
+    /// Adds what the worker counted to Envoy's stats.
+    pub fn flush(&self, host: &impl Host, c: &Counts) {
+        add(host, self.success, c.success.into());
+        add(host, self.failure, c.failure.into());
+        add(host, self.slow, c.slow.into());
+        for (id, n) in self.ignored.iter().zip(c.ignored) {
+            add(host, *id, n.into());
+        }
+        for (id, n) in self.rejected.iter().zip(c.rejected) {
+            add(host, *id, n.into());
+        }
+        for (id, n) in self.dry_run_rejected.iter().zip(c.dry_run_rejected) {
+            add(host, *id, n.into());
+        }
+        add(host, self.bulkhead.admitted, c.admitted.into());
+        add(host, self.bulkhead.waited, c.waited.into());
+        add(host, self.bulkhead.active, c.active);
+        add(host, self.bulkhead.queued, c.queued);
+        add(host, self.retry.retries, c.retries.into());
+        add(host, self.retry.rescued, c.rescued.into());
+        add(host, self.retry.denied, c.denied.into());
+        add(host, self.retry.dry_run_denied, c.dry_run_denied.into());
+    }
+
+    /// Sets the circuit-state gauges: 1 for `state` (an entry of [`STATES`]), 0 for the others.
+    pub fn set_state(&self, host: &impl Host, state: &str) {
+        for (id, s) in self.circuit_state.iter().zip(STATES) {
+            set(host, *id, u64::from(s == state));
         }
     }
 }
 
-impl BulkheadMetrics {
-    fn define(host: &impl Host, policy: &str) -> Self {
-        let metric = |kind, name: &str| host.define_metric(kind, &format!("breakwater.{name}"));
-        use MetricKind::{Counter, Gauge, Histogram};
-        BulkheadMetrics {
-            active: metric(Gauge, &format!("bulkhead_active.policy.{policy}")),
-            queued: metric(Gauge, &format!("bulkhead_queued.policy.{policy}")),
-            admitted: metric(Counter, &format!("bulkhead_admitted.policy.{policy}")),
-            waited: metric(Counter, &format!("bulkhead_waited.policy.{policy}")),
-            rejected_full: metric(Counter, &format!("rejections.policy.{policy}.reason.bulkhead_full")),
-            rejected_queue_timeout: metric(Counter, &format!("rejections.policy.{policy}.reason.queue_timeout")),
-            dry_run_rejected_full: metric(Counter, &format!("dry_run_rejections.policy.{policy}.reason.bulkhead_full")),
-            queue_ms: metric(Histogram, &format!("bulkhead_queue_ms.policy.{policy}")),
-        }
-    }
-}
-
-impl RetryMetrics {
-    fn define(host: &impl Host, policy: &str, budget: bool) -> Self {
-        // The budget's stats only exist for a policy that has a budget.
-        let metric = |kind, name: &str| host.define_metric(kind, &format!("breakwater.{name}"));
-        let budgeted = |kind, name: &str| if budget { metric(kind, name) } else { None };
-        use MetricKind::{Counter, Gauge};
-        RetryMetrics {
-            retries: metric(Counter, &format!("retries.policy.{policy}")),
-            rescued: metric(Counter, &format!("retry_rescued.policy.{policy}")),
-            denied: budgeted(Counter, &format!("retry_denied.policy.{policy}.reason.budget_exhausted")),
-            dry_run_denied: budgeted(Counter, &format!("dry_run_retry_denied.policy.{policy}.reason.budget_exhausted")),
-            budget_remaining: budgeted(Gauge, &format!("retry_budget_remaining.policy.{policy}")),
-        }
+/// The entry of [`STATES`] a breaker state is in.
+pub fn state_name(s: &breakwater_policies::BreakerState) -> &'static str {
+    use breakwater_policies::{Forced, Phase};
+    match (s.forced, s.phase) {
+        (Some(Forced::Open), _) => "forced_open",
+        (Some(Forced::Closed), _) => "forced_closed",
+        (None, Phase::Closed) => "closed",
+        (None, Phase::Open { .. }) => "open",
+        (None, Phase::HalfOpen { .. }) => "half_open",
     }
 }
 
 pub fn add(host: &impl Host, id: Option<u32>, delta: i64) {
     if let (Some(id), true) = (id, delta != 0) {
         host.metric_add(id, delta);
-    }
-}
-
-pub fn inc(host: &impl Host, id: Option<u32>) {
-    if let Some(id) = id {
-        host.metric_add(id, 1);
     }
 }
 

@@ -2,8 +2,10 @@
 //!
 //! Rules that name an Envoy route (`route_name`) are indexed by that name, so a request only
 //! looks at the rules that could match it: the cost per request does not grow with the number
-//! of named rules. Only the attributes some rule needs are read from the host, each at most once.
+//! of named rules. Only the attributes some rule needs are read from the host, each at most
+//! once, as bytes: a value that is not UTF-8 simply matches no rule that expects text.
 
+use crate::host::Host;
 use alloc::string::String;
 use alloc::vec::Vec;
 use hashbrown::HashMap;
@@ -48,12 +50,13 @@ impl HostPattern {
     }
 
     /// `host` is the request's :authority; its port, if any, is ignored.
-    pub fn matches(&self, host: &str) -> bool {
+    pub fn matches(&self, host: &[u8]) -> bool {
         let host = strip_port(host);
         match self {
             HostPattern::Any => true,
-            HostPattern::Exact(h) => host.eq_ignore_ascii_case(h),
+            HostPattern::Exact(h) => host.eq_ignore_ascii_case(h.as_bytes()),
             HostPattern::Suffix(sfx) => {
+                let sfx = sfx.as_bytes();
                 host.len() > sfx.len()
                     && host.get(host.len() - sfx.len()..).is_some_and(|tail| tail.eq_ignore_ascii_case(sfx))
             }
@@ -61,22 +64,71 @@ impl HostPattern {
     }
 }
 
-fn strip_port(host: &str) -> &str {
-    match host.rsplit_once(':') {
-        // An IPv6 literal without port ("[::1]") has its last ':' inside the brackets.
-        Some((h, port)) if !port.contains(']') && port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
+fn strip_port(host: &[u8]) -> &[u8] {
+    let Some(colon) = host.iter().rposition(|b| *b == b':') else { return host };
+    let (h, port) = (host.get(..colon).unwrap_or(host), host.get(colon + 1..).unwrap_or(&[]));
+    // An IPv6 literal without port ("[::1]") has its last ':' inside the brackets.
+    if !port.contains(&b']') && port.iter().all(u8::is_ascii_digit) {
+        h
+    } else {
+        host
     }
 }
 
-/// The request attributes rules look at, fetched lazily through `fetch`.
+/// The request attributes rules look at, fetched lazily.
 pub trait Attributes {
-    fn route_name(&mut self) -> Option<&str>;
-    fn path(&mut self) -> Option<&str>;
-    fn method(&mut self) -> Option<&str>;
-    fn host(&mut self) -> Option<&str>;
-    fn header(&mut self, name: &str) -> Option<String>;
-    fn cluster(&mut self) -> Option<&str>;
+    fn route_name(&mut self) -> Option<&[u8]>;
+    fn path(&mut self) -> Option<&[u8]>;
+    fn method(&mut self) -> Option<&[u8]>;
+    fn host(&mut self) -> Option<&[u8]>;
+    fn header(&mut self, name: &str) -> Option<Vec<u8>>;
+    fn cluster(&mut self) -> Option<&[u8]>;
+}
+
+/// Request attributes read from the host on first use, at most once each.
+pub struct HostAttributes<'h, H: Host> {
+    host: &'h H,
+    route_name: Option<Option<Vec<u8>>>,
+    path: Option<Option<Vec<u8>>>,
+    method: Option<Option<Vec<u8>>>,
+    authority: Option<Option<Vec<u8>>>,
+    cluster: Option<Option<Vec<u8>>>,
+}
+
+impl<'h, H: Host> HostAttributes<'h, H> {
+    pub fn new(host: &'h H) -> Self {
+        HostAttributes { host, route_name: None, path: None, method: None, authority: None, cluster: None }
+    }
+}
+
+fn cached(slot: &mut Option<Option<Vec<u8>>>, read: impl FnOnce() -> Option<Vec<u8>>) -> Option<&[u8]> {
+    slot.get_or_insert_with(|| read().filter(|v| !v.is_empty())).as_deref()
+}
+
+impl<H: Host> Attributes for HostAttributes<'_, H> {
+    fn route_name(&mut self) -> Option<&[u8]> {
+        let host = self.host;
+        cached(&mut self.route_name, || host.property(&["xds", "route_name"]))
+    }
+    fn path(&mut self) -> Option<&[u8]> {
+        let host = self.host;
+        cached(&mut self.path, || host.request_header(":path"))
+    }
+    fn method(&mut self) -> Option<&[u8]> {
+        let host = self.host;
+        cached(&mut self.method, || host.request_header(":method"))
+    }
+    fn host(&mut self) -> Option<&[u8]> {
+        let host = self.host;
+        cached(&mut self.authority, || host.request_header(":authority"))
+    }
+    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
+        self.host.request_header(name)
+    }
+    fn cluster(&mut self) -> Option<&[u8]> {
+        let host = self.host;
+        cached(&mut self.cluster, || host.property(&["xds", "cluster_name"]))
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -114,7 +166,10 @@ impl RouteTable {
         let named: &[u32] = if self.by_name.is_empty() {
             &[]
         } else {
-            a.route_name().and_then(|n| self.by_name.get(n)).map_or(&[], |v| v.as_slice())
+            a.route_name()
+                .and_then(|n| core::str::from_utf8(n).ok())
+                .and_then(|n| self.by_name.get(n))
+                .map_or(&[], |v| v.as_slice())
         };
         // Merge the two ascending lists so that rule order decides, as written.
         let (mut i, mut j) = (0, 0);
@@ -146,11 +201,11 @@ impl RouteTable {
 /// The route_name condition is settled by the index; the others are checked here.
 fn rule_matches(r: &Route, a: &mut impl Attributes) -> bool {
     if let Some(prefix) = &r.path_prefix {
-        if !a.path().is_some_and(|p| p.starts_with(prefix.as_str())) {
+        if !a.path().is_some_and(|p| p.starts_with(prefix.as_bytes())) {
             return false;
         }
     }
-    if !r.methods.is_empty() && !a.method().is_some_and(|m| r.methods.iter().any(|x| x == m)) {
+    if !r.methods.is_empty() && !a.method().is_some_and(|m| r.methods.iter().any(|x| x.as_bytes() == m)) {
         return false;
     }
     if let Some(h) = &r.host {
@@ -159,12 +214,12 @@ fn rule_matches(r: &Route, a: &mut impl Attributes) -> bool {
         }
     }
     for (name, value) in &r.headers {
-        if a.header(name).as_deref() != Some(value.as_str()) {
+        if a.header(name).as_deref() != Some(value.as_bytes()) {
             return false;
         }
     }
     if let Some(c) = &r.cluster {
-        if a.cluster() != Some(c.as_str()) {
+        if a.cluster() != Some(c.as_bytes()) {
             return false;
         }
     }

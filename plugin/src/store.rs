@@ -101,25 +101,16 @@ pub fn update<T>(
     .map(|(step, state)| (step, View::of(&state)))
 }
 
-/// How a bulkhead operation moved the shared counts (for the gauges).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Moved {
-    pub active: i64,
-    pub queued: i64,
-}
-
-/// A bulkhead operation, with how it moved the counts.
+/// A bulkhead operation.
 pub fn bulkhead<T>(
     host: &impl Host,
     key: &str,
     mut f: impl FnMut(&mut BulkheadState) -> Update<T>,
-) -> Option<(Update<T>, Moved)> {
+) -> Option<Update<T>> {
     apply(host, key, |s: &mut BulkheadState| {
-        let (active, queued) = (i64::from(s.active()), i64::from(s.queued()));
         let u = f(s);
-        let moved = Moved { active: i64::from(s.active()) - active, queued: i64::from(s.queued()) - queued };
         let changed = u.changed;
-        ((u, moved), changed)
+        (u, changed)
     })
-    .map(|(r, _)| r)
+    .map(|(u, _)| u)
 }

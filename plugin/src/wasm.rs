@@ -1,73 +1,387 @@
 //! The proxy-wasm adapter: Envoy's callbacks in, [`Host`] calls out. Nothing else lives here.
+//!
+//! The SDK dispatches the callbacks, but every host call goes to the proxy-wasm ABI directly
+//! ([`abi`]): proxy-wasm 0.2.5's wrappers unwrap the UTF-8 conversion of header values and
+//! panic on host statuses they do not expect, and a panic traps the VM — every request on that
+//! worker with it. Here a bad status is an absent value, and a value is bytes.
 
 use crate::config;
 use crate::filter::{self, Stream};
 use crate::host::{Host, MetricKind, SharedError};
-use crate::parking::Parking;
-use crate::{bulkhead, Compiled};
+use crate::vm::Vm;
+use crate::{bulkhead, tick, Compiled};
 use alloc::boxed::Box;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
-use proxy_wasm::hostcalls;
+use core::cell::RefCell;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{Action, ContextType};
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { compiled: None }) });
+    abi::install_logger();
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root { id, compiled: None }) });
 }}
 
 std::thread_local! {
-    /// This worker's queued requests; one per VM, shared by its root contexts (a configuration
-    /// reload adds a root context while requests queued under the old one still wait).
-    static PARKING: Rc<Parking> = Rc::new(Parking::default());
-    /// The name of this VM's wake-up queue, chosen once.
-    static WAKE_QUEUE: core::cell::RefCell<String> = const { core::cell::RefCell::new(String::new()) };
+    /// This worker's state, shared by all its root contexts.
+    static VM: Rc<Vm> = Rc::new(Vm::default());
+    /// This worker's root contexts, and the one that ticks and receives the wake-up queue.
+    static ROOTS: RefCell<Roots> = RefCell::new(Roots::default());
 }
 
-fn parking() -> Rc<Parking> {
-    PARKING.with(Rc::clone)
+fn vm() -> Rc<Vm> {
+    VM.with(Rc::clone)
 }
 
-/// Registers this VM's wake-up queue. Its token, unique in the process, is the worker's id in
-/// bulkhead state. Registering the same name again (a newer root context) returns the same
-/// token and moves `on_queue_ready` to the newer context.
-fn register_wake_queue(w: &Parking) {
-    // Random, so that the VMs of one vm_id (one per worker) get queues of their own.
-    let random = || {
-        use std::hash::{BuildHasher, Hasher};
-        std::collections::hash_map::RandomState::new().build_hasher().finish()
-    };
-    let name = WAKE_QUEUE.with(|n| {
-        let mut n = n.borrow_mut();
-        if n.is_empty() {
-            *n = format!("breakwater/v1/wake/{:016x}", random());
+/// The root contexts of this VM (one per filter instance and configuration). Only one of them
+/// ticks and receives the wake-up queue: the tick visits every configuration's policies, and
+/// thousands of per-route filter instances must not mean thousands of timers.
+#[derive(Default)]
+struct Roots {
+    /// Live root contexts and their sync intervals.
+    live: Vec<(u32, u64)>,
+    /// The one that ticks (0: none yet), at what interval.
+    ticker: (u32, u64),
+    queue_name: String,
+}
+
+impl Roots {
+    /// Makes the live root with the shortest sync interval the ticker (the newest on a tie) and
+    /// gives it the wake-up queue. Called from a root context's callback; `current` is its id.
+    fn elect(&mut self, current: u32) {
+        let best = self.live.iter().rev().min_by_key(|(_, interval)| *interval).copied();
+        let Some((id, interval)) = best else {
+            self.ticker = (0, 0);
+            return;
+        };
+        if self.ticker == (id, interval) {
+            return;
         }
-        n.clone()
-    });
-    match hostcalls::register_shared_queue(&name) {
-        Ok(token) if token != 0 && w.worker.get() == 0 => {
-            w.worker.set(token);
-            w.can_wait.set(true);
+        let (old, _) = self.ticker;
+        if old != 0 && old != id && self.live.iter().any(|(r, _)| *r == old) && abi::enter(old) {
+            abi::set_tick_period(0);
         }
-        Ok(_) => {}
-        Err(e) => log::warn!("no wake-up queue ({e:?}): bulkhead requests cannot wait"),
+        if abi::enter(id) {
+            abi::set_tick_period(interval);
+            self.register_queue(&vm());
+        }
+        abi::enter(current);
+        self.ticker = (id, interval);
     }
-    if w.worker.get() == 0 {
-        // Without a queue the worker still needs a distinct id for its permits.
-        w.worker.set((random() as u32) | 0x8000_0000);
+
+    /// Registers this VM's wake-up queue on the current root context. Its token, unique in the
+    /// process, is the worker's id in bulkhead state; registering the same name again returns
+    /// the same token and moves `on_queue_ready` to this context.
+    fn register_queue(&mut self, vm: &Vm) {
+        if self.queue_name.is_empty() {
+            // Random, so that the VMs of one vm_id (one per worker) get queues of their own.
+            self.queue_name = alloc::format!("breakwater/v1/wake/{:016x}", random());
+        }
+        match abi::register_shared_queue(&self.queue_name) {
+            Some(token) if token != 0 => {
+                if vm.worker.get() == 0 || !vm.can_wait.get() {
+                    vm.worker.set(token);
+                    vm.can_wait.set(true);
+                }
+            }
+            _ => log::warn!("no wake-up queue: bulkhead requests cannot wait"),
+        }
+        if vm.worker.get() == 0 {
+            // Without a queue the worker still needs a distinct id for its permits.
+            vm.worker.set((random() as u32) | 0x8000_0000);
+        }
     }
 }
 
-/// Raw proxy-wasm imports (the same ones the SDK declares), for calls whose SDK wrappers panic.
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
+}
+
+/// The raw proxy-wasm ABI (the same imports the SDK declares), with statuses checked.
 mod abi {
-    pub const OK: u32 = 0;
-    pub const HTTP_REQUEST: u32 = 0;
+    use alloc::vec::Vec;
+
+    const OK: u32 = 0;
+    const CAS_MISMATCH: u32 = 8;
+    const HTTP_REQUEST_HEADERS: u32 = 0;
+    const HTTP_RESPONSE_HEADERS: u32 = 2;
+    const HTTP_RESPONSE_TRAILERS: u32 = 3;
+    const PLUGIN_CONFIGURATION: u32 = 7;
+    const STREAM_HTTP_REQUEST: u32 = 0;
+
     #[link(wasm_import_module = "env")]
     extern "C" {
-        pub fn proxy_set_effective_context(context_id: u32) -> u32;
-        pub fn proxy_continue_stream(stream_type: u32) -> u32;
+        fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+        fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+        fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+        fn proxy_get_buffer_bytes(
+            buffer_type: u32,
+            start: usize,
+            max_size: usize,
+            return_data: *mut *mut u8,
+            return_size: *mut usize,
+        ) -> u32;
+        fn proxy_get_header_map_pairs(map_type: u32, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
+        fn proxy_get_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            return_data: *mut *mut u8,
+            return_size: *mut usize,
+        ) -> u32;
+        fn proxy_replace_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+        ) -> u32;
+        fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+        fn proxy_get_property(
+            path_data: *const u8,
+            path_size: usize,
+            return_data: *mut *mut u8,
+            return_size: *mut usize,
+        ) -> u32;
+        fn proxy_get_shared_data(
+            key_data: *const u8,
+            key_size: usize,
+            return_data: *mut *mut u8,
+            return_size: *mut usize,
+            return_cas: *mut u32,
+        ) -> u32;
+        fn proxy_set_shared_data(
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+            cas: u32,
+        ) -> u32;
+        fn proxy_register_shared_queue(name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
+        fn proxy_enqueue_shared_queue(queue_id: u32, value_data: *const u8, value_size: usize) -> u32;
+        fn proxy_dequeue_shared_queue(queue_id: u32, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
+        fn proxy_send_local_response(
+            status_code: u32,
+            details_data: *const u8,
+            details_size: usize,
+            body_data: *const u8,
+            body_size: usize,
+            headers_data: *const u8,
+            headers_size: usize,
+            grpc_status: i32,
+        ) -> u32;
+        fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
+        fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+        fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+        fn proxy_set_effective_context(context_id: u32) -> u32;
+        fn proxy_continue_stream(stream_type: u32) -> u32;
+    }
+
+    /// Takes ownership of a buffer the host allocated in this VM (through the SDK's exported
+    /// `proxy_on_memory_allocate`, a `Vec::with_capacity`), as the SDK does.
+    fn owned(status: u32, data: *mut u8, size: usize) -> Option<Vec<u8>> {
+        if status != OK || data.is_null() {
+            return None;
+        }
+        // SAFETY: on OK the host wrote a pointer it got from our allocator for `size` bytes.
+        Some(unsafe { Vec::from_raw_parts(data, size, size) })
+    }
+
+    pub fn log(level: u32, message: &str) {
+        // SAFETY: a pointer and length into a live string.
+        unsafe { proxy_log(level, message.as_ptr(), message.len()) };
+    }
+
+    struct Logger;
+
+    impl log::Log for Logger {
+        fn enabled(&self, metadata: &log::Metadata) -> bool {
+            metadata.level() <= log::max_level()
+        }
+        fn log(&self, record: &log::Record) {
+            if !self.enabled(record.metadata()) {
+                return;
+            }
+            let level = match record.level() {
+                log::Level::Trace => 0,
+                log::Level::Debug => 1,
+                log::Level::Info => 2,
+                log::Level::Warn => 3,
+                log::Level::Error => 4,
+            };
+            log(level, &alloc::format!("{}", record.args()));
+        }
+        fn flush(&self) {}
+    }
+
+    static LOGGER: Logger = Logger;
+
+    /// Logs through the host, ignoring its status (the SDK's logger unwraps it). A panic (a
+    /// bug: clippy denies the usual sources) is logged as critical before the VM traps.
+    pub fn install_logger() {
+        if log::set_logger(&LOGGER).is_ok() {
+            log::set_max_level(log::LevelFilter::Info);
+        }
+        std::panic::set_hook(alloc::boxed::Box::new(|info| log(5, &alloc::format!("breakwater: {info}"))));
+    }
+
+    pub fn now_ns() -> u64 {
+        let mut t = 0u64;
+        // SAFETY: the host writes a u64 into a live local.
+        let status = unsafe { proxy_get_current_time_nanoseconds(&mut t) };
+        if status == OK {
+            t
+        } else {
+            0
+        }
+    }
+
+    pub fn set_tick_period(period_ns: u64) {
+        // Milliseconds; under 1 ms a tick is 0, which disables the timer: at least 1.
+        let ms = u32::try_from((period_ns / 1_000_000).max(u64::from(period_ns > 0))).unwrap_or(u32::MAX);
+        // SAFETY: plain integers.
+        let status = unsafe { proxy_set_tick_period_milliseconds(ms) };
+        if status != OK {
+            log::warn!("no tick (status {status}): stats and batched successes will lag");
+        }
+    }
+
+    pub fn plugin_configuration() -> Vec<u8> {
+        let (mut data, mut size) = (core::ptr::null_mut(), 0);
+        // SAFETY: the host writes a pointer and a size into live locals.
+        let status = unsafe { proxy_get_buffer_bytes(PLUGIN_CONFIGURATION, 0, usize::MAX, &mut data, &mut size) };
+        owned(status, data, size).unwrap_or_default()
+    }
+
+    fn map_type(response: bool, trailers: bool) -> u32 {
+        match (response, trailers) {
+            (false, _) => HTTP_REQUEST_HEADERS,
+            (true, false) => HTTP_RESPONSE_HEADERS,
+            (true, true) => HTTP_RESPONSE_TRAILERS,
+        }
+    }
+
+    pub fn header(response: bool, trailers: bool, name: &str) -> Option<Vec<u8>> {
+        let (mut data, mut size) = (core::ptr::null_mut(), 0);
+        // SAFETY: a live key; the host writes a pointer and a size into live locals.
+        let status = unsafe {
+            proxy_get_header_map_value(map_type(response, trailers), name.as_ptr(), name.len(), &mut data, &mut size)
+        };
+        owned(status, data, size)
+    }
+
+    pub fn response_headers() -> Option<Vec<u8>> {
+        let (mut data, mut size) = (core::ptr::null_mut(), 0);
+        // SAFETY: the host writes a pointer and a size into live locals.
+        let status = unsafe { proxy_get_header_map_pairs(HTTP_RESPONSE_HEADERS, &mut data, &mut size) };
+        owned(status, data, size)
+    }
+
+    pub fn set_request_header(name: &str, value: &[u8]) -> u32 {
+        // SAFETY: live key and value.
+        unsafe {
+            proxy_replace_header_map_value(HTTP_REQUEST_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+        }
+    }
+
+    pub fn remove_response_header(name: &str) -> u32 {
+        // SAFETY: a live key.
+        unsafe { proxy_remove_header_map_value(HTTP_RESPONSE_HEADERS, name.as_ptr(), name.len()) }
+    }
+
+    pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+        // Path segments joined by NUL, as the ABI wants.
+        let mut p = Vec::with_capacity(path.iter().map(|s| s.len() + 1).sum());
+        for (i, seg) in path.iter().enumerate() {
+            if i > 0 {
+                p.push(0);
+            }
+            p.extend_from_slice(seg.as_bytes());
+        }
+        let (mut data, mut size) = (core::ptr::null_mut(), 0);
+        // SAFETY: a live path; the host writes a pointer and a size into live locals.
+        let status = unsafe { proxy_get_property(p.as_ptr(), p.len(), &mut data, &mut size) };
+        owned(status, data, size)
+    }
+
+    pub fn shared_get(key: &str) -> Option<(Vec<u8>, u32)> {
+        let (mut data, mut size, mut cas) = (core::ptr::null_mut(), 0, 0u32);
+        // SAFETY: a live key; the host writes into live locals.
+        let status = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+        owned(status, data, size).map(|v| (v, cas))
+    }
+
+    pub fn shared_set(key: &str, value: &[u8], cas: u32) -> Result<(), bool> {
+        // SAFETY: a live key and value.
+        match unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) } {
+            OK => Ok(()),
+            CAS_MISMATCH => Err(true),
+            _ => Err(false),
+        }
+    }
+
+    pub fn register_shared_queue(name: &str) -> Option<u32> {
+        let mut id = 0u32;
+        // SAFETY: a live name; the host writes a u32 into a live local.
+        let status = unsafe { proxy_register_shared_queue(name.as_ptr(), name.len(), &mut id) };
+        (status == OK).then_some(id)
+    }
+
+    pub fn enqueue(queue: u32, message: &[u8]) -> bool {
+        // SAFETY: a live message.
+        unsafe { proxy_enqueue_shared_queue(queue, message.as_ptr(), message.len()) == OK }
+    }
+
+    pub fn dequeue(queue: u32) -> Option<Vec<u8>> {
+        let (mut data, mut size) = (core::ptr::null_mut(), 0);
+        // SAFETY: the host writes a pointer and a size into live locals.
+        let status = unsafe { proxy_dequeue_shared_queue(queue, &mut data, &mut size) };
+        owned(status, data, size)
+    }
+
+    pub fn send_local_response(status: u32, headers: &[u8], body: &[u8]) -> u32 {
+        // SAFETY: live buffers; -1: no gRPC status of our own (Envoy maps the HTTP status).
+        unsafe {
+            proxy_send_local_response(
+                status,
+                core::ptr::null(),
+                0,
+                body.as_ptr(),
+                body.len(),
+                headers.as_ptr(),
+                headers.len(),
+                -1,
+            )
+        }
+    }
+
+    pub fn define_metric(kind: u32, name: &str) -> Option<u32> {
+        let mut id = 0u32;
+        // SAFETY: a live name; the host writes a u32 into a live local.
+        let status = unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) };
+        (status == OK).then_some(id)
+    }
+
+    pub fn increment_metric(id: u32, delta: i64) {
+        // SAFETY: plain integers.
+        unsafe { proxy_increment_metric(id, delta) };
+    }
+
+    pub fn record_metric(id: u32, value: u64) {
+        // SAFETY: plain integers.
+        unsafe { proxy_record_metric(id, value) };
+    }
+
+    pub fn enter(context_id: u32) -> bool {
+        // SAFETY: a plain integer.
+        unsafe { proxy_set_effective_context(context_id) == OK }
+    }
+
+    pub fn continue_request() -> u32 {
+        // SAFETY: a plain integer.
+        unsafe { proxy_continue_stream(STREAM_HTTP_REQUEST) }
     }
 }
 
@@ -76,116 +390,116 @@ pub struct WasmHost;
 
 impl Host for WasmHost {
     fn now_ns(&self) -> u64 {
-        hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos() as u64)
+        abi::now_ns()
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        hostcalls::get_property(path.to_vec()).ok().flatten()
+        abi::property(path)
     }
-    fn request_header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
+    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        abi::header(false, false, name)
     }
-    fn set_request_header(&self, name: &str, value: &str) {
-        if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value)) {
-            log::warn!("setting {name} failed: {e:?}");
+    fn set_request_header(&self, name: &str, value: &[u8]) {
+        let status = abi::set_request_header(name, value);
+        if status != 0 {
+            log::warn!("setting {name} failed: status {status}");
         }
     }
-    fn response_header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten()
+    fn response_headers(&self) -> Option<Vec<u8>> {
+        abi::response_headers()
     }
-    fn response_trailer(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpResponseTrailers, name).ok().flatten()
+    fn remove_response_header(&self, name: &str) {
+        abi::remove_response_header(name);
+    }
+    fn response_trailer(&self, name: &str) -> Option<Vec<u8>> {
+        abi::header(true, true, name)
     }
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        match hostcalls::get_shared_data(key) {
-            Ok((Some(bytes), cas)) if !bytes.is_empty() => Some((bytes, cas.unwrap_or(0))),
-            _ => None,
-        }
+        abi::shared_get(key).filter(|(bytes, _)| !bytes.is_empty())
     }
     fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), SharedError> {
-        match hostcalls::set_shared_data(key, Some(value), (cas != 0).then_some(cas)) {
-            Ok(()) => Ok(()),
-            Err(Status::CasMismatch) => Err(SharedError::CasMismatch),
-            Err(_) => Err(SharedError::Other),
-        }
+        abi::shared_set(key, value, cas)
+            .map_err(|mismatch| if mismatch { SharedError::CasMismatch } else { SharedError::Other })
     }
-    fn send_http_reply(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
-        if let Err(e) = hostcalls::send_http_response(status, headers.to_vec(), Some(body)) {
-            log::warn!("local reply failed: {e:?}");
+    fn send_http_reply(&self, status: u32, headers: &[(&str, &[u8])], body: &[u8]) {
+        let result = abi::send_local_response(status, &crate::headers::serialize(headers), body);
+        if result != 0 {
+            log::warn!("local reply failed: status {result}");
         }
     }
     fn define_metric(&self, kind: MetricKind, name: &str) -> Option<u32> {
-        let t = match kind {
-            MetricKind::Counter => MetricType::Counter,
-            MetricKind::Gauge => MetricType::Gauge,
-            MetricKind::Histogram => MetricType::Histogram,
+        let kind = match kind {
+            MetricKind::Counter => 0,
+            MetricKind::Gauge => 1,
+            MetricKind::Histogram => 2,
         };
-        hostcalls::define_metric(t, name).ok()
+        abi::define_metric(kind, name)
     }
     fn metric_add(&self, id: u32, delta: i64) {
-        let _ = hostcalls::increment_metric(id, delta);
+        abi::increment_metric(id, delta);
     }
     fn metric_set(&self, id: u32, value: u64) {
-        let _ = hostcalls::record_metric(id, value);
+        abi::record_metric(id, value);
     }
-    // These two go to the host directly: the SDK's wrappers panic on a status they do not
-    // expect, and a request that vanished between its wake-up and now must not trap the VM.
     fn enter(&self, context_id: u32) -> bool {
-        // SAFETY: a proxy-wasm ABI import taking a plain integer.
-        unsafe { abi::proxy_set_effective_context(context_id) == abi::OK }
+        abi::enter(context_id)
     }
     fn resume_request(&self) {
-        // SAFETY: a proxy-wasm ABI import taking a plain integer (0: the HTTP request stream).
-        let status = unsafe { abi::proxy_continue_stream(abi::HTTP_REQUEST) };
-        if status != abi::OK {
+        let status = abi::continue_request();
+        if status != 0 {
             log::warn!("resuming a queued request failed: status {status}");
         }
     }
     fn enqueue(&self, queue: u32, message: &[u8]) -> bool {
-        hostcalls::enqueue_shared_queue(queue, Some(message)).is_ok()
+        abi::enqueue(queue, message)
     }
     fn dequeue(&self, queue: u32) -> Option<Vec<u8>> {
-        hostcalls::dequeue_shared_queue(queue).ok().flatten()
+        abi::dequeue(queue)
     }
 }
 
 struct Root {
+    id: u32,
     compiled: Option<Rc<Compiled>>,
 }
 
 impl Context for Root {
-    /// The root context is going away (a configuration reload, or shutdown): hand the batched
-    /// successes over now, since this context will not tick again.
+    /// The root context is going away (a configuration change, or shutdown): another root
+    /// context of this VM takes over the tick and the wake-up queue, and this one's counts are
+    /// flushed by the next tick (its policies stay on the VM's list).
     fn on_done(&mut self) -> bool {
-        if let Some(c) = &self.compiled {
-            filter::sync(c, &WasmHost);
-        }
+        ROOTS.with(|r| {
+            if let Ok(mut r) = r.try_borrow_mut() {
+                r.live.retain(|(id, _)| *id != self.id);
+                r.elect(self.id);
+            }
+        });
+        tick::tick(&WasmHost, &vm());
         true
     }
 }
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes =
-            hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
-        // No configuration at all means no policies: every request passes untouched.
-        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
-        match config::parse(bytes) {
+        let bytes = abi::plugin_configuration();
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            log::warn!("the plugin configuration is empty: Breakwater applies no policy");
+        }
+        match config::parse(&bytes) {
             Ok(cfg) => {
                 let namespace =
                     WasmHost.property(&["plugin_root_id"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
-                let (policies, routes) = (cfg.policies.len(), cfg.routes.rules().len());
-                let tick = core::time::Duration::from_nanos(cfg.sync_interval_ns);
+                let (policies, interval) = (cfg.policies.len(), cfg.sync_interval_ns);
                 let compiled = Compiled::new(cfg, &WasmHost, &namespace);
                 compiled.create_shared_state(&WasmHost);
                 self.compiled = Some(Rc::new(compiled));
-                register_wake_queue(&parking());
-                if let Err(e) = hostcalls::set_tick_period(tick) {
-                    log::warn!("no tick ({e:?}): batched successes will reach shared data only with failures");
-                }
-                log::debug!("configured {policies} policies, {routes} routes");
+                ROOTS.with(|r| {
+                    if let Ok(mut r) = r.try_borrow_mut() {
+                        r.live.retain(|(id, _)| *id != self.id);
+                        r.live.push((self.id, interval));
+                        r.elect(self.id);
+                    }
+                });
+                log::debug!("configured {policies} policies");
                 true
             }
             Err(e) => {
@@ -197,16 +511,11 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        let w = parking();
-        if let Some(c) = &self.compiled {
-            filter::sync(c, &WasmHost);
-        }
-        bulkhead::renew(&WasmHost, &w);
-        bulkhead::expire(&WasmHost, &w);
+        tick::tick(&WasmHost, &vm());
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
-        bulkhead::wake(&WasmHost, &parking(), queue_id);
+        bulkhead::on_message(&WasmHost, &vm(), queue_id);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -229,21 +538,26 @@ impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        #[cfg(feature = "test-trap")]
+        if WasmHost.request_header("x-breakwater-test-trap").is_some() {
+            // Test builds only (never the release .wasm): trap the VM on demand.
+            core::arch::wasm32::unreachable();
+        }
         let Some(c) = &self.compiled else { return Action::Continue };
-        if c.config.routes.is_empty() {
+        if c.is_idle() {
             return Action::Continue;
         }
-        let (action, stream) = filter::on_request_headers(c, &WasmHost, &parking(), self.id);
+        let (action, stream) = filter::on_request_headers(c, &WasmHost, &vm(), self.id);
         self.stream = stream;
         match action {
             filter::Action::Continue => Action::Continue,
-            filter::Action::Rejected | filter::Action::Queued => Action::Pause,
+            filter::Action::Stop => Action::Pause,
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         if let Some(c) = &self.compiled {
-            filter::on_response_headers(c, &WasmHost, &mut self.stream, end_of_stream);
+            filter::on_response_headers(c, &WasmHost, &mut self.stream);
         }
         Action::Continue
     }
@@ -257,7 +571,7 @@ impl HttpContext for Http {
 
     fn on_log(&mut self) {
         if let Some(c) = &self.compiled {
-            filter::on_log(c, &WasmHost, &parking(), self.id, core::mem::take(&mut self.stream));
+            filter::on_log(c, &WasmHost, &vm(), self.id, core::mem::take(&mut self.stream));
         }
     }
 }

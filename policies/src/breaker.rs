@@ -15,15 +15,20 @@
 //!   doubled (with ±10% jitter) up to `max_open_for`. A probe slot held longer than
 //!   `probe_timeout` is taken back, so a lost probe can never wedge the breaker.
 //!
-//! Outcomes of calls that were admitted under an earlier phase (for example a call let through
-//! while Closed that completes after the breaker opened) are ignored: they say nothing about
-//! the upstream since the trip.
+//! Every phase change starts a new **generation** (as in sony/gobreaker). A call carries the
+//! generation it was admitted in, and its outcome counts only if the breaker is still in that
+//! generation: a call let through while closed that completes after the breaker opened (and
+//! maybe closed again) says nothing about the upstream since, and is dropped as stale.
+//!
+//! An operator can **force** the breaker open (every call rejected) or closed (every call
+//! allowed, nothing recorded), as resilience4j's FORCED_OPEN and DISABLED; releasing the force
+//! starts a fresh closed breaker.
 
 use crate::codec::{Reader, Writer};
 use crate::window::{Totals, Window, BUCKETS};
 use crate::SECOND;
 
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateRule {
@@ -90,27 +95,54 @@ pub enum Phase {
     HalfOpen { probes: u32, successes: u32, last_probe_at: u64 },
 }
 
+/// A state set by hand, overriding the automatic one until released.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TripReason {
-    ConsecutiveFailures(u32),
-    FailureRate { percent: u32, requests: u32 },
-    SlowCalls { percent: u32, requests: u32 },
-    ProbeFailed,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transition {
-    Opened { reason: TripReason, period_ns: u64 },
-    HalfOpened,
+pub enum Forced {
+    /// Every call is rejected (resilience4j FORCED_OPEN, Polly Isolate).
+    Open,
+    /// Every call is allowed and nothing is recorded (resilience4j DISABLED).
     Closed,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TripReason {
+    ConsecutiveFailures(u32),
+    FailureRate {
+        percent: u32,
+        requests: u32,
+    },
+    SlowCalls {
+        percent: u32,
+        requests: u32,
+    },
+    ProbeFailed,
+    /// A half-open probe took at least `slow_call.duration`: a breaker that judges slowness
+    /// does not close on a slow probe (resilience4j counts it against closing too).
+    ProbeSlow,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    Opened {
+        reason: TripReason,
+        period_ns: u64,
+    },
+    HalfOpened,
+    Closed,
+    /// Set by hand ([`BreakerState::force`]); None: released to automatic (a fresh closed breaker).
+    Forced(Option<Forced>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {
-    /// Closed: go ahead, record the outcome.
-    Allow,
+    /// Closed: go ahead; report the outcome with this generation.
+    Allow {
+        generation: u32,
+    },
     /// Half-open: go ahead as a probe; its outcome (or [`BreakerState::release_probe`]) must follow.
-    Probe,
+    Probe {
+        generation: u32,
+    },
     Reject {
         retry_after_ns: u64,
     },
@@ -121,6 +153,25 @@ pub enum Admission {
 pub struct Outcome {
     pub failure: bool,
     pub slow: bool,
+}
+
+/// Whether an outcome was counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    Counted,
+    /// Admitted in an earlier generation (or while forced): dropped.
+    Stale,
+}
+
+/// Successes a worker collected since it last wrote the breaker, all of one generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    pub generation: u32,
+    pub successes: u32,
+    /// Of which slow.
+    pub slow: u32,
+    /// When the latest of them ended: where it breaks a run of failures.
+    pub last_at: u64,
 }
 
 /// The result of a step: whether the state must be written back, and the transition made.
@@ -136,16 +187,25 @@ pub struct Step<T> {
 /// counted, but a late success can only end them if it came after one of the kept failures.
 pub const TRACKED_FAILURES: usize = 32;
 
-impl Step<()> {
-    /// Two steps made in a row, as one: changed if either changed, the first transition made.
-    pub fn and(self, next: Step<()>) -> Step<()> {
-        step((), self.changed || next.changed, self.transition.or(next.transition))
+impl<T> Step<T> {
+    /// Two steps made in a row, as one: the second's value, changed if either changed, the
+    /// first transition made.
+    pub fn and<U>(self, next: Step<U>) -> Step<U> {
+        step(next.value, self.changed || next.changed, self.transition.or(next.transition))
+    }
+
+    /// The same step with its value mapped.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Step<U> {
+        step(f(self.value), self.changed, self.transition)
     }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BreakerState {
     pub phase: Phase,
+    /// Bumped on every phase change (and force): outcomes of calls admitted before are stale.
+    pub generation: u32,
+    pub forced: Option<Forced>,
     pub consecutive_failures: u32,
     /// End times of the current run's latest failures, oldest first (at most TRACKED_FAILURES).
     run: alloc::vec::Vec<u64>,
@@ -162,6 +222,8 @@ impl Default for BreakerState {
     fn default() -> Self {
         BreakerState {
             phase: Phase::Closed,
+            generation: 0,
+            forced: None,
             consecutive_failures: 0,
             run: alloc::vec::Vec::new(),
             suspect_since: None,
@@ -175,29 +237,36 @@ impl Default for BreakerState {
 impl BreakerState {
     /// Decides whether a call may go ahead now.
     pub fn admit(&mut self, cfg: &BreakerConfig, now: u64) -> Step<Admission> {
+        match self.forced {
+            Some(Forced::Open) => return step(Admission::Reject { retry_after_ns: cfg.open_for_ns }, false, None),
+            Some(Forced::Closed) => return step(Admission::Allow { generation: self.generation }, false, None),
+            None => {}
+        }
         match self.phase {
             Phase::Closed => {
                 let confirmed = self.confirm(cfg, now);
                 match self.phase {
-                    Phase::Open { until } => {
-                        step(Admission::Reject { retry_after_ns: until - now }, true, confirmed.transition)
-                    }
-                    _ => step(Admission::Allow, confirmed.changed, None),
+                    Phase::Open { until } => step(
+                        Admission::Reject { retry_after_ns: until.saturating_sub(now) },
+                        true,
+                        confirmed.transition,
+                    ),
+                    _ => step(Admission::Allow { generation: self.generation }, confirmed.changed, None),
                 }
             }
             Phase::Open { until } if now < until => {
                 step(Admission::Reject { retry_after_ns: until - now }, false, None)
             }
             Phase::Open { .. } => {
-                self.phase = Phase::HalfOpen { probes: 1, successes: 0, last_probe_at: now };
-                step(Admission::Probe, true, Some(Transition::HalfOpened))
+                self.enter(Phase::HalfOpen { probes: 1, successes: 0, last_probe_at: now });
+                step(Admission::Probe { generation: self.generation }, true, Some(Transition::HalfOpened))
             }
             Phase::HalfOpen { probes, successes, last_probe_at } => {
                 // Probes unheard of for probe_timeout are presumed lost (their VM died): reclaim.
                 let probes = if now.saturating_sub(last_probe_at) >= cfg.probe_timeout_ns { 0 } else { probes };
                 if probes < cfg.max_probes {
                     self.phase = Phase::HalfOpen { probes: probes + 1, successes, last_probe_at: now };
-                    step(Admission::Probe, true, None)
+                    step(Admission::Probe { generation: self.generation }, true, None)
                 } else {
                     step(Admission::Reject { retry_after_ns: SECOND }, false, None)
                 }
@@ -205,54 +274,59 @@ impl BreakerState {
         }
     }
 
-    /// Records the outcome of a call admitted as `probe` (or not). `jitter` is any random number.
-    pub fn record(&mut self, cfg: &BreakerConfig, now: u64, outcome: Outcome, probe: bool, jitter: u64) -> Step<()> {
+    /// Records the outcome of a call admitted in `generation`. `jitter` is any random number.
+    pub fn record(
+        &mut self,
+        cfg: &BreakerConfig,
+        now: u64,
+        generation: u32,
+        outcome: Outcome,
+        jitter: u64,
+    ) -> Step<Recorded> {
+        if generation != self.generation || self.forced.is_some() {
+            return step(Recorded::Stale, false, None);
+        }
         match self.phase {
-            Phase::Closed => self.record_closed(cfg, now, outcome),
-            Phase::HalfOpen { probes, successes, last_probe_at } if probe => {
-                if outcome.failure {
+            Phase::Closed => self.record_closed(cfg, now, outcome).and(step(Recorded::Counted, false, None)),
+            Phase::HalfOpen { probes, successes, last_probe_at } => {
+                let slow_probe = outcome.slow && cfg.slow_call.is_some();
+                if outcome.failure || slow_probe {
                     let period = self.next_period(cfg, jitter);
                     self.open(now, period);
-                    return step(
-                        (),
-                        true,
-                        Some(Transition::Opened { reason: TripReason::ProbeFailed, period_ns: period }),
-                    );
+                    let reason = if outcome.failure { TripReason::ProbeFailed } else { TripReason::ProbeSlow };
+                    let t = Transition::Opened { reason, period_ns: period };
+                    return step(Recorded::Counted, true, Some(t));
                 }
                 let successes = successes + 1;
                 if successes >= cfg.successes_to_close {
                     self.close();
-                    return step((), true, Some(Transition::Closed));
+                    return step(Recorded::Counted, true, Some(Transition::Closed));
                 }
                 self.phase = Phase::HalfOpen { probes: probes.saturating_sub(1), successes, last_probe_at };
-                step((), true, None)
+                step(Recorded::Counted, true, None)
             }
-            // Admitted before the latest trip: it says nothing about the upstream since then.
-            Phase::Open { .. } | Phase::HalfOpen { .. } => step((), false, None),
+            // Open admits nothing, so no call can be of its generation.
+            Phase::Open { .. } => step(Recorded::Stale, false, None),
         }
     }
 
-    /// Records `successes` calls admitted while closed, `slow` of them slow, as one batch: how a
-    /// worker hands over the successes it collected since its last sync. `last_success_at` is
-    /// when the latest of them ended: it breaks the run of failures at that point in time, so
-    /// failures recorded since (by other workers) still count. Ignored unless closed.
-    pub fn record_successes(
-        &mut self,
-        cfg: &BreakerConfig,
-        now: u64,
-        successes: u32,
-        slow: u32,
-        last_success_at: u64,
-    ) -> Step<()> {
-        if successes == 0 || self.phase != Phase::Closed {
-            return step((), false, None);
+    /// Records a worker's batch of successes admitted while closed. The batch's `last_at` breaks
+    /// the run of failures at that point in time, so failures recorded since (by other workers)
+    /// still count. A batch of another generation is stale.
+    pub fn record_successes(&mut self, cfg: &BreakerConfig, now: u64, batch: Batch) -> Step<Recorded> {
+        if batch.successes == 0 {
+            return step(Recorded::Counted, false, None);
+        }
+        if batch.generation != self.generation || self.phase != Phase::Closed || self.forced.is_some() {
+            return step(Recorded::Stale, false, None);
         }
         let before = self.consecutive_failures;
-        self.break_run_at(last_success_at);
+        self.break_run_at(batch.last_at);
         if !cfg.uses_window() {
-            return step((), before != self.consecutive_failures, None);
+            return step(Recorded::Counted, before != self.consecutive_failures, None);
         }
-        self.record_window(cfg, now, Totals { total: successes, failures: 0, slow: slow.min(successes) })
+        let calls = Totals { total: batch.successes, failures: 0, slow: batch.slow.min(batch.successes) };
+        self.record_window(cfg, now, calls).and(step(Recorded::Counted, true, None))
     }
 
     /// A success at `at` ends the run of failures before it; those after it stay.
@@ -266,15 +340,30 @@ impl BreakerState {
         self.consecutive_failures = later as u32;
     }
 
-    /// A probe ended without an outcome that counts (client abort, ignored error): free its slot.
-    pub fn release_probe(&mut self) -> bool {
+    /// A probe of `generation` ended without an outcome that counts (client abort, ignored
+    /// error): free its slot. False if there was none to free.
+    pub fn release_probe(&mut self, generation: u32) -> bool {
         match self.phase {
-            Phase::HalfOpen { probes, successes, last_probe_at } if probes > 0 => {
+            Phase::HalfOpen { probes, successes, last_probe_at } if probes > 0 && generation == self.generation => {
                 self.phase = Phase::HalfOpen { probes: probes - 1, successes, last_probe_at };
                 true
             }
             _ => false,
         }
+    }
+
+    /// Sets (`Some`) or releases (`None`) a forced state. Releasing starts a fresh closed breaker.
+    pub fn force(&mut self, forced: Option<Forced>) -> Step<()> {
+        if self.forced == forced {
+            return step((), false, None);
+        }
+        self.forced = forced;
+        if forced.is_none() {
+            self.close();
+        } else {
+            self.generation = self.generation.wrapping_add(1);
+        }
+        step((), true, Some(Transition::Forced(forced)))
     }
 
     fn record_closed(&mut self, cfg: &BreakerConfig, now: u64, outcome: Outcome) -> Step<()> {
@@ -325,7 +414,7 @@ impl BreakerState {
     /// passed, or clears it if the condition went away meanwhile.
     pub fn confirm(&mut self, cfg: &BreakerConfig, now: u64) -> Step<()> {
         let Some(since) = self.suspect_since else { return step((), false, None) };
-        if self.phase != Phase::Closed || now < since.saturating_add(cfg.confirm_ns) {
+        if self.phase != Phase::Closed || self.forced.is_some() || now < since.saturating_add(cfg.confirm_ns) {
             return step((), false, None);
         }
         match window_trip(cfg, self.window.totals(now, cfg.bucket_ns())) {
@@ -343,8 +432,14 @@ impl BreakerState {
         step((), true, Some(Transition::Opened { reason, period_ns: period }))
     }
 
+    /// Every phase change starts a new generation.
+    fn enter(&mut self, phase: Phase) {
+        self.phase = phase;
+        self.generation = self.generation.wrapping_add(1);
+    }
+
     fn open(&mut self, now: u64, period: u64) {
-        self.phase = Phase::Open { until: now.saturating_add(period) };
+        self.enter(Phase::Open { until: now.saturating_add(period) });
         self.open_period_ns = period;
         self.consecutive_failures = 0;
         self.run.clear();
@@ -353,7 +448,7 @@ impl BreakerState {
     }
 
     fn close(&mut self) {
-        self.phase = Phase::Closed;
+        self.enter(Phase::Closed);
         self.open_period_ns = 0;
         self.consecutive_failures = 0;
         self.run.clear();
@@ -370,8 +465,14 @@ impl BreakerState {
     }
 
     pub fn encode(&self) -> alloc::vec::Vec<u8> {
-        let mut w = Writer::with_capacity(48);
+        let mut w = Writer::with_capacity(56);
         w.u8(VERSION);
+        w.u32(self.generation);
+        w.u8(match self.forced {
+            None => 0,
+            Some(Forced::Open) => 1,
+            Some(Forced::Closed) => 2,
+        });
         match self.phase {
             Phase::Closed => w.u8(0),
             Phase::Open { until } => {
@@ -409,6 +510,13 @@ impl BreakerState {
         if r.u8()? != VERSION {
             return None;
         }
+        let generation = r.u32()?;
+        let forced = match r.u8()? {
+            0 => None,
+            1 => Some(Forced::Open),
+            2 => Some(Forced::Closed),
+            _ => return None,
+        };
         let phase = match r.u8()? {
             0 => Phase::Closed,
             1 => Phase::Open { until: r.u64()? },
@@ -431,6 +539,8 @@ impl BreakerState {
         };
         let state = BreakerState {
             phase,
+            generation,
+            forced,
             consecutive_failures,
             run,
             suspect_since,

@@ -14,7 +14,9 @@ pub mod codec;
 pub mod retry;
 pub mod window;
 
-pub use breaker::{Admission, BreakerConfig, BreakerState, Outcome, Phase, Transition, TripReason};
+pub use breaker::{
+    Admission, Batch, BreakerConfig, BreakerState, Forced, Outcome, Phase, Recorded, Transition, TripReason,
+};
 pub use bulkhead::{Acquire, BulkheadConfig, BulkheadState, ClassLimit};
 pub use retry::{BudgetConfig, BudgetState};
 pub use window::Window;

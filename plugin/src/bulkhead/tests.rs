@@ -1,13 +1,17 @@
 //! The bulkhead on the request path, against fake workers of one process: what Envoy would see.
+//! `wake()` runs a worker's `on_queue_ready` (grants, refusals and recalls from other workers),
+//! as Envoy does as soon as the worker is idle.
 
-use crate::fake::Worker;
-use crate::filter::Action;
+use crate::fake::{FakeHost, Worker};
+use crate::filter::{Action, Stream};
 use breakwater_policies::{MS, SECOND};
 
 const CONFIG: &str = r#"{
   "policies": {
     "orders": { "bulkhead": { "max_concurrent": 2, "queue": { "max_size": 2, "timeout": "1s" } } },
+    "tight": { "bulkhead": { "max_concurrent": 2 } },
     "plain": { "bulkhead": { "max_concurrent": 1 } },
+    "wide": { "bulkhead": { "max_concurrent": 100 } },
     "tiered": { "bulkhead": { "max_concurrent": 3,
         "priority": { "header": "x-priority", "default": "standard",
                       "classes": { "critical": { "reserved": 1 }, "background": { "max": 1 } } } } },
@@ -17,7 +21,9 @@ const CONFIG: &str = r#"{
   },
   "routes": [
     { "match": { "route_name": "orders" }, "policy": "orders" },
+    { "match": { "route_name": "tight" }, "policy": "tight" },
     { "match": { "route_name": "plain" }, "policy": "plain" },
+    { "match": { "route_name": "wide" }, "policy": "wide" },
     { "match": { "route_name": "tiered" }, "policy": "tiered" },
     { "match": { "route_name": "guarded" }, "policy": "guarded" },
     { "match": { "route_name": "shadow" }, "policy": "shadow" }
@@ -32,6 +38,18 @@ fn second(of: &Worker) -> Worker {
     Worker::second(of, CONFIG)
 }
 
+fn refused_with(w: &Worker, reason: &str) {
+    let reply = w.host.last_reply().expect("a reply");
+    assert_eq!(
+        (reply.status, reply.header("x-breakwater"), reply.header("retry-after")),
+        (503, Some(reason), Some("1"))
+    );
+}
+
+fn calls(host: &FakeHost, kind: &str) -> u32 {
+    host.calls.borrow().get(kind).copied().unwrap_or(0)
+}
+
 #[test]
 fn the_limit_holds_across_workers_and_the_next_request_is_refused_at_once() {
     let w1 = first();
@@ -39,14 +57,11 @@ fn the_limit_holds_across_workers_and_the_next_request_is_refused_at_once() {
     let (a, _) = w1.send("plain", 10);
     assert_eq!(a, Action::Continue);
     let (b, _) = w2.send("plain", 20);
-    assert_eq!(b, Action::Rejected, "the one permit is held on the other worker");
-    let reply = w2.host.last_reply().unwrap();
-    assert_eq!(
-        (reply.status, reply.header("x-breakwater"), reply.header("retry-after")),
-        (503, Some("bulkhead-full"), Some("1"))
-    );
-    assert_eq!(w1.stat("rejections.policy.plain.reason.bulkhead_full"), 1);
+    assert_eq!(b, Action::Stop, "the one permit is held on the other worker");
+    refused_with(&w2, "bulkhead-full");
+    assert_eq!(w2.stat("rejections_total.policy.plain.reason.bulkhead_full"), 1);
     assert_eq!(w1.stat("bulkhead_active.policy.plain"), 1);
+    assert_eq!(w1.stat("bulkhead_limit.policy.plain"), 1);
 }
 
 #[test]
@@ -57,27 +72,132 @@ fn a_permit_comes_back_however_the_stream_ends() {
         assert_eq!(a, Action::Continue, "status {status}: the previous permit was returned");
         w.end(1, s, status);
     }
-    assert_eq!((w.stat("bulkhead_active.policy.plain"), w.stat("bulkhead_admitted.policy.plain")), (0, 3));
+    assert_eq!((w.stat("bulkhead_active.policy.plain"), w.stat("bulkhead_admitted_total.policy.plain")), (0, 3));
+}
+
+#[test]
+fn far_from_full_a_worker_serves_its_requests_from_its_lease_with_no_host_call() {
+    let w = first();
+    w.host.take_calls();
+    let (_, first_stream) = w.send("wide", 1);
+    assert_eq!(calls(&w.host, "shared_set"), 1, "one CAS takes a lease of 12");
+    w.host.take_calls();
+    let mut streams = alloc::vec::Vec::new();
+    for t in 2..=12 {
+        let (a, s) = w.send("wide", t);
+        assert_eq!(a, Action::Continue);
+        streams.push((t, s));
+    }
+    for (t, s) in streams {
+        w.end(t, s, 200);
+    }
+    let c = w.host.take_calls();
+    assert_eq!((calls_of(&c, "shared_get"), calls_of(&c, "shared_set"), calls_of(&c, "clock")), (0, 0, 0), "{c:?}");
+    assert_eq!(w.stat("bulkhead_active.policy.wide"), 1);
+    assert_eq!(w.stat("bulkhead_admitted_total.policy.wide"), 12);
+    w.end(1, first_stream, 200);
+    // The lease was used since the last tick: kept. Idle through a whole tick: given back.
+    w.at(50 * MS).tick();
+    assert_eq!(lease(&w, "wide"), 12);
+    w.at(100 * MS).tick();
+    assert_eq!(lease(&w, "wide"), 0, "an unused lease goes back");
+    assert_eq!(held(&w, "wide"), 0);
+}
+
+fn calls_of(c: &hashbrown::HashMap<&'static str, u32>, kind: &str) -> u32 {
+    c.get(kind).copied().unwrap_or(0)
+}
+
+/// The permits `w`'s worker holds in the shared state of `policy`'s bulkhead.
+fn held(w: &Worker, policy: &str) -> u32 {
+    let key = alloc::format!("breakwater/v1/test/bulkhead/{policy}");
+    let (s, _) = crate::store::load::<breakwater_policies::BulkheadState>(&w.host, &key);
+    s.held_by(w.vm.worker.get())
+}
+
+fn lease(w: &Worker, policy: &str) -> u32 {
+    let key = alloc::format!("breakwater/v1/test/bulkhead/{policy}");
+    let (s, _) = crate::store::load::<breakwater_policies::BulkheadState>(&w.host, &key);
+    s.lease_of(w.vm.worker.get())
+}
+
+#[test]
+fn a_request_is_never_refused_while_another_workers_lease_sits_idle() {
+    // 2 permits, no queue. Worker 1 leased one, and its request is over: the permit is idle.
+    let w1 = first();
+    let w2 = second(&w1);
+    let (_, s) = w1.send("tight", 1);
+    w1.end(1, s, 200);
+    assert_eq!(lease(&w1, "tight"), 1);
+    let (a, _s2) = w2.send("tight", 2);
+    assert_eq!(a, Action::Continue);
+    // Only one request is in flight, yet both permits are taken: the second waits for a recall.
+    let (a, s3) = w2.send("tight", 3);
+    assert_eq!(a, Action::Stop);
+    assert!(w2.host.last_reply().is_none(), "not refused");
+    assert!(w1.wake().is_empty(), "worker 1 answers the recall");
+    assert_eq!(lease(&w1, "tight"), 0);
+    assert_eq!(w2.wake(), [3], "the idle permit went to the waiter");
+    w2.end(3, s3, 200);
+    assert_eq!(w2.stat("bulkhead_admitted_total.policy.tight"), 2);
+    assert_eq!(w2.stat("bulkhead_waited_total.policy.tight"), 1);
+}
+
+#[test]
+fn a_recall_that_frees_nothing_refuses_the_request_that_had_no_place_in_a_queue() {
+    let w1 = first();
+    let w2 = second(&w1);
+    let (_, s1) = w1.send("tight", 1);
+    let (_, _s2) = w2.send("tight", 2);
+    let (a, _s3) = w2.send("tight", 3);
+    assert_eq!(a, Action::Stop);
+    w1.wake(); // request 1 still uses the leased permit: nothing to give back
+    assert!(w2.wake().is_empty());
+    refused_with(&w2, "bulkhead-full");
+    assert_eq!(w2.host.last_reply().unwrap().context, 3);
+    assert_eq!(w2.stat("rejections_total.policy.tight.reason.bulkhead_full"), 1);
+    assert_eq!(w2.stat("bulkhead_queued.policy.tight"), 0);
+    // The draining lease goes back as its request ends.
+    w1.end(1, s1, 200);
+    assert_eq!(lease(&w1, "tight"), 0);
+    assert_eq!(w1.send("tight", 4).0, Action::Continue);
+}
+
+#[test]
+fn a_recall_that_no_one_answers_ends_at_the_recall_timeout() {
+    let w1 = first();
+    let w2 = second(&w1);
+    let (_, s) = w1.at(0).send("tight", 1);
+    w1.end(1, s, 200);
+    let (_, _s2) = w2.at(0).send("tight", 2);
+    let (a, _s3) = w2.at(0).send("tight", 3);
+    assert_eq!(a, Action::Stop);
+    // Worker 1 never answers (its VM is stuck or dead). Two sync intervals later: refused.
+    w2.at(100 * MS - 1).tick();
+    assert!(w2.host.last_reply().is_none());
+    w2.at(100 * MS).tick();
+    refused_with(&w2, "bulkhead-full");
 }
 
 #[test]
 fn a_waiter_on_another_worker_is_woken_when_a_permit_frees_and_holds_it_until_it_ends() {
     let w1 = first();
     let w2 = second(&w1);
-    let (_, s1) = w1.send("orders", 1);
-    let (_, _s2) = w1.send("orders", 2);
+    let (_, s1) = w1.send("orders", 1); // a lease of 1
+    let (_, _s2) = w1.send("orders", 2); // one by one
     let (queued, s3) = w2.at(5 * MS).send("orders", 3);
-    assert_eq!(queued, Action::Queued);
+    assert_eq!(queued, Action::Stop);
     assert_eq!(w2.stat("bulkhead_queued.policy.orders"), 1);
+    w1.wake(); // the recall: request 1 uses its leased permit, which now drains
     assert!(w2.wake().is_empty(), "nothing freed yet");
     w1.at(30 * MS).end(1, s1, 200);
     assert_eq!(w2.at(31 * MS).wake(), [3], "worker 2 resumes its own waiter");
     assert_eq!(w2.stat("bulkhead_queued.policy.orders"), 0);
-    assert_eq!(w2.stat("bulkhead_active.policy.orders"), 2);
-    assert_eq!(w2.stat("bulkhead_waited.policy.orders"), 1);
-    assert_eq!(w2.stat("bulkhead_queue_ms.policy.orders"), 26, "queued from 5ms to 31ms");
+    assert_eq!(w2.stat("bulkhead_waited_total.policy.orders"), 1);
+    assert_eq!(w2.host.metric("bulkhead_queue_wait_milliseconds.policy.orders"), 26, "queued from 5ms to 31ms");
     w2.end(3, s3, 200);
-    assert_eq!(w2.stat("bulkhead_active.policy.orders"), 1);
+    w1.stat("bulkhead_active.policy.orders"); // both workers' changes reach the shared gauge
+    assert_eq!(w2.stat("bulkhead_active.policy.orders"), 1, "request 2 is still in flight");
 }
 
 #[test]
@@ -86,9 +206,9 @@ fn waiters_are_admitted_in_arrival_order() {
     let w2 = second(&w1);
     let (_, s1) = w1.send("orders", 1);
     let (_, s2) = w1.send("orders", 2);
-    assert_eq!(w2.send("orders", 3).0, Action::Queued);
-    assert_eq!(w1.send("orders", 4).0, Action::Queued);
-    assert_eq!(w2.send("orders", 5).0, Action::Rejected, "queue of 2 is full");
+    assert_eq!(w2.send("orders", 3).0, Action::Stop);
+    assert_eq!(w1.send("orders", 4).0, Action::Stop);
+    w1.wake(); // the recall: the lease drains
     w1.end(2, s2, 200);
     assert_eq!((w2.wake(), w1.wake()), (alloc::vec![3], alloc::vec![]));
     w1.end(1, s1, 200);
@@ -106,7 +226,7 @@ fn a_waiter_past_its_timeout_gets_queue_timeout_at_the_next_tick_and_nothing_lea
     w.at(SECOND).tick();
     let reply = w.host.last_reply().unwrap();
     assert_eq!((reply.context, reply.header("x-breakwater")), (3, Some("queue-timeout")));
-    assert_eq!(w.stat("rejections.policy.orders.reason.queue_timeout"), 1);
+    assert_eq!(w.stat("rejections_total.policy.orders.reason.queue_timeout"), 1);
     assert_eq!(w.stat("bulkhead_queued.policy.orders"), 0);
     // The local reply's 503 passes the filter; the stream then ends holding nothing.
     w.end(3, s3, 503);
@@ -132,14 +252,17 @@ fn a_waiter_whose_client_leaves_leaves_the_queue() {
 fn a_client_that_leaves_after_its_grant_but_before_its_wake_up_gives_the_permit_back() {
     let w1 = first();
     let w2 = second(&w1);
-    let (_, s1) = w1.send("orders", 1);
-    let (_, _s2) = w1.send("orders", 2);
+    let (_, _s1) = w1.send("plain", 1);
+    let (_, s2) = w2.send("orders", 2);
     let (_, s3) = w2.send("orders", 3);
-    w1.end(1, s1, 200); // grants to 3; the wake-up sits in worker 2's queue
-    w2.end(3, s3, 0);
+    let (_, s4) = w2.send("orders", 4); // waits
+    w2.end(2, s2, 200); // its lease permit idles…
+    w2.end(3, s3, 200); // …and request 3's one-by-one permit goes to the waiter: 4 is granted
+    w2.end(4, s4, 0); // …but its client leaves before the wake-up
     assert!(w2.wake().is_empty(), "the wake-up finds the stream gone");
-    assert_eq!(w1.stat("bulkhead_active.policy.orders"), 1);
-    assert_eq!(w1.send("orders", 4).0, Action::Continue, "the permit is free again");
+    assert_eq!(w2.stat("bulkhead_active.policy.orders"), 0);
+    assert_eq!(w2.send("orders", 5).0, Action::Continue);
+    assert_eq!(w2.send("orders", 6).0, Action::Continue, "both permits are free again");
 }
 
 #[test]
@@ -148,12 +271,13 @@ fn a_permit_granted_to_a_dead_workers_waiter_goes_to_the_next_in_line() {
     let w2 = second(&w1);
     let (_, s1) = w1.send("orders", 1);
     let (_, _s2) = w1.send("orders", 2);
-    assert_eq!(w2.send("orders", 3).0, Action::Queued);
-    assert_eq!(w1.send("orders", 4).0, Action::Queued);
+    assert_eq!(w2.send("orders", 3).0, Action::Stop);
+    assert_eq!(w1.send("orders", 4).0, Action::Stop);
+    w1.wake(); // the recall from 3: the lease drains
     w1.host.process.queues.borrow_mut().remove(&2); // worker 2's VM died: its queue is gone
     w1.end(1, s1, 200);
     assert_eq!(w1.wake(), [4]);
-    assert_eq!((w1.stat("bulkhead_active.policy.orders"), w1.stat("bulkhead_queued.policy.orders")), (2, 0));
+    assert_eq!(w1.stat("bulkhead_queued.policy.orders"), 0);
 }
 
 #[test]
@@ -161,10 +285,21 @@ fn the_priority_header_picks_the_class_and_reserved_capacity_holds_against_a_flo
     let w = first();
     let bg = [("x-priority", "background")];
     assert_eq!(w.send_with("tiered", 1, &bg).0, Action::Continue);
-    assert_eq!(w.send_with("tiered", 2, &bg).0, Action::Rejected, "background: max 1");
+    assert_eq!(w.send_with("tiered", 2, &bg).0, Action::Stop, "background: max 1");
     assert_eq!(w.send_with("tiered", 3, &[("x-priority", "nonsense")]).0, Action::Continue, "default class");
-    assert_eq!(w.send("tiered", 4).0, Action::Rejected, "the last permit is critical's reserve");
+    assert_eq!(w.send("tiered", 4).0, Action::Stop, "the last permit is critical's reserve");
     assert_eq!(w.send_with("tiered", 5, &[("x-priority", "critical")]).0, Action::Continue);
+}
+
+#[test]
+fn a_priority_value_that_is_not_utf8_gets_the_default_class() {
+    let w = first();
+    w.host.new_stream();
+    w.host.set_prop("xds.route_name", b"tiered");
+    w.host.set_header("x-priority", b"crit\xe9cal");
+    let (a, _) = crate::filter::on_request_headers(&w.c, &w.host, &w.vm, 1);
+    assert_eq!(a, Action::Continue);
+    assert_eq!(w.stat("bulkhead_admitted_total.policy.tiered"), 1);
 }
 
 #[test]
@@ -172,17 +307,16 @@ fn a_request_the_breaker_rejects_takes_no_permit_and_a_bulkhead_refusal_is_not_a
     let w = first();
     let (_, s1) = w.send("guarded", 1);
     let (refused, s2) = w.send("guarded", 2);
-    assert_eq!(refused, Action::Rejected, "bulkhead full");
-    w.end(2, s2, 503); // the local reply passes the filter, then the stream ends
-    assert_eq!(w.stat("requests.policy.guarded.outcome.failure"), 0);
-    assert_eq!(w.stat("requests.policy.guarded.outcome.ignored"), 0, "a refusal is no upstream call at all");
-    assert_eq!(w.stat("transitions.policy.guarded.to.open"), 0, "one failure would trip it");
+    assert_eq!(refused, Action::Stop, "bulkhead full");
+    assert_eq!(s2, Stream::Untracked);
+    assert_eq!(w.stat("requests_total.policy.guarded.outcome.failure"), 0);
+    assert_eq!(w.stat("ignored_total.policy.guarded.reason.local_reply"), 0, "a refusal is no upstream call at all");
     w.end(1, s1, 500); // trips the breaker
-    assert_eq!(w.stat("transitions.policy.guarded.to.open"), 1);
-    assert_eq!(w.send("guarded", 3).0, Action::Rejected);
+    assert_eq!(w.stat("transitions_total.policy.guarded.to_state.open"), 1);
+    assert_eq!(w.send("guarded", 3).0, Action::Stop);
     assert_eq!(w.host.last_reply().unwrap().header("x-breakwater"), Some("circuit-open"));
     assert_eq!(w.stat("bulkhead_active.policy.guarded"), 0);
-    assert_eq!(w.stat("bulkhead_admitted.policy.guarded"), 1);
+    assert_eq!(w.stat("bulkhead_admitted_total.policy.guarded"), 1);
 }
 
 #[test]
@@ -191,7 +325,7 @@ fn dry_run_counts_what_it_would_refuse_and_neither_refuses_nor_queues() {
     let (a1, s1) = w.send("shadow", 1);
     let (a2, s2) = w.send("shadow", 2);
     assert_eq!((a1, a2), (Action::Continue, Action::Continue));
-    assert_eq!(w.stat("dry_run_rejections.policy.shadow.reason.bulkhead_full"), 1);
+    assert_eq!(w.stat("dry_run_rejections_total.policy.shadow.reason.bulkhead_full"), 1);
     assert_eq!(w.stat("bulkhead_queued.policy.shadow"), 0);
     w.end(2, s2, 200);
     w.end(1, s1, 200);
@@ -199,30 +333,29 @@ fn dry_run_counts_what_it_would_refuse_and_neither_refuses_nor_queues() {
 }
 
 #[test]
-fn a_worker_holding_permits_renews_them_at_sync_so_they_are_never_reclaimed() {
+fn a_worker_holding_permits_renews_them_so_they_are_never_reclaimed() {
     let w1 = first();
     let w2 = second(&w1);
     let (_, _s1) = w1.at(0).send("plain", 1);
     for t in 1..=30 {
         w1.at(t * SECOND).tick();
     }
-    assert_eq!(w2.at(30 * SECOND).send("plain", 2).0, Action::Rejected, "30s later, still held");
+    assert_eq!(w2.at(30 * SECOND).send("plain", 2).0, Action::Stop, "30s later, still held");
 }
 
 #[test]
 fn permits_taken_before_a_configuration_reload_are_still_renewed_after_it() {
-    let w1 = first();
+    let mut w1 = first();
     let w2 = second(&w1);
-    let (_, _long_stream) = w1.at(0).send("plain", 1);
-    // A reload: a new root context with its own configuration; the old one never ticks again.
-    let reloaded =
-        alloc::rc::Rc::new(crate::Compiled::new(crate::config::parse(CONFIG.as_bytes()).unwrap(), &w1.host, "test"));
+    let (_, long_stream) = w1.at(0).send("plain", 1);
+    let old = w1.c.clone();
+    w1.reconfigure(CONFIG); // a new root context; the old configuration only lives on in its stream
     for t in 1..=30 {
-        w1.at(t * SECOND);
-        crate::filter::sync(&reloaded, &w1.host);
-        super::renew(&w1.host, &w1.parking);
+        w1.at(t * SECOND).tick();
     }
-    assert_eq!(w2.at(30 * SECOND).send("plain", 2).0, Action::Rejected, "the old stream's permit is still held");
+    assert_eq!(w2.at(30 * SECOND).send("plain", 2).0, Action::Stop, "the old stream's permit is still held");
+    crate::filter::on_log(&old, &w1.host, &w1.vm, 1, long_stream);
+    assert_eq!(w2.send("plain", 3).0, Action::Continue, "and returned when it ends");
 }
 
 #[test]
@@ -230,13 +363,12 @@ fn a_dead_workers_permits_are_reclaimed_after_ten_seconds_of_silence() {
     let w1 = first();
     let w2 = second(&w1);
     let (_, _s1) = w1.at(0).send("plain", 1);
-    assert_eq!(w2.at(10 * SECOND).send("plain", 2).0, Action::Rejected);
+    assert_eq!(w2.at(10 * SECOND).send("plain", 2).0, Action::Stop);
     assert_eq!(w2.at(10 * SECOND + 1).send("plain", 3).0, Action::Continue, "worker 1 never renewed");
-    assert_eq!(w2.stat("bulkhead_active.policy.plain"), 1, "the gauge dropped the reclaimed permit");
 }
 
 #[test]
-fn a_bulkhead_request_costs_the_route_name_and_two_cas_round_trips() {
+fn a_bulkhead_request_on_the_exact_path_costs_two_cas_round_trips() {
     let w = first();
     w.host.take_calls();
     let (_, s) = w.send("plain", 1);

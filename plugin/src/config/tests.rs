@@ -57,9 +57,42 @@ fn the_documented_example_parses_to_what_it_says() {
 }
 
 #[test]
-fn an_empty_object_is_a_valid_config_with_nothing_to_do() {
-    let c = parse_str("{}").unwrap();
-    assert!(c.policies.is_empty() && c.routes.is_empty());
+fn an_empty_object_or_an_empty_configuration_is_valid_with_nothing_to_do() {
+    for empty in ["{}", "", "  \n\t "] {
+        let c = parse_str(empty).unwrap();
+        assert!(c.policies.is_empty() && c.routes.is_empty() && c.only.is_none(), "{empty:?}");
+    }
+}
+
+#[test]
+fn reserved_0_is_the_documented_default_and_is_accepted() {
+    let c = parse_str(
+        r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 2, "priority": {"header": "x-p", "default": "s", "classes": {"c": {"reserved": 0}}}}}}}"#,
+    );
+    assert!(c.is_ok(), "{c:?}");
+}
+
+#[test]
+fn a_per_route_instance_names_its_one_policy() {
+    let c = parse_str(r#"{"policies": {"checkout": {"circuit_breaker": {}}}, "policy": "checkout"}"#).unwrap();
+    assert_eq!(c.only, Some(0));
+    assert!(c.routes.is_empty());
+}
+
+#[test]
+fn errors_are_safe_to_log_one_short_line_whatever_the_input() {
+    // A key holding a newline cannot forge a log line; a 1 MB value cannot flood the log.
+    let forged = "{\"policies\": {\"p\": {\"mode\": \"x\\n[critical][main] forged line\"}}}";
+    let e = error_of(forged);
+    assert!(!e.contains('\n'), "{e}");
+    let huge = alloc::format!(r#"{{"policies": {{"p": {{"mode": "{}"}}}}}}"#, "a".repeat(1 << 20));
+    let e = error_of(&huge);
+    assert!(e.len() < 200, "{} bytes", e.len());
+    assert!(e.ends_with("… (1048576 bytes)"), "{e}");
+    let key = alloc::format!("{{\"{}\": 1}}", "k\\r\\n".repeat(100_000));
+    assert!(error_of(&key).len() < 300);
+    let body = alloc::format!(r#"{{"policies": {{"p": {{"reject": {{"body": "{}"}}}}}}}}"#, "b".repeat(1 << 20));
+    assert!(error_of(&body).contains("must be at most 4096 bytes"));
 }
 
 #[test]
@@ -77,10 +110,10 @@ fn durations() {
     assert_eq!(parse_duration("1.5s"), Some(1500 * MS));
     assert_eq!(parse_duration("5m"), Some(300 * SECOND));
     assert_eq!(parse_duration("1h"), Some(3600 * SECOND));
-    for bad in ["", "10", "s", "0s", "-1s", "1.s", ".5s", "1.2345s", "10 s", "10sec", "1e3ms", "99999999999999999999h"]
-    {
+    for bad in ["", "10", "s", "0s", "-1s", "1.s", ".5s", "1.2345s", "10 s", "10sec", "1e3ms", "0.000s"] {
         assert_eq!(parse_duration(bad), None, "{bad:?}");
     }
+    assert_eq!(parse_duration("99999999999999999999h"), Some(u64::MAX), "saturates, for the bounds to refuse");
 }
 
 #[test]
@@ -88,18 +121,19 @@ fn bad_configs_are_refused_with_the_json_path_and_what_was_expected() {
     let cases: &[(&str, &str)] = &[
         ("not json", "configuration is not valid JSON"),
         ("[]", "expected the configuration to be a JSON object, got a list"),
-        (r#"{"polices": {}}"#, "polices: unknown key (expected one of: policies, routes, sync_interval)"),
-        (r#"{"sync_interval": "20s"}"#, "sync_interval: must be from 1ms to 10s"),
+        (r#"{"polices": {}}"#, "polices: unknown key: did you mean policies? (expected one of: policies, routes, policy, sync_interval)"),
+        (r#"{"sync_interval": "20s"}"#, "sync_interval: must be from 10ms to 10s, got \"20s\""),
+        (r#"{"sync_interval": "1ms"}"#, "sync_interval: must be from 10ms to 10s, got \"1ms\""),
         (r#"{"policies": {"p": {"circuit_breaker": {"consecutive_failure": 5}}}}"#,
          "policies.p.circuit_breaker.consecutive_failure: unknown key"),
         (r#"{"policies": {"p": {"circuit_breaker": {"consecutive_failures": 0}}}}"#,
-         "policies.p.circuit_breaker.consecutive_failures: expected a whole number greater than 0, got 0"),
+         "policies.p.circuit_breaker.consecutive_failures: expected a whole number from 1 to 1000000, got 0"),
         (r#"{"policies": {"p": {"circuit_breaker": {"consecutive_failures": -3}}}}"#,
-         "policies.p.circuit_breaker.consecutive_failures: expected a whole number greater than 0, got -3"),
+         "policies.p.circuit_breaker.consecutive_failures: expected a whole number from 1 to 1000000, got -3"),
         (r#"{"policies": {"p": {"circuit_breaker": {"failure_rate": {"threshold": 150}}}}}"#,
-         "policies.p.circuit_breaker.failure_rate.threshold: expected a percent from 1 to 100, got 150"),
+         "policies.p.circuit_breaker.failure_rate.threshold: expected a percent: a whole number from 1 to 100, got 150"),
         (r#"{"policies": {"p": {"circuit_breaker": {"failure_rate": {"threshold": "fifty"}}}}}"#,
-         "policies.p.circuit_breaker.failure_rate.threshold: expected a percent from 1 to 100, got \"fifty\""),
+         "policies.p.circuit_breaker.failure_rate.threshold: expected a percent: a whole number from 1 to 100, got \"fifty\""),
         (r#"{"policies": {"p": {"circuit_breaker": {"failure_rate": {}}}}}"#,
          "policies.p.circuit_breaker.failure_rate.threshold: is required"),
         (r#"{"policies": {"p": {"circuit_breaker": {"open_for": "30 seconds"}}}}"#,
@@ -109,20 +143,20 @@ fn bad_configs_are_refused_with_the_json_path_and_what_was_expected() {
         (r#"{"policies": {"p": {"circuit_breaker": {"failure_rate": {"threshold": 50, "window": "10s"}, "slow_call": {"duration": "1s", "threshold": 50, "window": "20s"}}}}}"#,
          "policies.p.circuit_breaker.slow_call.window: must equal policies.p.circuit_breaker.failure_rate.window"),
         (r#"{"policies": {"p": {"mode": "observe"}}}"#, "policies.p.mode: expected \"enforce\" or \"dry_run\", got \"observe\""),
-        (r#"{"policies": {"p": {"reject": {"status": 99}}}}"#, "policies.p.reject.status: expected an HTTP status from 200 to 599, got 99"),
+        (r#"{"policies": {"p": {"reject": {"status": 99}}}}"#, "policies.p.reject.status: expected an HTTP error status from 400 to 599"),
         (r#"{"policies": {"p": {"reject": {"headers": {"X-Bad": "1"}}}}}"#, "policies.p.reject.headers.X-Bad: expected a lower-case HTTP header name"),
-        (r#"{"policies": {"p": {"reject": {"headers": {"x-a": "1\r\nx-b: 2"}}}}}"#, "policies.p.reject.headers.x-a: expected a string without control characters"),
+        (r#"{"policies": {"p": {"reject": {"headers": {"x-a": "1\r\nx-b: 2"}}}}}"#, "policies.p.reject.headers.x-a: expected a string of at most 1024 bytes without control characters"),
         (r#"{"policies": {"p": {"circuit_breaker": {"failure_on": {"status": ["6xx"]}}}}}"#,
          "policies.p.circuit_breaker.failure_on.status[0]: expected a status code (100-599) or class such as \"5xx\", got \"6xx\""),
         (r#"{"policies": {"p": {"circuit_breaker": {"failure_on": {"grpc_status": ["UNAVAILABLE", "SLOW"]}}}}}"#,
          "policies.p.circuit_breaker.failure_on.grpc_status[1]: expected a gRPC status name"),
         (r#"{"policies": {"p": {"bulkhead": {}}}}"#, "policies.p.bulkhead.max_concurrent: is required"),
         (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 0}}}}"#,
-         "policies.p.bulkhead.max_concurrent: expected a whole number greater than 0, got 0"),
+         "policies.p.bulkhead.max_concurrent: expected a whole number from 1 to 1000000, got 0"),
         (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "queue": {"timeout": "1s"}}}}}"#,
          "policies.p.bulkhead.queue.max_size: is required"),
         (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "queue": {"max_size": 20000}}}}}"#,
-         "policies.p.bulkhead.queue.max_size: must be at most 10000"),
+         "policies.p.bulkhead.queue.max_size: expected a whole number from 1 to 10000, got 20000"),
         (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "queue": {"max_size": 5, "timeout": "0s"}}}}}"#,
          "policies.p.bulkhead.queue.timeout: expected a duration greater than zero"),
         (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "priority": {"header": "x-p", "classes": {}}}}}}"#,
@@ -130,7 +164,7 @@ fn bad_configs_are_refused_with_the_json_path_and_what_was_expected() {
         (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "priority": {"header": "x-p", "default": "s", "classes": {"c": {"reserved": 3}, "d": {"reserved": 3}}}}}}}"#,
          "policies.p.bulkhead.priority.classes: reserved capacity (6) exceeds max_concurrent (5)"),
         (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "priority": {"header": "x-p", "default": "s", "classes": {"b": {"max": 9}}}}}}}"#,
-         "policies.p.bulkhead.priority.classes.b.max: must be at most max_concurrent"),
+         "policies.p.bulkhead.priority.classes.b.max: expected a whole number from 1 to 5, got 9"),
         (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "priority": {"header": "x-p", "default": "s", "classes": {"b": {"limit": 1}}}}}}}"#,
          "policies.p.bulkhead.priority.classes.b.limit: unknown key (expected one of: reserved, max)"),
         (r#"{"policies": {"p": {"retry": {"retry_on": ["5xx", "sometimes"]}}}}"#,
@@ -140,15 +174,15 @@ fn bad_configs_are_refused_with_the_json_path_and_what_was_expected() {
         (r#"{"policies": {"p": {"retry": {"retry_on": ["retriable-status-codes"], "retriable_status_codes": [99]}}}}"#,
          "policies.p.retry.retriable_status_codes[0]: expected a status code from 100 to 599, got 99"),
         (r#"{"policies": {"p": {"retry": {"max_retries": 11}}}}"#, "policies.p.retry.max_retries: expected a whole number from 0 to 10, got 11"),
-        (r#"{"policies": {"p": {"retry": {"per_try_timeout": "0.5ms"}}}}"#, "policies.p.retry.per_try_timeout: must be at least 1ms"),
+        (r#"{"policies": {"p": {"retry": {"per_try_timeout": "0.5ms"}}}}"#, "policies.p.retry.per_try_timeout: must be from 1ms to 1h"),
         (r#"{"policies": {"p": {"retry": {"budget": {"ratio": 1.5}}}}}"#, "policies.p.retry.budget.ratio: expected a ratio from 0 to 1 such as 0.2, got 1.5"),
         (r#"{"policies": {"p": {"retry": {"budget": {"ratio": "20%"}}}}}"#, "policies.p.retry.budget.ratio: expected a ratio from 0 to 1 such as 0.2, got \"20%\""),
-        (r#"{"policies": {"p": {"retry": {"budget": {"ttl": "2m"}}}}}"#, "policies.p.retry.budget.ttl: must be from 1s to 60s"),
+        (r#"{"policies": {"p": {"retry": {"budget": {"ttl": "2m"}}}}}"#, "policies.p.retry.budget.ttl: must be from 1s to 60s, got \"2m\""),
         (r#"{"policies": {"p": {"retry": {"budget": {"min_per_second": -1}}}}}"#, "policies.p.retry.budget.min_per_second: expected a whole number from 0 to 1000000, got -1"),
         (r#"{"policies": {"p": {"retry": {"budget": {"minimum": 1}}}}}"#, "policies.p.retry.budget.minimum: unknown key (expected one of: ratio, min_per_second, ttl)"),
         (r#"{"policies": {"p": {"retry": {"on": ["5xx"]}}}}"#, "policies.p.retry.on: unknown key: Breakwater's key is retry_on"),
         (r#"{"policies": {"p": {"retry": {"true": ["5xx"]}}}}"#, "policies.p.retry.true: unknown key: a YAML 1.1 reader (kubectl, Helm) turned a bare on/off/yes/no/y/n into true"),
-        (r#"{"policies": {"a.b": {}}}"#, "policies.a.b: a policy name must be 1-64 characters"),
+        (r#"{"policies": {"a.b": {}}}"#, "policies[\"a.b\"]: a policy name must be 1-64 characters"),
         (r#"{"policies": {}, "routes": [{"match": {}, "policy": "ghost"}]}"#, "routes[0].policy: no policy named \"ghost\" in policies"),
         (r#"{"policies": {"p": {}}, "routes": [{"policy": "p"}]}"#, "routes[0].match: is required"),
         (r#"{"policies": {"p": {}}, "routes": [{"match": {"path_prefix": "api"}, "policy": "p"}]}"#,
@@ -159,6 +193,34 @@ fn bad_configs_are_refused_with_the_json_path_and_what_was_expected() {
          "routes[0].match.host: a wildcard is only allowed as the first label"),
         (r#"{"policies": {"p": {}}, "routes": [{"match": {"route_name": ""}, "policy": "p"}]}"#,
          "routes[0].match.route_name: expected a non-empty string, got \"\""),
+        // Found by fuzzing and by trying the README (issue 9).
+        (r#"{"policies": {"p": {}, "p": {"mode": "dry_run"}}}"#,
+         "policies.p: duplicate key: JSON readers keep only the last one, so it is refused"),
+        (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 1, "max_concurrent": 2}}}}"#,
+         "policies.p.bulkhead.max_concurrent: duplicate key"),
+        (r#"{"policies": {"p": {}}, "routes": [{"match": {"host": "api.example.com:443"}, "policy": "p"}]}"#,
+         "routes[0].match.host: expected a host without a port"),
+        (r#"{"policies": {"p": {"circuit_breaker": {"failure_rate": {"threshold": 50, "window": "99ms"}}}}}"#,
+         "policies.p.circuit_breaker.failure_rate.window: must be from 100ms to 1h, got \"99ms\""),
+        (r#"{"policies": {"p": {"bulkhead": {"max_concurent": 5}}}}"#,
+         "policies.p.bulkhead.max_concurent: unknown key: did you mean max_concurrent?"),
+        (r#"{"policies": {"p": {"circuit_breaker": {"failure_rate": {"threshold": 50.5}}}}}"#,
+         "policies.p.circuit_breaker.failure_rate.threshold: expected a percent: a whole number from 1 to 100, got 50.5"),
+        (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 4, "priority": {"header": "x-p", "default": "standard", "classes": {"critical": {"reserved": 4}}}}}}}"#,
+         "policies.p.bulkhead.priority.classes: leaves the default class \"standard\" no capacity: the other classes reserve all 4 permits"),
+        (r#"{"policies": {"p": {"reject": {"status": 200}}}}"#,
+         "policies.p.reject.status: expected an HTTP error status from 400 to 599"),
+        (r#"{"policies": {"p": {"circuit_breaker": {"open_for": "3000000000h"}}}}"#,
+         "policies.p.circuit_breaker.open_for: must be from 1ms to 24h"),
+        (r#"{"policies": {"p": {"circuit_breaker": {"open_for": "99999999999999999999h"}}}}"#,
+         "policies.p.circuit_breaker.open_for: must be from 1ms to 24h"),
+        (r#"{"policies": {"p": {"reject": {"headers": {"x-breakwater": "mine"}}}}}"#,
+         "policies.p.reject.headers.x-breakwater: is set by Breakwater itself"),
+        (r#"{"policies": {"true": {}}}"#, "policies.true: a YAML 1.1 reader (kubectl, Helm) makes this name from a bare on/off/yes/no"),
+        (r#"{"policies": {"p": {}}, "policy": "q"}"#, "policy: no policy named \"q\" in policies"),
+        (r#"{"policies": {"p": {}}, "policy": "p", "routes": []}"#, "policy: a filter instance with `policy` applies it to every request it sees: remove `routes`"),
+        (r#"{"policies": {"p": {}, "q": {}}, "policy": "p"}"#, "policies.q: a filter instance with `policy` carries only that policy (\"p\")"),
+        ("{\"policies\": {\"bad\\nkey\": {}}}", "policies[\"bad\\nkey\"]: a policy name"),
     ];
     for (config, message) in cases {
         let got = error_of(config);
@@ -178,9 +240,9 @@ fn a_bulkhead_with_priorities_compiles_its_classes_and_the_default_joins_them() 
     assert_eq!((b.machine.max_concurrent, b.machine.queue_max, b.machine.queue_timeout_ns), (100, 50, 2 * SECOND));
     let p = b.priority.as_ref().unwrap();
     assert_eq!(p.header, "x-priority");
-    assert_eq!(p.class_of(Some("critical")), p.classes.iter().position(|c| c == "critical").unwrap() as u8);
+    assert_eq!(p.class_of(Some(b"critical")), p.classes.iter().position(|c| c == "critical").unwrap() as u8);
     assert_eq!(p.classes[p.class_of(None) as usize], "standard");
-    assert_eq!(p.class_of(Some("CRITICAL")), p.default, "class names are exact");
+    assert_eq!(p.class_of(Some(b"CRITICAL")), p.default, "class names are exact");
     assert_eq!(b.machine.classes.iter().map(|l| l.reserved).sum::<u32>(), 20);
 }
 
@@ -192,15 +254,26 @@ fn a_retry_policy_splits_http_and_grpc_conditions_and_defaults_its_budget() {
     )
     .unwrap();
     let r = c.policies[0].retry.as_ref().unwrap();
-    assert_eq!(r.on, "5xx,reset,connect-failure,retriable-status-codes");
-    assert_eq!(r.grpc_on, "unavailable,cancelled");
-    assert_eq!(r.status_codes, "409,429");
-    assert_eq!((r.max_retries, r.per_try_timeout_ms), (3, Some(500)));
+    let headers: Vec<(&str, &str)> = r.router_headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    assert_eq!(
+        headers,
+        [
+            ("x-envoy-retry-on", "5xx,reset,connect-failure,retriable-status-codes"),
+            ("x-envoy-retry-grpc-on", "unavailable,cancelled"),
+            ("x-envoy-retriable-status-codes", "409,429"),
+            ("x-envoy-upstream-rq-per-try-timeout-ms", "500"),
+        ]
+    );
+    assert_eq!(r.max_retries, 3);
     let b = r.budget.unwrap();
     assert_eq!((b.ratio_milli, b.min_per_second, b.ttl_ns), (200, 10, 10 * SECOND));
     let plain = parse_str(r#"{"policies": {"p": {"retry": {}}}}"#).unwrap();
     let r = plain.policies[0].retry.as_ref().unwrap();
-    assert_eq!((r.on.as_str(), r.max_retries, r.budget), ("", 1, None), "Envoy's default of one retry, unbudgeted");
+    assert_eq!(
+        (r.drives_router(), r.max_retries, r.budget),
+        (false, 1, None),
+        "Envoy's default of one retry, unbudgeted"
+    );
 }
 
 #[test]

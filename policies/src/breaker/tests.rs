@@ -12,8 +12,24 @@ fn consecutive(n: u32) -> BreakerConfig {
 }
 
 fn run(b: &mut BreakerState, cfg: &BreakerConfig, now: u64, o: Outcome) -> Option<Transition> {
-    assert_eq!(b.admit(cfg, now).value, Admission::Allow);
-    b.record(cfg, now, o, false, 0).transition
+    let Admission::Allow { generation } = b.admit(cfg, now).value else { panic!("not allowed") };
+    b.record(cfg, now, generation, o, 0).transition
+}
+
+/// Admits a probe and returns its generation.
+fn probe(b: &mut BreakerState, cfg: &BreakerConfig, now: u64) -> u32 {
+    match b.admit(cfg, now).value {
+        Admission::Probe { generation } => generation,
+        other => panic!("expected a probe, got {other:?}"),
+    }
+}
+
+fn batch(b: &BreakerState, successes: u32, slow: u32, last_at: u64) -> Batch {
+    Batch { generation: b.generation, successes, slow, last_at }
+}
+
+fn allowed(a: Admission) -> bool {
+    matches!(a, Admission::Allow { .. })
 }
 
 fn open_breaker(cfg: &BreakerConfig, now: u64) -> BreakerState {
@@ -57,7 +73,8 @@ fn open_for_minus_one_ms_is_still_open_and_then_a_probe_goes() {
     let mut b = open_breaker(&cfg, 0);
     assert_eq!(b.admit(&cfg, 30 * SECOND - MS).value, Admission::Reject { retry_after_ns: MS });
     let s = b.admit(&cfg, 30 * SECOND);
-    assert_eq!((s.value, s.transition), (Admission::Probe, Some(Transition::HalfOpened)));
+    assert!(matches!(s.value, Admission::Probe { .. }));
+    assert_eq!(s.transition, Some(Transition::HalfOpened));
 }
 
 #[test]
@@ -65,15 +82,15 @@ fn half_open_lets_only_max_probes_through_at_a_time() {
     let cfg = BreakerConfig { max_probes: 2, successes_to_close: 2, ..consecutive(1) };
     let mut b = open_breaker(&cfg, 0);
     let t = 30 * SECOND;
-    assert_eq!(b.admit(&cfg, t).value, Admission::Probe);
-    assert_eq!(b.admit(&cfg, t).value, Admission::Probe);
+    probe(&mut b, &cfg, t);
+    probe(&mut b, &cfg, t);
     assert!(matches!(b.admit(&cfg, t).value, Admission::Reject { .. }));
     // One probe succeeds: its slot frees, but one success is not enough to close.
-    assert_eq!(b.record(&cfg, t, OK, true, 0).transition, None);
-    assert_eq!(b.admit(&cfg, t).value, Admission::Probe);
+    assert_eq!(b.record(&cfg, t, b.generation, OK, 0).transition, None);
+    probe(&mut b, &cfg, t);
     assert!(matches!(b.admit(&cfg, t).value, Admission::Reject { .. }));
-    assert_eq!(b.record(&cfg, t, OK, true, 0).transition, Some(Transition::Closed));
-    assert_eq!(b.admit(&cfg, t).value, Admission::Allow);
+    assert_eq!(b.record(&cfg, t, b.generation, OK, 0).transition, Some(Transition::Closed));
+    assert!(allowed(b.admit(&cfg, t).value));
 }
 
 #[test]
@@ -83,7 +100,7 @@ fn a_failed_probe_reopens_for_double_the_period_with_jitter() {
     let t = 30 * SECOND;
     b.admit(&cfg, t);
     let Some(Transition::Opened { reason: TripReason::ProbeFailed, period_ns }) =
-        b.record(&cfg, t, FAIL, true, 12345).transition
+        b.record(&cfg, t, b.generation, FAIL, 12345).transition
     else {
         panic!("a failed probe must re-open the breaker");
     };
@@ -91,10 +108,10 @@ fn a_failed_probe_reopens_for_double_the_period_with_jitter() {
     // And again: doubling stops at max_open_for.
     let t2 = t + period_ns;
     b.admit(&cfg, t2);
-    b.record(&cfg, t2, FAIL, true, 999);
+    b.record(&cfg, t2, b.generation, FAIL, 999);
     let t3 = t2 + 100 * SECOND;
     b.admit(&cfg, t3);
-    let s = b.record(&cfg, t3, FAIL, true, u64::MAX);
+    let s = b.record(&cfg, t3, b.generation, FAIL, u64::MAX);
     assert_eq!(s.transition, Some(Transition::Opened { reason: TripReason::ProbeFailed, period_ns: 100 * SECOND }));
 }
 
@@ -103,7 +120,7 @@ fn closing_resets_the_period_so_the_next_trip_starts_at_open_for() {
     let cfg = consecutive(1);
     let mut b = open_breaker(&cfg, 0);
     b.admit(&cfg, 30 * SECOND);
-    b.record(&cfg, 30 * SECOND, OK, true, 0);
+    b.record(&cfg, 30 * SECOND, b.generation, OK, 0);
     assert_eq!(b.phase, Phase::Closed);
     let s = run(&mut b, &cfg, 31 * SECOND, FAIL);
     assert_eq!(s, Some(Transition::Opened { reason: TripReason::ConsecutiveFailures(1), period_ns: 30 * SECOND }));
@@ -113,10 +130,10 @@ fn closing_resets_the_period_so_the_next_trip_starts_at_open_for() {
 fn a_released_probe_gives_its_slot_back() {
     let cfg = consecutive(1);
     let mut b = open_breaker(&cfg, 0);
-    assert_eq!(b.admit(&cfg, 30 * SECOND).value, Admission::Probe);
+    probe(&mut b, &cfg, 30 * SECOND);
     assert!(matches!(b.admit(&cfg, 30 * SECOND).value, Admission::Reject { .. }));
-    assert!(b.release_probe());
-    assert_eq!(b.admit(&cfg, 30 * SECOND).value, Admission::Probe);
+    assert!(b.release_probe(b.generation));
+    probe(&mut b, &cfg, 30 * SECOND);
 }
 
 #[test]
@@ -124,21 +141,120 @@ fn a_lost_probe_is_reclaimed_after_probe_timeout() {
     let cfg = BreakerConfig { probe_timeout_ns: 5 * SECOND, ..consecutive(1) };
     let mut b = open_breaker(&cfg, 0);
     let t = 30 * SECOND;
-    assert_eq!(b.admit(&cfg, t).value, Admission::Probe);
+    probe(&mut b, &cfg, t);
     assert!(matches!(b.admit(&cfg, t + 5 * SECOND - MS).value, Admission::Reject { .. }));
-    assert_eq!(b.admit(&cfg, t + 5 * SECOND).value, Admission::Probe);
+    probe(&mut b, &cfg, t + 5 * SECOND);
 }
 
 #[test]
-fn outcomes_from_before_the_trip_are_ignored() {
+fn outcomes_from_before_the_trip_are_stale() {
+    let cfg = consecutive(1);
+    let closed = BreakerState::default().generation;
+    let mut b = open_breaker(&cfg, 0);
+    let s = b.record(&cfg, MS, closed, OK, 0);
+    assert_eq!((s.value, s.changed), (Recorded::Stale, false));
+    probe(&mut b, &cfg, 30 * SECOND);
+    // A straggler admitted while closed cannot close a half-open breaker.
+    assert_eq!(b.record(&cfg, 30 * SECOND, closed, OK, 0).transition, None);
+    assert!(matches!(b.phase, Phase::HalfOpen { probes: 1, .. }));
+}
+
+#[test]
+fn a_call_from_an_earlier_closed_period_cannot_re_trip_the_next_one() {
+    // Admitted while closed, it finishes after the breaker opened and closed again.
+    let cfg = consecutive(2);
+    let mut b = BreakerState::default();
+    let Admission::Allow { generation: straggler } = b.admit(&cfg, 0).value else { panic!() };
+    run(&mut b, &cfg, 0, FAIL);
+    run(&mut b, &cfg, 0, FAIL);
+    let g = probe(&mut b, &cfg, 30 * SECOND);
+    assert_eq!(b.record(&cfg, 30 * SECOND, g, OK, 0).transition, Some(Transition::Closed));
+    run(&mut b, &cfg, 31 * SECOND, FAIL);
+    // Without generations this failure would be the second in a row and re-trip.
+    let s = b.record(&cfg, 31 * SECOND, straggler, FAIL, 0);
+    assert_eq!((s.value, s.transition), (Recorded::Stale, None));
+    assert_eq!(b.phase, Phase::Closed);
+    assert_eq!(b.consecutive_failures, 1);
+    // Its batch of successes is stale too.
+    let old = Batch { generation: straggler, successes: 5, slow: 0, last_at: 32 * SECOND };
+    assert_eq!(b.record_successes(&cfg, 32 * SECOND, old).value, Recorded::Stale);
+    assert_eq!(b.consecutive_failures, 1);
+}
+
+#[test]
+fn a_slow_probe_reopens_a_breaker_that_judges_slowness() {
+    // slow_call {duration: 200ms, threshold: 50, minimum_requests: 4}, open_for 1s.
+    let cfg = BreakerConfig {
+        consecutive_failures: 0,
+        slow_call: Some(SlowRule { duration_ns: 200 * MS, threshold: 50, minimum_requests: 4 }),
+        open_for_ns: SECOND,
+        ..BreakerConfig::default()
+    };
+    let mut b = BreakerState::default();
+    for _ in 0..3 {
+        assert_eq!(run(&mut b, &cfg, 0, SLOW), None);
+    }
+    assert!(matches!(run(&mut b, &cfg, 0, SLOW), Some(Transition::Opened { .. })));
+    let g = probe(&mut b, &cfg, SECOND);
+    let s = b.record(&cfg, SECOND + 400 * MS, g, SLOW, 0);
+    assert!(
+        matches!(s.transition, Some(Transition::Opened { reason: TripReason::ProbeSlow, .. })),
+        "a slow probe must not close it: {s:?}"
+    );
+    // A fast probe then closes it.
+    let until = match b.phase {
+        Phase::Open { until } => until,
+        other => panic!("{other:?}"),
+    };
+    let g = probe(&mut b, &cfg, until);
+    assert_eq!(b.record(&cfg, until, g, OK, 0).transition, Some(Transition::Closed));
+}
+
+#[test]
+fn a_slow_probe_is_a_success_when_slowness_is_not_judged() {
     let cfg = consecutive(1);
     let mut b = open_breaker(&cfg, 0);
-    let s = b.record(&cfg, MS, OK, false, 0);
-    assert!(!s.changed);
-    b.admit(&cfg, 30 * SECOND);
-    // A straggler admitted while closed cannot close a half-open breaker.
-    assert_eq!(b.record(&cfg, 30 * SECOND, OK, false, 0).transition, None);
-    assert!(matches!(b.phase, Phase::HalfOpen { probes: 1, .. }));
+    let g = probe(&mut b, &cfg, 30 * SECOND);
+    assert_eq!(b.record(&cfg, 30 * SECOND, g, SLOW, 0).transition, Some(Transition::Closed));
+}
+
+#[test]
+fn a_probe_of_an_earlier_half_open_period_frees_no_slot() {
+    let cfg = BreakerConfig { max_probes: 2, ..consecutive(1) };
+    let mut b = open_breaker(&cfg, 0);
+    let old = probe(&mut b, &cfg, 30 * SECOND);
+    let other = probe(&mut b, &cfg, 30 * SECOND);
+    b.record(&cfg, 30 * SECOND, other, FAIL, 0); // re-opens: a new generation
+    assert!(!b.release_probe(old));
+}
+
+#[test]
+fn forced_open_rejects_everything_and_release_starts_fresh() {
+    let cfg = consecutive(2);
+    let mut b = BreakerState::default();
+    run(&mut b, &cfg, 0, FAIL);
+    let Admission::Allow { generation: before } = b.admit(&cfg, 0).value else { panic!() };
+    assert_eq!(b.force(Some(Forced::Open)).transition, Some(Transition::Forced(Some(Forced::Open))));
+    assert!(matches!(b.admit(&cfg, 0).value, Admission::Reject { .. }));
+    assert!(matches!(b.admit(&cfg, 100 * SECOND).value, Admission::Reject { .. }), "no open period ends it");
+    assert_eq!(b.record(&cfg, 0, before, FAIL, 0).value, Recorded::Stale);
+    assert!(!b.force(Some(Forced::Open)).changed, "forcing twice changes nothing");
+    assert_eq!(b.force(None).transition, Some(Transition::Forced(None)));
+    assert_eq!(b.phase, Phase::Closed);
+    assert_eq!(b.consecutive_failures, 0, "released to a fresh closed breaker");
+    assert!(allowed(b.admit(&cfg, 0).value));
+}
+
+#[test]
+fn forced_closed_allows_everything_and_records_nothing() {
+    let cfg = consecutive(1);
+    let mut b = open_breaker(&cfg, 0);
+    b.force(Some(Forced::Closed));
+    let Admission::Allow { generation } = b.admit(&cfg, MS).value else { panic!("forced closed allows") };
+    assert_eq!(b.record(&cfg, MS, generation, FAIL, 0).value, Recorded::Stale);
+    assert!(allowed(b.admit(&cfg, 2 * MS).value));
+    let forced = b.clone();
+    assert_eq!(BreakerState::decode(&forced.encode()), Some(forced));
 }
 
 fn rate(threshold: u8, minimum_requests: u32) -> BreakerConfig {
@@ -252,8 +368,8 @@ fn a_success_with_nothing_to_count_needs_no_write() {
     let cfg = consecutive(5);
     let mut b = BreakerState::default();
     assert!(!b.admit(&cfg, 0).changed);
-    assert!(!b.record(&cfg, 0, OK, false, 0).changed);
-    assert!(b.record(&cfg, 0, FAIL, false, 0).changed);
+    assert!(!b.record(&cfg, 0, b.generation, OK, 0).changed);
+    assert!(b.record(&cfg, 0, b.generation, FAIL, 0).changed);
 }
 
 #[test]
@@ -262,10 +378,11 @@ fn a_batch_of_successes_resets_the_consecutive_count() {
     let mut b = BreakerState::default();
     run(&mut b, &cfg, 0, FAIL);
     run(&mut b, &cfg, 0, FAIL);
-    assert!(b.record_successes(&cfg, 0, 10, 0, 0).changed);
+    assert!(b.record_successes(&cfg, 0, batch(&b, 10, 0, 0)).changed);
     assert_eq!(run(&mut b, &cfg, 0, FAIL), None);
     // Nothing to reset and no window: no write needed.
-    assert!(!BreakerState::default().record_successes(&cfg, 0, 10, 0, 0).changed);
+    let fresh = BreakerState::default();
+    assert!(!BreakerState::default().record_successes(&cfg, 0, batch(&fresh, 10, 0, 0)).changed);
 }
 
 #[test]
@@ -276,8 +393,8 @@ fn a_batch_of_slow_successes_can_trip_on_the_slow_call_rate() {
         ..BreakerConfig::default()
     };
     let mut b = BreakerState::default();
-    assert_eq!(b.record_successes(&cfg, 0, 9, 9, 0).transition, None, "below minimum_requests");
-    let s = b.record_successes(&cfg, 0, 1, 0, 0);
+    assert_eq!(b.record_successes(&cfg, 0, batch(&b, 9, 9, 0)).transition, None, "below minimum_requests");
+    let s = b.record_successes(&cfg, 0, batch(&b, 1, 0, 0));
     assert_eq!(
         s.transition,
         Some(Transition::Opened {
@@ -291,7 +408,7 @@ fn a_batch_of_slow_successes_can_trip_on_the_slow_call_rate() {
 fn successes_reported_after_a_trip_are_ignored() {
     let cfg = consecutive(1);
     let mut b = open_breaker(&cfg, 0);
-    assert!(!b.record_successes(&cfg, MS, 100, 0, MS).changed);
+    assert!(!b.record_successes(&cfg, MS, batch(&b, 100, 0, MS)).changed);
     assert!(matches!(b.phase, Phase::Open { .. }));
 }
 
@@ -302,7 +419,7 @@ fn successes_reported_late_count_only_against_the_failures_before_them() {
     run(&mut b, &cfg, 10 * MS, FAIL);
     run(&mut b, &cfg, 20 * MS, FAIL);
     // Another worker's success at 15 ms arrives now: only the failure at 20 ms is after it.
-    b.record_successes(&cfg, 25 * MS, 4, 0, 15 * MS);
+    b.record_successes(&cfg, 25 * MS, batch(&b, 4, 0, 15 * MS));
     assert_eq!(b.consecutive_failures, 1);
     assert_eq!(run(&mut b, &cfg, 30 * MS, FAIL), None);
     assert!(run(&mut b, &cfg, 40 * MS, FAIL).is_some(), "20, 30, 40 ms: three in a row");
@@ -314,7 +431,7 @@ fn a_success_reported_after_the_failures_ends_the_run() {
     let mut b = BreakerState::default();
     run(&mut b, &cfg, 10 * MS, FAIL);
     run(&mut b, &cfg, 20 * MS, FAIL);
-    b.record_successes(&cfg, 25 * MS, 1, 0, 21 * MS);
+    b.record_successes(&cfg, 25 * MS, batch(&b, 1, 0, 21 * MS));
     assert_eq!(b.consecutive_failures, 0);
 }
 
@@ -326,10 +443,10 @@ fn a_late_success_older_than_every_kept_failure_leaves_a_long_run_alone() {
         run(&mut b, &cfg, (10 + i) * MS, FAIL);
     }
     // Kept: the latest 32 (18..=49 ms). A success at 12 ms fell among the dropped ones.
-    b.record_successes(&cfg, 50 * MS, 1, 0, 12 * MS);
+    b.record_successes(&cfg, 50 * MS, batch(&b, 1, 0, 12 * MS));
     assert_eq!(b.consecutive_failures, 40);
     // A success at 20 ms: 29 kept failures came after it.
-    b.record_successes(&cfg, 50 * MS, 1, 0, 20 * MS);
+    b.record_successes(&cfg, 50 * MS, batch(&b, 1, 0, 20 * MS));
     assert_eq!(b.consecutive_failures, 29);
 }
 
@@ -346,7 +463,7 @@ fn a_rate_trip_waits_for_confirmation_so_batched_successes_can_arrive() {
     }
     assert_eq!(b.suspect_since, Some(3 * MS));
     // Another worker's batch lands within the confirmation time: 4 of 9 is under 50%.
-    b.record_successes(&cfg, 50 * MS, 5, 0, 40 * MS);
+    b.record_successes(&cfg, 50 * MS, batch(&b, 5, 0, 40 * MS));
     assert_eq!(b.suspect_since, None);
     assert_eq!(b.confirm(&cfg, 200 * MS).transition, None);
     assert_eq!(b.phase, Phase::Closed);
@@ -373,7 +490,7 @@ fn admission_confirms_a_suspect_breaker_and_rejects_at_once() {
     for t in [0, 1, 2, 3] {
         run(&mut b, &cfg, t * MS, FAIL);
     }
-    assert_eq!(b.admit(&cfg, 50 * MS).value, Admission::Allow);
+    assert!(allowed(b.admit(&cfg, 50 * MS).value));
     let s = b.admit(&cfg, 103 * MS);
     assert!(matches!(s.value, Admission::Reject { .. }));
     assert!(matches!(s.transition, Some(Transition::Opened { .. })));

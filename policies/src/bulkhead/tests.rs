@@ -81,7 +81,7 @@ fn a_freed_permit_goes_to_the_first_waiter_and_names_its_worker() {
     acquire(&mut s, &c, B, 2);
     acquire(&mut s, &c, A, 3);
     let u = s.release(&c, 10, A, STANDARD);
-    assert_eq!(u.granted, alloc::vec![Waiter { worker: B, ticket: 2, class: STANDARD, since: 0 }]);
+    assert_eq!(u.granted, alloc::vec![Waiter { worker: B, ticket: 2, class: STANDARD, since: 0, recall_only: false }]);
     assert_eq!((s.active(), s.held_by(B), s.held_by(A), s.queued()), (1, 1, 0, 1));
     let u = s.release(&c, 20, B, STANDARD);
     assert_eq!(u.granted.iter().map(|w| w.ticket).collect::<Vec<_>>(), [3], "then the next in line");
@@ -255,7 +255,7 @@ fn state_round_trips_through_bytes() {
     }
     let bytes = s.encode();
     assert_eq!(BulkheadState::decode(&bytes), Some(s.clone()));
-    assert!(bytes.len() < 128, "{} bytes", bytes.len());
+    assert!(bytes.len() < 144, "{} bytes", bytes.len());
 }
 
 #[test]
@@ -268,4 +268,142 @@ fn bytes_it_did_not_write_decode_to_none() {
     long.push(0);
     assert_eq!(BulkheadState::decode(&long), None);
     assert_eq!(BulkheadState::decode(&[1, 0, 255, 255, 255, 255]), None, "a huge waiter count");
+}
+
+// Leases.
+
+fn ask(worker: u32, ticket: u32, may_wait: bool) -> Ask {
+    Ask { worker, class: STANDARD, ticket, may_wait, may_pause: true, lease: true }
+}
+
+fn leasing(s: &mut BulkheadState, c: &BulkheadConfig, worker: u32, ticket: u32) -> Acquire {
+    s.ask(c, 0, ask(worker, ticket, true)).value
+}
+
+#[test]
+fn far_from_full_a_worker_takes_a_lease_of_a_quarter_of_the_room_below_half() {
+    let c = cfg(100, 0);
+    let mut s = BulkheadState::default();
+    assert_eq!(leasing(&mut s, &c, A, 1), Acquire::Leased(12), "room below half 50, a quarter");
+    assert_eq!(leasing(&mut s, &c, B, 2), Acquire::Leased(9), "(50 - 12) / 4");
+    assert_eq!((s.active(), s.leased(), s.lease_of(A)), (21, 21, 12));
+}
+
+#[test]
+fn no_lease_past_half_full_nor_while_anyone_waits_nor_with_classes() {
+    let c = cfg(4, 2);
+    let mut s = BulkheadState::default();
+    assert_eq!(leasing(&mut s, &c, A, 1), Acquire::Leased(1), "a quarter of 2, at least 1");
+    assert_eq!(leasing(&mut s, &c, A, 2), Acquire::Leased(1));
+    assert_eq!(leasing(&mut s, &c, A, 3), Acquire::Admitted, "half full: one by one");
+    assert_eq!(leasing(&mut s, &c, B, 4), Acquire::Admitted, "4 of 4");
+    assert!(matches!(leasing(&mut s, &c, B, 5), Acquire::Recalling { .. }), "full: A's lease may idle");
+    s.trim_lease(&c, 0, A, 2, true);
+    assert_eq!(leasing(&mut s, &c, B, 6), Acquire::Queued);
+    s.release(&c, 0, B, STANDARD);
+    assert_eq!(leasing(&mut s, &c, B, 7), Acquire::Queued, "someone waits: no lease, no overtaking");
+    let mut p = BulkheadState::default();
+    assert_eq!(p.ask(&classes(), 0, ask(A, 1, true)).value, Acquire::Admitted, "classes: never leased");
+}
+
+#[test]
+fn a_request_that_finds_only_idle_leases_waits_for_a_recall_and_gets_the_permit() {
+    // 4 permits. Worker A leased 2 earlier; they are idle now. Worker B takes the other 2.
+    let c = cfg(4, 0);
+    let mut s = BulkheadState::default();
+    assert_eq!(leasing(&mut s, &c, A, 1), Acquire::Leased(1));
+    assert_eq!(leasing(&mut s, &c, A, 2), Acquire::Leased(1));
+    assert_eq!(leasing(&mut s, &c, B, 3), Acquire::Admitted);
+    assert_eq!(leasing(&mut s, &c, B, 4), Acquire::Admitted);
+    // B's third request: no permit free, no queue, yet only 2 are really in flight.
+    assert_eq!(leasing(&mut s, &c, B, 5), Acquire::Recalling { workers: alloc::vec![A], recall_only: true });
+    assert_eq!(s.queued(), 1);
+    // A answers the recall: both its permits are idle.
+    let u = s.trim_lease(&c, MS, A, 0, false);
+    assert_eq!(u.granted.iter().map(|w| w.ticket).collect::<Vec<_>>(), [5]);
+    assert!(u.refused.is_empty());
+    assert_eq!((s.active(), s.lease_of(A), s.held_by(B)), (3, 0, 3));
+}
+
+#[test]
+fn a_recall_only_waiter_is_refused_once_no_lease_may_hold_an_idle_permit() {
+    let c = cfg(2, 0);
+    let mut s = BulkheadState::default();
+    assert_eq!(leasing(&mut s, &c, A, 1), Acquire::Leased(1));
+    assert_eq!(leasing(&mut s, &c, B, 2), Acquire::Admitted);
+    assert_eq!(leasing(&mut s, &c, B, 3), Acquire::Recalling { workers: alloc::vec![A], recall_only: true });
+    // A's one leased permit is in use: it keeps it, draining.
+    let u = s.trim_lease(&c, MS, A, 1, true);
+    assert!(u.granted.is_empty());
+    assert_eq!(u.refused.iter().map(|w| w.ticket).collect::<Vec<_>>(), [3], "really full: refused");
+    assert_eq!(s.queued(), 0);
+    // A draining lease is never recalled.
+    assert_eq!(leasing(&mut s, &c, B, 4), Acquire::Full);
+}
+
+#[test]
+fn a_recalled_request_with_room_in_the_queue_stays_queued_when_nothing_was_idle() {
+    let c = cfg(2, 5);
+    let mut s = BulkheadState::default();
+    leasing(&mut s, &c, A, 1);
+    leasing(&mut s, &c, B, 2);
+    assert_eq!(leasing(&mut s, &c, B, 3), Acquire::Recalling { workers: alloc::vec![A], recall_only: false });
+    let u = s.trim_lease(&c, MS, A, 1, true);
+    assert!(u.granted.is_empty() && u.refused.is_empty());
+    assert_eq!(s.queued(), 1, "a queued waiter keeps waiting for a permit");
+    // A's leased request ends: the drained permit goes to the waiter.
+    let u = s.trim_lease(&c, 2 * MS, A, 0, true);
+    assert_eq!(u.granted.iter().map(|w| w.ticket).collect::<Vec<_>>(), [3]);
+}
+
+#[test]
+fn the_limit_holds_with_leases_whatever_the_order() {
+    // Every interleaving of three workers taking, recalling and returning leases keeps the
+    // count within max_concurrent.
+    let c = cfg(6, 3);
+    let mut s = BulkheadState::default();
+    let mut seed = 0x1234_5678_u64;
+    for step in 0..5_000u64 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let worker = 1 + (seed % 3) as u32;
+        let now = step * MS;
+        match (seed >> 8) % 4 {
+            0 | 1 => {
+                s.ask(&c, now, ask(worker, step as u32, true));
+            }
+            2 => {
+                let keep = s.lease_of(worker).saturating_sub(1);
+                s.trim_lease(&c, now, worker, keep, false);
+            }
+            _ => {
+                s.release(&c, now, worker, STANDARD);
+            }
+        }
+        assert!(s.active() <= c.max_concurrent, "step {step}: {} taken of {}", s.active(), c.max_concurrent);
+        // Nobody waits while a permit is free.
+        assert!(s.queued() == 0 || !s.admissible(&c, 0), "step {step}: a waiter could be admitted");
+    }
+}
+
+#[test]
+fn a_dead_workers_lease_is_reclaimed_after_stale_after() {
+    let c = cfg(4, 2);
+    let mut s = BulkheadState::default();
+    leasing(&mut s, &c, A, 1);
+    leasing(&mut s, &c, A, 2);
+    assert_eq!(s.lease_of(A), 2);
+    s.renew(&c, c.stale_after_ns + 1, B);
+    assert_eq!((s.lease_of(A), s.active()), (0, 0));
+}
+
+#[test]
+fn leases_round_trip_through_bytes() {
+    let c = cfg(8, 4);
+    let mut s = BulkheadState::default();
+    leasing(&mut s, &c, A, 1);
+    s.trim_lease(&c, 0, A, 1, true);
+    s.acquire(&c, 0, B, STANDARD, 2, true);
+    assert_eq!(BulkheadState::decode(&s.encode()), Some(s));
 }

@@ -1,0 +1,65 @@
+//! What a refused request gets: the policy's reject reply, with `x-breakwater` naming the reason
+//! and `retry-after` saying when to come back. For a gRPC request Envoy turns the reply into a
+//! trailers-only gRPC reply itself: `grpc-status` from the HTTP status (503 → UNAVAILABLE,
+//! which gRPC clients retry later) and `grpc-message` from the body.
+
+use crate::headers::decimal;
+use crate::host::Host;
+use crate::Policy;
+use alloc::format;
+use breakwater_policies::SECOND;
+
+/// Why Breakwater refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    CircuitOpen,
+    BulkheadFull,
+    QueueTimeout,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 3] = [Refusal::CircuitOpen, Refusal::BulkheadFull, Refusal::QueueTimeout];
+
+    /// The `x-breakwater` header value.
+    pub fn header(self) -> &'static str {
+        match self {
+            Refusal::CircuitOpen => "circuit-open",
+            Refusal::BulkheadFull => "bulkhead-full",
+            Refusal::QueueTimeout => "queue-timeout",
+        }
+    }
+
+    /// The `reason` label of `breakwater_rejections_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::CircuitOpen => "circuit_open",
+            Refusal::BulkheadFull => "bulkhead_full",
+            Refusal::QueueTimeout => "queue_timeout",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Answers the current request with the policy's reject reply. `retry_after_ns` is rounded up
+/// to whole seconds, at least 1.
+pub fn reject(host: &impl Host, p: &Policy, why: Refusal, retry_after_ns: u64) {
+    let r = &p.cfg.reject;
+    let mut digits = [0u8; 20];
+    let retry_after = decimal(retry_after_ns.div_ceil(SECOND).max(1), &mut digits);
+    let mut headers: alloc::vec::Vec<(&str, &[u8])> = alloc::vec::Vec::with_capacity(2 + r.headers.len());
+    headers.push(("x-breakwater", why.header().as_bytes()));
+    headers.push(("retry-after", retry_after));
+    headers.extend(r.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
+    let default_body;
+    let body = match &r.body {
+        Some(b) => b.as_bytes(),
+        None => {
+            default_body = format!("breakwater: {} (policy {})\n", why.header(), p.name());
+            default_body.as_bytes()
+        }
+    };
+    host.send_http_reply(r.status, &headers, body);
+}

@@ -1,0 +1,95 @@
+//! One worker's state, shared by all of its root contexts (one per filter instance, and a new
+//! one at every configuration change): Envoy runs one Wasm VM per worker thread.
+//!
+//! * its id in bulkhead state (the token of its wake-up queue) and whether requests may wait;
+//! * its [`Waiters`]: requests it paused in a bulkhead queue;
+//! * its [`Holdings`]: bulkhead permits and leases it holds;
+//! * the policies its next tick must visit (anything counted, batched or viewed since the last
+//!   one): the tick costs in proportion to what changed, not to the number of policies;
+//! * the time as of its last clock read, for what only needs the bucket it falls in.
+
+use crate::holdings::Holdings;
+use crate::host::Host;
+use crate::waiters::Waiters;
+use crate::{Compiled, Policy};
+use alloc::rc::Rc;
+use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
+
+#[derive(Debug, Default)]
+pub struct Vm {
+    /// This worker's id in bulkhead state: the token of its wake-up queue, unique in the process.
+    pub worker: Cell<u32>,
+    /// Whether the wake-up queue exists; without it no request may be paused.
+    pub can_wait: Cell<bool>,
+    pub waiters: Waiters,
+    pub holdings: Holdings,
+    listed: RefCell<Vec<(Rc<Compiled>, usize)>>,
+    now: Cell<u64>,
+}
+
+impl Vm {
+    pub fn new(worker: u32, can_wait: bool) -> Self {
+        Vm { worker: Cell::new(worker), can_wait: Cell::new(can_wait), ..Vm::default() }
+    }
+
+    /// Reads the clock (~1k instructions) and remembers it.
+    pub fn clock(&self, host: &impl Host) -> u64 {
+        let now = host.now_ns();
+        self.now.set(now);
+        now
+    }
+
+    /// The time of the last clock read: at most one tick old. Good enough for what only needs
+    /// the bucket a moment falls in (batched successes, the retry budget's stock).
+    pub fn coarse_now(&self) -> u64 {
+        self.now.get()
+    }
+
+    /// Puts the policy on the next tick's list (once).
+    pub fn list(&self, c: &Rc<Compiled>, p: &Policy) {
+        let newly = p.local(|l| !core::mem::replace(&mut l.listed, true));
+        if newly {
+            if let Ok(mut listed) = self.listed.try_borrow_mut() {
+                listed.push((c.clone(), p.index));
+            }
+        }
+    }
+
+    /// The policies listed since the last tick; each is unlisted as it is taken.
+    pub fn take_listed(&self) -> Vec<(Rc<Compiled>, usize)> {
+        let taken = self.listed.try_borrow_mut().map(|mut l| core::mem::take(&mut *l)).unwrap_or_default();
+        for (c, i) in &taken {
+            if let Some(p) = c.policy(*i) {
+                p.local(|l| l.listed = false);
+            }
+        }
+        taken
+    }
+}
+
+/// Messages on a worker's wake-up queue: a one-byte kind, then its data.
+pub mod message {
+    use alloc::vec::Vec;
+
+    /// A waiter was handed a permit: resume it. Data: its ticket (u32 LE).
+    pub const GRANT: u8 = 0;
+    /// A recall-only waiter got nothing: refuse it. Data: its ticket.
+    pub const REFUSE: u8 = 1;
+    /// Give back the idle permits of your lease of this bulkhead. Data: the bulkhead's key.
+    pub const RECALL: u8 = 2;
+
+    pub fn ticket(kind: u8, ticket: u32) -> Vec<u8> {
+        let mut m = Vec::with_capacity(5);
+        m.push(kind);
+        m.extend_from_slice(&ticket.to_le_bytes());
+        m
+    }
+
+    pub fn recall(key: &str) -> Vec<u8> {
+        let mut m = Vec::with_capacity(1 + key.len());
+        m.push(RECALL);
+        m.extend_from_slice(key.as_bytes());
+        m
+    }
+}
