@@ -149,6 +149,16 @@ enum PluginConfig {
     Raw(String),
 }
 
+/// How the plugin is attached to the routes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    /// One Breakwater filter for all routes; its route rules pick the policy (Istio's way).
+    Rules,
+    /// One disabled filter instance per policy, enabled on the routes its rules name (see
+    /// `breakwater::per_route`).
+    PerRoute,
+}
+
 /// A generated Envoy bootstrap with the Breakwater filter in front of the router.
 #[derive(Clone, Debug)]
 pub struct Spec {
@@ -158,12 +168,43 @@ pub struct Spec {
     concurrency: u32,
     /// Serve the listener from this LDS file instead of the bootstrap (see [`Spec::reloadable`]).
     lds: Option<(PathBuf, u16)>,
+    attach: Attach,
+    failure_policy: &'static str,
+    /// Another build of the plugin (the test-trap build), instead of [`wasm_path`].
+    wasm: Option<PathBuf>,
 }
 
 impl Spec {
     /// `backend` is where the `backend` and `backend_h2` clusters point (the test upstream).
     pub fn new(backend: SocketAddr) -> Spec {
-        Spec { backend, plugin: PluginConfig::Json(json!({})), routes: Vec::new(), concurrency: 2, lds: None }
+        Spec {
+            backend,
+            plugin: PluginConfig::Json(json!({})),
+            routes: Vec::new(),
+            concurrency: 2,
+            lds: None,
+            attach: Attach::Rules,
+            failure_policy: "FAIL_RELOAD",
+            wasm: None,
+        }
+    }
+
+    /// Attach the plugin as per-route filter instances instead of one filter with rules.
+    pub fn attach(mut self, attach: Attach) -> Spec {
+        self.attach = attach;
+        self
+    }
+
+    /// The Wasm filter's `failure_policy` (default `FAIL_RELOAD`, the shipped default).
+    pub fn failure_policy(mut self, policy: &'static str) -> Spec {
+        self.failure_policy = policy;
+        self
+    }
+
+    /// Loads another build of the plugin.
+    pub fn wasm(mut self, path: PathBuf) -> Spec {
+        self.wasm = Some(path);
+        self
     }
 
     /// The plugin configuration, as JSON.
@@ -335,8 +376,8 @@ impl Spec {
         }
     }
 
-    /// The Envoy routes, as JSON.
-    fn route_configs(&self) -> Vec<Value> {
+    /// The Envoy routes, as JSON; in per-route mode each route enables its instance.
+    fn route_configs(&self, enabled: &[(String, String)]) -> Vec<Value> {
         self.routes
             .iter()
             .map(|r| {
@@ -355,60 +396,83 @@ impl Spec {
                         "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
                         "disabled": true
                     }});
+                } else if let Some((_, filter)) = enabled.iter().find(|(n, _)| Some(n) == r.name.as_ref()) {
+                    let (name, config) = breakwater::per_route::enable(filter);
+                    route["typed_per_filter_config"] = json!({ name: config });
                 }
                 route
             })
             .collect()
     }
 
-    /// The ingress listener: the Breakwater filter in front of the router.
+    /// The Wasm filter's `config`, without its plugin configuration.
+    fn wasm_config(&self) -> Value {
+        let wasm = self.wasm.clone().unwrap_or_else(wasm_path);
+        json!({
+            "name": "breakwater",
+            "root_id": "breakwater",
+            // Set explicitly: the default changed between Envoy versions.
+            "failure_policy": self.failure_policy,
+            "vm_config": {
+                "vm_id": "breakwater",
+                "runtime": "envoy.wasm.runtime.v8",
+                "code": { "local": { "filename": wasm.to_string_lossy() } }
+            }
+        })
+    }
+
+    /// The Breakwater filters, and (per-route mode) which route enables which.
+    fn breakwater_filters(&self) -> (Vec<Value>, Vec<(String, String)>) {
+        match (self.attach, &self.plugin) {
+            (Attach::PerRoute, PluginConfig::Json(plugin)) => {
+                let split = breakwater::per_route::split(plugin).unwrap_or_else(|e| panic!("per-route split: {e}"));
+                let wasm = self.wasm_config();
+                let filters = split.instances.iter().map(|i| breakwater::per_route::http_filter(i, &wasm)).collect();
+                (filters, split.routes)
+            }
+            _ => {
+                let mut config = self.wasm_config();
+                config["configuration"] = json!({
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": self.plugin_text()
+                });
+                let filter = json!({
+                    "name": "breakwater",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                        "config": config
+                    }
+                });
+                (vec![filter], Vec::new())
+            }
+        }
+    }
+
+    /// The ingress listener: the Breakwater filter(s) in front of the router.
     fn listener_config(&self) -> Value {
-        let wasm = wasm_path();
-        let routes = self.route_configs();
+        let (mut filters, enabled) = self.breakwater_filters();
+        let routes = self.route_configs(&enabled);
+        filters.push(json!({
+            "name": "envoy.filters.http.router",
+            "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
+        }));
         let port = self.lds.as_ref().map_or(0, |(_, port)| *port);
         json!({
-                "name": "ingress",
-                "address": { "socket_address": { "address": "127.0.0.1", "port_value": port } },
-                "filter_chains": [{ "filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "ingress",
-                        "codec_type": "AUTO",
-                        "route_config": {
-                            "name": "local",
-                            "virtual_hosts": [{ "name": "test", "domains": ["*"], "routes": routes }]
-                        },
-                        "http_filters": [
-                            {
-                                "name": "breakwater",
-                                "typed_config": {
-                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                                    "config": {
-                                        "name": "breakwater",
-                                        "root_id": "breakwater",
-                                        "failure_policy": "FAIL_CLOSED",
-                                        "vm_config": {
-                                            "vm_id": "breakwater",
-                                            "runtime": "envoy.wasm.runtime.v8",
-                                            "code": { "local": { "filename": wasm.to_string_lossy() } }
-                                        },
-                                        "configuration": {
-                                            "@type": "type.googleapis.com/google.protobuf.StringValue",
-                                            "value": self.plugin_text()
-                                        }
-                                    }
-                                }
-                            },
-                            {
-                                "name": "envoy.filters.http.router",
-                                "typed_config": {
-                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                                }
-                            }
-                        ]
-                    }
-                }]}]
+            "name": "ingress",
+            "address": { "socket_address": { "address": "127.0.0.1", "port_value": port } },
+            "filter_chains": [{ "filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "ingress",
+                    "codec_type": "AUTO",
+                    "route_config": {
+                        "name": "local",
+                        "virtual_hosts": [{ "name": "test", "domains": ["*"], "routes": routes }]
+                    },
+                    "http_filters": filters
+                }
+            }]}]
         })
     }
 }
@@ -1127,19 +1191,26 @@ impl Conn {
     }
 
     pub async fn request(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+        self.try_request(method, path, &headers).await.unwrap_or_else(|e| panic!("request {path}: {e}"))
+    }
+
+    /// A request whose header values may be any bytes (not UTF-8, say); an error instead of a
+    /// panic when the connection fails or the answer takes longer than the harness waits.
+    pub async fn try_request(&self, method: Method, path: &str, headers: &[(&str, &[u8])]) -> Result<Reply, String> {
         let mut req = Request::builder().method(method).uri(path);
         for (k, v) in headers {
-            req = req.header(*k, *v);
+            req = req.header(*k, HeaderValue::from_bytes(v).map_err(|e| e.to_string())?);
         }
-        let mut req = req.body(Full::new(Bytes::new())).expect("request");
+        let mut req = req.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
         req.headers_mut().insert(hyper::header::HOST, HeaderValue::from_str(&self.addr.to_string()).expect("host"));
         let fut = async {
             let mut sender = self.sender.lock().await;
-            sender.ready().await.expect("connection ready");
-            let resp = sender.send_request(req).await.expect("send request");
-            Reply::read(resp).await
+            sender.ready().await.map_err(|e| format!("connection not ready: {e}"))?;
+            let resp = sender.send_request(req).await.map_err(|e| format!("send: {e}"))?;
+            Ok(Reply::read(resp).await)
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, fut).await.unwrap_or_else(|_| panic!("request {path} timed out"))
+        tokio::time::timeout(REQUEST_TIMEOUT, fut).await.map_err(|_| "timed out".to_owned())?
     }
 }
 

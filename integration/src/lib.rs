@@ -18,3 +18,12 @@ pub async fn setup(policies: serde_json::Value) -> (Upstream, Envoy) {
     let envoy = Envoy::start(&Spec::one_route_per_policy(up.addr(), policies)).await;
     (up, envoy)
 }
+
+/// As [`setup`], with each policy attached as its own per-route filter instance
+/// (see [`envoy::Attach::PerRoute`]).
+pub async fn setup_per_route(policies: serde_json::Value) -> (Upstream, Envoy) {
+    let up = start_upstream().await;
+    let spec = Spec::one_route_per_policy(up.addr(), policies).attach(envoy::Attach::PerRoute);
+    let envoy = Envoy::start(&spec).await;
+    (up, envoy)
+}

@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::str::FromStr;
@@ -60,6 +61,12 @@ pub struct Behaviour {
     pub grpc_status: Option<u32>,
     /// Body of exactly this many bytes instead of the short text (`body_bytes=`).
     pub body_bytes: Option<usize>,
+    /// Send the headers at once and hold the body open this long, like a long-lived stream
+    /// (SSE, a gRPC server stream, a websocket) (`stream_ms=`).
+    pub stream_ms: u64,
+    /// One more response header with raw bytes, given as `name:hex` (`raw_header=grpc-status:ff`):
+    /// for what a misbehaving upstream can send.
+    pub raw_header: Option<(String, Vec<u8>)>,
 }
 
 impl Default for Behaviour {
@@ -73,6 +80,8 @@ impl Default for Behaviour {
             fail_status: 503,
             grpc_status: None,
             body_bytes: None,
+            stream_ms: 0,
+            raw_header: None,
         }
     }
 }
@@ -93,6 +102,17 @@ impl Behaviour {
                 "fail_every" => self.fail_every = param(key, val)?,
                 "fail_status" => self.fail_status = status_param(key, val)?,
                 "grpc_status" => self.grpc_status = Some(param(key, val)?),
+                "stream_ms" => self.stream_ms = param(key, val)?,
+                "raw_header" => {
+                    let (name, hex) =
+                        val.split_once(':').ok_or_else(|| format!("raw_header is name:hex, got {val:?}"))?;
+                    let bytes = (0..hex.len())
+                        .step_by(2)
+                        .map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+                        .collect::<Option<Vec<u8>>>()
+                        .ok_or_else(|| format!("raw_header: bad hex {hex:?}"))?;
+                    self.raw_header = Some((name.to_owned(), bytes));
+                }
                 "body_bytes" => match param(key, val)? {
                     n if n <= MAX_BODY_BYTES => self.body_bytes = Some(n),
                     _ => return Err(format!("body_bytes above {MAX_BODY_BYTES}")),
@@ -311,6 +331,34 @@ impl Body for TrackedBody {
     }
 }
 
+/// A body that sends one chunk at once and ends only after `hold`: the shape of a long-lived
+/// stream whose headers came quickly.
+struct HeldBody {
+    first: Option<Bytes>,
+    until: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl HeldBody {
+    fn new(hold: Duration) -> HeldBody {
+        HeldBody { first: Some(Bytes::from_static(b"data: hello\n\n")), until: Box::pin(tokio::time::sleep(hold)) }
+    }
+}
+
+impl Body for HeldBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        match self.until.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 /// Service error that makes hyper close the HTTP/1 connection or reset the HTTP/2 stream.
 #[derive(Debug)]
 pub struct Abort;
@@ -373,6 +421,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let grpc_request = req.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let default = lock(&shared.default).clone();
 
+    let raw = default.clone().with_query(&query).ok().and_then(|b| b.raw_header);
     let (status, body, grpc) = match default.with_query(&query) {
         Err(e) => (400, text(format!("upstream: {e}")), false),
         Ok(b) => {
@@ -402,9 +451,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                     if code == 0 && b.grpc_status.is_none() { Bytes::from_static(&[0; 5]) } else { Bytes::new() };
                 (200, Full::new(data).with_trailers(std::future::ready(Some(Ok(t)))).boxed(), true)
             } else {
-                let body = match b.body_bytes {
-                    Some(n) => Full::new(Bytes::from(vec![b'x'; n])).boxed(),
-                    None => text(format!("upstream: status {status}")),
+                let body = match (b.body_bytes, b.stream_ms) {
+                    (_, ms) if ms > 0 => HeldBody::new(Duration::from_millis(ms)).boxed(),
+                    (Some(0), _) => Full::new(Bytes::new()).boxed(),
+                    (Some(n), _) => Full::new(Bytes::from(vec![b'x'; n])).boxed(),
+                    (None, _) => text(format!("upstream: status {status}")),
                 };
                 (status, body, false)
             }
@@ -414,6 +465,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     *lock(&shared.books).stats.responses_by_status.entry(status).or_default() += 1;
     let mut resp = response(status, body, Some(guard));
     resp.headers_mut().insert("x-upstream-seq", HeaderValue::from(seq));
+    if let Some((name, value)) = raw {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(&value)) {
+            resp.headers_mut().insert(n, v);
+        }
+    }
     if grpc {
         resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     }

@@ -185,22 +185,30 @@ fn release_probe(p: &Policy, host: &impl Host, call: Call) {
 }
 
 /// The tick: hands the batch over and refreshes the view (if the policy was active since the
-/// last tick, or is suspect), or drops the view (if it was idle), so no view outlives a sync
-/// interval. Returns whether the next tick must visit the policy again.
+/// last tick, or is suspect, or open), or drops the view (if it was idle), so no view outlives
+/// a sync interval. An open breaker whose period is over turns half-open here, traffic or not.
+/// Returns whether the next tick must visit the policy again.
 pub fn sync(p: &Policy, host: &impl Host, now: u64) -> bool {
     let Some(b) = &p.cfg.breaker else { return false };
     // A batch counts as activity: its calls may have been admitted before the last tick.
-    let (active, suspect) =
-        p.local(|l| (core::mem::take(&mut l.active) || l.batch.successes > 0, l.view == View::Suspect));
-    if !active && !suspect {
+    let (active, watch) = p.local(|l| {
+        let active = core::mem::take(&mut l.active) || l.batch.successes > 0;
+        (active, matches!(l.view, View::Suspect | View::Open { .. }))
+    });
+    if !active && !watch {
         p.local(|l| l.view = View::Unknown);
         return false;
+    }
+    if let (false, View::Open { until }) = (active, p.local(|l| l.view)) {
+        if now < until {
+            return true; // nothing to hand over; look again next tick
+        }
     }
     let pending = p.local(|l| core::mem::take(&mut l.batch));
     let step = store::update(host, &p.breaker_key, |s| {
         let recorded = s.record_successes(&b.machine, now, pending);
         let stale = recorded.value == Recorded::Stale;
-        recorded.and(s.confirm(&b.machine, now)).map(|()| stale)
+        recorded.and(s.confirm(&b.machine, now)).and(s.expire(now)).map(|()| stale)
     });
     if let Some((step, view)) = step {
         p.local(|l| {

@@ -76,11 +76,12 @@ pub fn admit(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, ticket: u3
         may_pause,
         lease: leasing,
     };
-    let Some(u) = store::bulkhead(host, &p.bulkhead_key, |s| s.ask(&b.machine, now, ask)) else {
+    let Some((u, taken)) = store::bulkhead(host, &p.bulkhead_key, |s| s.ask(&b.machine, now, ask)) else {
         // Shared data failing entirely: fail open, the bulkhead must not become the outage.
         return Permit::None;
     };
     vm.holdings.touch(&h, c, p.index);
+    gauges(p, host, taken);
     notify(p, host, vm, u.granted, u.refused);
     match u.value {
         Acquire::Leased(size) => {
@@ -124,39 +125,42 @@ pub fn admit(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, ticket: u3
 fn admitted(c: &Rc<Compiled>, p: &Policy, vm: &Vm, waited: bool) {
     p.local(|l| {
         l.counts.admitted += 1;
-        l.counts.active += 1;
-        if waited {
-            l.counts.waited += 1;
-            l.counts.queued -= 1;
-        }
+        l.counts.waited += u32::from(waited);
     });
     vm.list(c, p);
+}
+
+/// The gauges follow the shared state: permits taken (in flight, or idle in a worker's lease)
+/// and requests waiting, as of the last change any worker made. Set, not added, so a worker
+/// that dies takes nothing with it: the counts heal when its permits are reclaimed.
+fn gauges(p: &Policy, host: &impl Host, taken: store::Taken) {
+    metrics::set(host, p.metrics.bulkhead.active, u64::from(taken.active));
+    metrics::set(host, p.metrics.bulkhead.queued, u64::from(taken.queued));
 }
 
 fn park(c: &Rc<Compiled>, p: &Policy, vm: &Vm, ticket: u32, class: u8, now: u64, recall_only: bool) -> Permit {
     let parked = Parked { compiled: c.clone(), policy: p.index, class, since: now, recall_only, state: Wait::Waiting };
     vm.waiters.park(ticket, parked);
-    p.local(|l| l.counts.queued += 1);
     vm.list(c, p);
     Permit::Waiting(class)
 }
 
 /// The stream is over: give its permit back, or leave the queue.
-pub fn finish(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, ticket: u32, permit: Permit) -> Finished {
+pub fn finish(p: &Policy, host: &impl Host, vm: &Vm, ticket: u32, permit: Permit) -> Finished {
     match permit {
         Permit::None => Finished::Forwarded(None),
         Permit::Refused => Finished::NotForwarded,
         Permit::Leased => {
-            return_leased(c, p, host, vm);
+            return_leased(p, host, vm);
             Finished::Forwarded(None)
         }
         Permit::Exact(class) => {
-            release(c, p, host, vm, class);
+            release(p, host, vm, class);
             Finished::Forwarded(None)
         }
         Permit::Waiting(class) => match vm.waiters.take(ticket) {
             Some(Parked { state: Wait::Granted { at }, .. }) => {
-                release(c, p, host, vm, class);
+                release(p, host, vm, class);
                 Finished::Forwarded(Some(at))
             }
             Some(Parked { state: Wait::TimedOut | Wait::Refused, .. }) => Finished::NotForwarded,
@@ -164,7 +168,7 @@ pub fn finish(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, ticket: u
             // in the meantime (its wake-up still on the way), give that back.
             Some(Parked { state: Wait::Waiting, since, .. }) => {
                 let now = vm.clock(host);
-                leave(c, p, host, vm, class, ticket, now);
+                leave(p, host, vm, class, ticket, now);
                 metrics::set(host, p.metrics.bulkhead.queue_ms, now.saturating_sub(since) / MS);
                 Finished::NotForwarded
             }
@@ -175,9 +179,7 @@ pub fn finish(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, ticket: u
 
 /// A leased permit's request ended: the permit stays with the lease, idle, unless the lease is
 /// draining (after a recall), when it goes back at once.
-fn return_leased(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm) {
-    p.local(|l| l.counts.active -= 1);
-    vm.list(c, p);
+fn return_leased(p: &Policy, host: &impl Host, vm: &Vm) {
     let Some(h) = holding(vm, p) else { return };
     h.in_use.set(h.in_use.get().saturating_sub(1));
     if h.draining.get() {
@@ -187,24 +189,21 @@ fn return_leased(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm) {
 }
 
 /// Returns a permit held one by one.
-fn release(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, class: u8) {
-    p.local(|l| l.counts.active -= 1);
-    vm.list(c, p);
+fn release(p: &Policy, host: &impl Host, vm: &Vm, class: u8) {
     if let Some(h) = holding(vm, p) {
         h.exact.set(h.exact.get().saturating_sub(1));
     }
     let Some(b) = &p.cfg.bulkhead else { return };
     let (worker, now) = (vm.worker.get(), vm.clock(host));
-    if let Some(u) = store::bulkhead(host, &p.bulkhead_key, |s| s.release(&b.machine, now, worker, class)) {
+    if let Some((u, taken)) = store::bulkhead(host, &p.bulkhead_key, |s| s.release(&b.machine, now, worker, class)) {
+        gauges(p, host, taken);
         notify(p, host, vm, u.granted, u.refused);
     }
 }
 
 /// A waiter leaves the queue (its client left); if it was handed a permit meanwhile, the
 /// permit goes back.
-fn leave(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, class: u8, ticket: u32, now: u64) {
-    p.local(|l| l.counts.queued -= 1);
-    vm.list(c, p);
+fn leave(p: &Policy, host: &impl Host, vm: &Vm, class: u8, ticket: u32, now: u64) {
     let Some(b) = &p.cfg.bulkhead else { return };
     let worker = vm.worker.get();
     let u = store::bulkhead(host, &p.bulkhead_key, |s| {
@@ -215,7 +214,8 @@ fn leave(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, class: u8, tic
         let u = s.release(&b.machine, now, worker, class);
         Update { value: false, changed: u.changed, granted: u.granted, refused: u.refused }
     });
-    if let Some(u) = u {
+    if let Some((u, taken)) = u {
+        gauges(p, host, taken);
         notify(p, host, vm, u.granted, u.refused);
     }
 }
@@ -225,7 +225,8 @@ fn trim(p: &Policy, host: &impl Host, vm: &Vm, h: &Holding, keep: u32, draining:
     let Some(b) = &p.cfg.bulkhead else { return };
     let (worker, now) = (vm.worker.get(), vm.clock(host));
     let u = store::bulkhead(host, &p.bulkhead_key, |s| s.trim_lease(&b.machine, now, worker, keep, draining));
-    if let Some(u) = u {
+    if let Some((u, taken)) = u {
+        gauges(p, host, taken);
         h.lease.set(keep.min(h.lease.get()));
         h.draining.set(draining && h.lease.get() > 0);
         h.renewed_at.set(now);
@@ -249,7 +250,10 @@ fn notify(p: &Policy, host: &impl Host, vm: &Vm, granted: Vec<Waiter>, refused: 
             continue;
         }
         let now = vm.coarse_now();
-        if let Some(u) = store::bulkhead(host, &p.bulkhead_key, |s| s.release(&b.machine, now, w.worker, w.class)) {
+        if let Some((u, taken)) =
+            store::bulkhead(host, &p.bulkhead_key, |s| s.release(&b.machine, now, w.worker, w.class))
+        {
+            gauges(p, host, taken);
             todo.extend(u.granted);
             for r in u.refused {
                 host.enqueue(r.worker, &message::ticket(message::REFUSE, r.ticket));
@@ -305,10 +309,7 @@ fn refuse(host: &impl Host, vm: &Vm, ticket: u32) {
 }
 
 fn ended_waiting(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, why: Refusal, waited_ns: u64) {
-    p.local(|l| {
-        l.counts.queued -= 1;
-        l.counts.reject(why);
-    });
+    p.local(|l| l.counts.reject(why));
     vm.list(c, p);
     metrics::set(host, p.metrics.bulkhead.queue_ms, waited_ns / MS);
 }
@@ -338,7 +339,8 @@ pub fn maintain(host: &impl Host, vm: &Vm, now: u64) {
             trim(p, host, vm, &h, keep, false);
         } else if now.saturating_sub(h.renewed_at.get()) >= b.machine.stale_after_ns / 4 {
             let worker = vm.worker.get();
-            if let Some(u) = store::bulkhead(host, &p.bulkhead_key, |s| s.renew(&b.machine, now, worker)) {
+            if let Some((u, taken)) = store::bulkhead(host, &p.bulkhead_key, |s| s.renew(&b.machine, now, worker)) {
+                gauges(p, host, taken);
                 h.renewed_at.set(now);
                 notify(p, host, vm, u.granted, u.refused);
             }
@@ -359,7 +361,7 @@ pub fn expire(host: &impl Host, vm: &Vm, now: u64) {
         let Some(p) = c.policy(parked.policy) else { continue };
         let Some(b) = &p.cfg.bulkhead else { continue };
         let left = store::bulkhead(host, &p.bulkhead_key, |s| s.withdraw(&b.machine, now, worker, ticket));
-        let Some(u) = left.filter(|u| u.value) else {
+        let Some((u, taken)) = left.filter(|(u, _)| u.value) else {
             // Not in the queue: it was just handed a permit; its wake-up is on the way.
             vm.waiters.park(ticket, parked);
             continue;
@@ -371,6 +373,7 @@ pub fn expire(host: &impl Host, vm: &Vm, now: u64) {
         };
         let since = parked.since;
         vm.waiters.park(ticket, Parked { state, ..parked });
+        gauges(p, host, taken);
         notify(p, host, vm, u.granted, u.refused);
         ended_waiting(&c, p, host, vm, why, now.saturating_sub(since));
         if host.enter(ticket) {

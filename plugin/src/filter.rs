@@ -121,7 +121,7 @@ pub fn on_response_trailers(c: &Compiled, host: &impl Host, stream: &mut Stream)
 pub fn on_log(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, ticket: u32, stream: Stream) {
     let Stream::Tracked(t) = stream else { return };
     let Some(p) = c.policy(t.policy) else { return };
-    let forwarded = bulkhead::finish(c, p, host, vm, ticket, t.permit) != Finished::NotForwarded;
+    let forwarded = bulkhead::finish(p, host, vm, ticket, t.permit) != Finished::NotForwarded;
     if let Some(grant) = t.retry {
         retry::settle(c, p, host, vm, grant, forwarded, &t.response);
     }

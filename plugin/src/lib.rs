@@ -15,6 +15,7 @@
 //!   paused in a bulkhead queue), its [`holdings`] (bulkhead permits and leases), the policies
 //!   its tick must visit.
 //! * [`store`] keeps policy state in proxy-wasm shared data with CAS retry loops.
+//! * `per_route` (native only) turns a route-rule configuration into per-route filter instances.
 //! * [`host`] is the seam to the proxy; [`wasm`] implements it over the proxy-wasm ABI (calling
 //!   the imports directly: the SDK's wrappers panic on host data), `fake` for unit tests.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
@@ -33,6 +34,8 @@ pub mod host;
 pub mod local;
 pub mod metrics;
 pub mod outcome;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod per_route;
 pub mod reply;
 pub mod retry;
 pub mod routes;

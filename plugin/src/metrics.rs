@@ -35,9 +35,6 @@ pub struct Counts {
     pub rescued: u32,
     pub denied: u32,
     pub dry_run_denied: u32,
-    /// Requests in flight / waiting: this worker's change to the shared gauges.
-    pub active: i64,
-    pub queued: i64,
 }
 
 impl Counts {
@@ -87,7 +84,8 @@ pub struct PolicyMetrics {
 /// The bulkhead's stats; all None for a policy without a bulkhead.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BulkheadMetrics {
-    /// Gauges: requests in flight and waiting, all workers (each adds its changes on its tick).
+    /// Gauges: permits taken (in flight, or idle in a worker's lease) and requests waiting,
+    /// all workers, set from the shared state by whichever worker changed it last.
     pub active: Option<u32>,
     pub queued: Option<u32>,
     /// Gauge: `max_concurrent`.
@@ -208,8 +206,6 @@ impl PolicyMetrics {
         }
         add(host, self.bulkhead.admitted, c.admitted.into());
         add(host, self.bulkhead.waited, c.waited.into());
-        add(host, self.bulkhead.active, c.active);
-        add(host, self.bulkhead.queued, c.queued);
         add(host, self.retry.retries, c.retries.into());
         add(host, self.retry.rescued, c.rescued.into());
         add(host, self.retry.denied, c.denied.into());

@@ -101,16 +101,23 @@ pub fn update<T>(
     .map(|(step, state)| (step, View::of(&state)))
 }
 
-/// A bulkhead operation.
+/// Permits taken and requests waiting, as a bulkhead operation left them (for the gauges).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    pub active: u32,
+    pub queued: u32,
+}
+
+/// A bulkhead operation, with the counts it left.
 pub fn bulkhead<T>(
     host: &impl Host,
     key: &str,
     mut f: impl FnMut(&mut BulkheadState) -> Update<T>,
-) -> Option<Update<T>> {
+) -> Option<(Update<T>, Taken)> {
     apply(host, key, |s: &mut BulkheadState| {
         let u = f(s);
         let changed = u.changed;
         (u, changed)
     })
-    .map(|(u, _)| u)
+    .map(|(u, s)| (u, Taken { active: s.active(), queued: s.queued() }))
 }

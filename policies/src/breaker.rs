@@ -352,6 +352,19 @@ impl BreakerState {
         }
     }
 
+    /// The open period is over: half-open, with no probe yet (resilience4j's automatic
+    /// transition), so that the state, and the gauges that show it, say so on time even on a
+    /// route without traffic. The next call is the first probe.
+    pub fn expire(&mut self, now: u64) -> Step<()> {
+        match self.phase {
+            Phase::Open { until } if now >= until && self.forced.is_none() => {
+                self.enter(Phase::HalfOpen { probes: 0, successes: 0, last_probe_at: now });
+                step((), true, Some(Transition::HalfOpened))
+            }
+            _ => step((), false, None),
+        }
+    }
+
     /// Sets (`Some`) or releases (`None`) a forced state. Releasing starts a fresh closed breaker.
     pub fn force(&mut self, forced: Option<Forced>) -> Step<()> {
         if self.forced == forced {

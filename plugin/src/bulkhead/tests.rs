@@ -93,7 +93,7 @@ fn far_from_full_a_worker_serves_its_requests_from_its_lease_with_no_host_call()
     }
     let c = w.host.take_calls();
     assert_eq!((calls_of(&c, "shared_get"), calls_of(&c, "shared_set"), calls_of(&c, "clock")), (0, 0, 0), "{c:?}");
-    assert_eq!(w.stat("bulkhead_active.policy.wide"), 1);
+    assert_eq!(w.stat("bulkhead_active.policy.wide"), 12, "permits taken: the whole lease");
     assert_eq!(w.stat("bulkhead_admitted_total.policy.wide"), 12);
     w.end(1, first_stream, 200);
     // The lease was used since the last tick: kept. Idle through a whole tick: given back.
@@ -102,6 +102,7 @@ fn far_from_full_a_worker_serves_its_requests_from_its_lease_with_no_host_call()
     w.at(100 * MS).tick();
     assert_eq!(lease(&w, "wide"), 0, "an unused lease goes back");
     assert_eq!(held(&w, "wide"), 0);
+    assert_eq!(w.stat("bulkhead_active.policy.wide"), 0);
 }
 
 fn calls_of(c: &hashbrown::HashMap<&'static str, u32>, kind: &str) -> u32 {
@@ -231,7 +232,10 @@ fn a_waiter_past_its_timeout_gets_queue_timeout_at_the_next_tick_and_nothing_lea
     // The local reply's 503 passes the filter; the stream then ends holding nothing.
     w.end(3, s3, 503);
     w.end(1, s1, 200);
-    assert_eq!(w.stat("bulkhead_active.policy.orders"), 1, "only request 2 is still in flight");
+    assert_eq!(held(&w, "orders"), 2, "request 2's permit, and request 1's idle in the lease");
+    assert_eq!(w.at(SECOND + 50 * MS).stat("bulkhead_active.policy.orders"), 2);
+    w.at(SECOND + 100 * MS).tick();
+    assert_eq!(held(&w, "orders"), 1, "the unused lease went back: only request 2 is in flight");
     assert!(w.wake().is_empty(), "a timed-out waiter is never granted");
 }
 
@@ -245,7 +249,8 @@ fn a_waiter_whose_client_leaves_leaves_the_queue() {
     assert_eq!(w.stat("bulkhead_queued.policy.orders"), 0);
     w.end(1, s1, 200);
     assert!(w.wake().is_empty(), "no ghost takes the freed permit");
-    assert_eq!(w.stat("bulkhead_active.policy.orders"), 1);
+    assert_eq!(w.stat("bulkhead_queued.policy.orders"), 0);
+    assert_eq!(w.stat("bulkhead_active.policy.orders"), 2, "request 2, and request 1's permit idle in the lease");
 }
 
 #[test]
@@ -260,7 +265,7 @@ fn a_client_that_leaves_after_its_grant_but_before_its_wake_up_gives_the_permit_
     w2.end(3, s3, 200); // …and request 3's one-by-one permit goes to the waiter: 4 is granted
     w2.end(4, s4, 0); // …but its client leaves before the wake-up
     assert!(w2.wake().is_empty(), "the wake-up finds the stream gone");
-    assert_eq!(w2.stat("bulkhead_active.policy.orders"), 0);
+    assert_eq!(w2.stat("bulkhead_active.policy.orders"), 1, "only request 2's permit, idle in the lease");
     assert_eq!(w2.send("orders", 5).0, Action::Continue);
     assert_eq!(w2.send("orders", 6).0, Action::Continue, "both permits are free again");
 }

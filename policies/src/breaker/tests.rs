@@ -505,3 +505,16 @@ fn a_suspect_state_round_trips_through_bytes() {
     }
     assert_eq!(BreakerState::decode(&b.encode()), Some(b));
 }
+
+#[test]
+fn the_open_period_ends_on_time_without_traffic_and_the_next_call_probes() {
+    let cfg = consecutive(1);
+    let mut b = open_breaker(&cfg, 0);
+    assert_eq!(b.expire(30 * SECOND - 1).transition, None, "open_for − 1ns: still open");
+    assert_eq!(b.expire(30 * SECOND).transition, Some(Transition::HalfOpened));
+    assert!(matches!(b.phase, Phase::HalfOpen { probes: 0, .. }));
+    let s = b.admit(&cfg, 31 * SECOND);
+    assert!(matches!(s.value, Admission::Probe { .. }));
+    assert_eq!(s.transition, None, "already half-open");
+    assert!(!b.expire(40 * SECOND).changed, "only an open breaker expires");
+}
