@@ -15,7 +15,7 @@ WASI_RUNNER    = $(CURDIR)/$(VENV)/bin/python $(CURDIR)/tools/wasi-run.py
 
 help:
 	@echo "make run    build the plugin, install Envoy $(ENVOY_VERSION), start the demo on localhost:10000"
-	@echo "make test   unit tests, policies' tests as wasm32, clippy, alert rules, and the real-Envoy integration tests"
+	@echo "make test   unit tests, policies' tests as wasm32, clippy, alert rules, the CLI, and the real-Envoy integration tests"
 	@echo "make bench  Breakwater vs plain Envoy, a no-op Wasm filter and Envoy's native resilience -> results/"
 
 setup: wasm-target venv
@@ -54,13 +54,15 @@ wasm-test: wasm-target venv
 	CARGO_TARGET_WASM32_WASIP1_RUNNER="$(WASI_RUNNER)" cargo test -p breakwater-policies --target wasm32-wasip1
 
 lint:
-	cargo clippy -p breakwater-policies -p breakwater --all-targets -- -D warnings
+	cargo clippy -p breakwater-policies -p breakwater -p breakwater-cli --all-targets -- -D warnings
 	cargo clippy -p breakwater --target wasm32-wasip1 -- -D warnings
 
-# Operating Breakwater: the alert rules, checked and unit-tested by promtool.
+# Operating Breakwater: the alert rules, checked and unit-tested by promtool, and the
+# `breakwater` CLI, whose tests run the built binary.
 ops: prometheus-tools
 	promtool check rules envoy/prometheus/breakwater-alerts.yaml
 	promtool test rules envoy/prometheus/breakwater-alerts.test.yaml
+	cargo test -p breakwater-cli
 
 # promtool comes with Debian's prometheus package. Installing it must not leave a Prometheus
 # server running: the package's service is stopped and disabled.
