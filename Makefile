@@ -57,12 +57,14 @@ lint:
 	cargo clippy -p breakwater-policies -p breakwater -p breakwater-cli --all-targets -- -D warnings
 	cargo clippy -p breakwater --target wasm32-wasip1 -- -D warnings
 
-# Operating Breakwater: the alert rules, checked and unit-tested by promtool, and the
-# `breakwater` CLI, whose tests run the built binary.
-ops: prometheus-tools
+# Operating Breakwater: the alert rules, checked and unit-tested by promtool; the `breakwater`
+# CLI, whose tests run the built binary, check the dashboard's and the alerts' queries, and run
+# Envoy with a trapping Wasm module for its VM-failure stats.
+ops: prometheus-tools envoy
 	promtool check rules envoy/prometheus/breakwater-alerts.yaml
 	promtool test rules envoy/prometheus/breakwater-alerts.test.yaml
-	cargo test -p breakwater-cli
+	cargo build -p breakwater-cli
+	ENVOY_BIN="$(ENVOY_RESOLVED)" cargo test -p breakwater-cli
 
 # promtool comes with Debian's prometheus package. Installing it must not leave a Prometheus
 # server running: the package's service is stopped and disabled.
