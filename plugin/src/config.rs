@@ -853,8 +853,9 @@ fn expected(path: &str, what: &str, got: &Value) -> ConfigError {
     ConfigError { path: path.to_string(), message: format!("expected {what}, got {}", show(got)) }
 }
 
-/// `path.key`, or `path["key"]` (quoted, escaped, cut) for a key that is not a plain name.
-fn join(path: &str, key: &str) -> String {
+/// `path.key`, or `path["key"]` (quoted, escaped, cut) for a key that is not a plain name: how
+/// every error names a field (the CLI locates fields by the same rule).
+pub fn join(path: &str, key: &str) -> String {
     let plain = !key.is_empty()
         && key.len() <= SHOWN
         && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');

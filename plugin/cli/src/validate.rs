@@ -1,7 +1,7 @@
 //! `breakwater validate`: finds every Breakwater configuration in a file and checks it with the
 //! plugin's own parser, exactly as Envoy would hand it over.
 
-use crate::yaml::{self, join, Doc, Pos};
+use crate::yaml::{self, concat, join, Doc, Pos};
 use serde::Serialize;
 use serde_json::Value;
 use yaml_rust2::scanner::TScalarStyle;
@@ -132,7 +132,7 @@ fn scan_doc(doc: &Doc, index: usize, count: usize, raw_json: Option<&str>, opts:
             Some(_) => Err("pluginConfig must be a mapping".to_string()),
         };
         ambiguities(doc, &at, report);
-        check(report, "istio-wasmplugin", name, &at, bytes, |p| doc.position(&join(&at, p)));
+        check(report, "istio-wasmplugin", name, &at, bytes, |p| doc.position(&concat(&at, p)));
     } else if kind.is_some() && api.is_some() {
         let name = str_at(v, &["metadata", "name"]).unwrap_or("");
         report.skipped.push(format!("{} {name} (not a WasmPlugin)", kind.unwrap_or("")));
@@ -155,12 +155,12 @@ fn scan_doc(doc: &Doc, index: usize, count: usize, raw_json: Option<&str>, opts:
                 report.skipped.push(format!("Wasm filter {name:?} at {at} (not Breakwater's; --any-wasm checks it)"));
                 continue;
             }
-            let value_path = join(&at, "config.configuration.value");
+            let value_path = concat(&at, "config.configuration.value");
             let bytes = match config.get("configuration") {
                 None | Some(Value::Null) => Ok(Vec::new()),
                 Some(c) if c.get("@type").and_then(Value::as_str) != Some(STRING_VALUE) => Err(format!(
                     "{}: Breakwater reads its configuration from a {STRING_VALUE}",
-                    join(&at, "config.configuration")
+                    concat(&at, "config.configuration")
                 )),
                 Some(c) => match c.get("value") {
                     None => Ok(Vec::new()),
@@ -198,8 +198,8 @@ fn check(
         Err(message) => found.error = Some(Finding::at(locate(""), None, message)),
         Ok(bytes) => {
             // As the plugin's on_configure: no configuration at all means no policies.
-            let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
-            match breakwater::config::parse(bytes) {
+            // The plugin's own parser, which reads an empty configuration as `{}` itself.
+            match breakwater::config::parse(&bytes) {
                 Ok(c) => {
                     found.valid = true;
                     found.policies = c.policies.len();

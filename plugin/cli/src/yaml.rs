@@ -76,11 +76,17 @@ pub fn parent(path: &str) -> &str {
     }
 }
 
+/// The path of `key` under `path`, rendered as the plugin renders it in its errors.
 pub fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
+    breakwater::config::join(path, key)
+}
+
+/// A path below another: `at` + `rest` (both already rendered).
+pub fn concat(at: &str, rest: &str) -> String {
+    match (at.is_empty(), rest.is_empty() || rest.starts_with('[')) {
+        (true, _) => rest.to_string(),
+        (false, true) => format!("{at}{rest}"),
+        (false, false) => format!("{at}.{rest}"),
     }
 }
 

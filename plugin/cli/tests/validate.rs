@@ -60,7 +60,7 @@ fn an_error_in_envoy_yaml_points_at_the_line_inside_the_json_block() {
     assert_eq!(run.code, 1);
     assert_eq!(
         run.stdout.lines().next().unwrap(),
-        format!("{file}:{line}:{column}: error: policies.checkout.circuit_breaker.failure_rate.threshold: expected a percent from 1 to 100, got 150")
+        format!("{file}:{line}:{column}: error: policies.checkout.circuit_breaker.failure_rate.threshold: expected a percent: a whole number from 1 to 100, got 150")
     );
     assert!(run.stdout.contains("in Wasm filter \"breakwater\" at static_resources.listeners[0]"), "{}", run.stdout);
 }
@@ -117,7 +117,7 @@ fn every_bad_configuration_is_refused_at_its_path() {
         ("zero-count", "policies.a.bulkhead.max_concurrent", 1, 38),
         ("bad-duration", "policies.a.circuit_breaker.open_for", 1, 45),
         ("zero-duration", "policies.a.circuit_breaker.open_for", 1, 45),
-        ("bad-policy-name", "policies.check out", 1, 17),
+        ("bad-policy-name", "policies[\"check out\"]", 1, 17),
         ("retry-on-unknown", "policies.a.retry.retry_on[1]", 1, 55),
         ("yaml11-on-key", "policies.a.retry.true", 1, 35),
         ("header-uppercase", "policies.a.reject.headers.X-Foo", 1, 49),
