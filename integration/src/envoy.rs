@@ -141,6 +141,8 @@ pub struct RouteSpec {
     pub filter_disabled: bool,
     /// The route's own `retry_policy` (Envoy's), if any.
     pub retry_policy: Option<Value>,
+    /// The route's `idle_timeout` (Envoy's stream idle timeout for the route), if any.
+    pub idle_timeout: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -232,6 +234,7 @@ impl Spec {
             timeout,
             filter_disabled: false,
             retry_policy: None,
+            idle_timeout: None,
         });
         self
     }
@@ -241,6 +244,15 @@ impl Spec {
         self = self.route(name, prefix, "backend");
         if let Some(r) = self.routes.last_mut() {
             r.retry_policy = Some(json!({ "retry_on": retry_on, "num_retries": num_retries }));
+        }
+        self
+    }
+
+    /// Sets the last route's `idle_timeout`: Envoy answers a stream idle that long (408 before
+    /// any response), whatever the filters do.
+    pub fn idle_timeout(mut self, idle: Duration) -> Spec {
+        if let Some(r) = self.routes.last_mut() {
+            r.idle_timeout = Some(idle);
         }
         self
     }
@@ -263,6 +275,7 @@ impl Spec {
             timeout: Duration::from_secs(5),
             filter_disabled: false,
             retry_policy: None,
+            idle_timeout: None,
         });
         self
     }
@@ -391,6 +404,9 @@ impl Spec {
                 if let Some(policy) = &r.retry_policy {
                     route["route"]["retry_policy"] = policy.clone();
                 }
+                if let Some(idle) = r.idle_timeout {
+                    route["route"]["idle_timeout"] = json!(format!("{}s", idle.as_secs_f64()));
+                }
                 if r.filter_disabled {
                     route["typed_per_filter_config"] = json!({ "breakwater": {
                         "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
@@ -413,6 +429,8 @@ impl Spec {
             "root_id": "breakwater",
             // Set explicitly: the default changed between Envoy versions.
             "failure_policy": self.failure_policy,
+            // A trapped VM is reloaded after 0.1s (Envoy's default: 1s), backing off to 5s.
+            "reload_config": { "backoff": { "base_interval": "0.1s", "max_interval": "5s" } },
             "vm_config": {
                 "vm_id": "breakwater",
                 "runtime": "envoy.wasm.runtime.v8",

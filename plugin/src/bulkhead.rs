@@ -207,12 +207,15 @@ fn leave(p: &Policy, host: &impl Host, vm: &Vm, class: u8, ticket: u32, now: u64
     let Some(b) = &p.cfg.bulkhead else { return };
     let worker = vm.worker.get();
     let u = store::bulkhead(host, &p.bulkhead_key, |s| {
-        let left = s.withdraw(&b.machine, now, worker, ticket);
+        let mut left = s.withdraw(&b.machine, now, worker, ticket);
         if left.value {
             return left;
         }
+        // Granted meanwhile: give the permit back. Whatever either step granted is woken.
         let u = s.release(&b.machine, now, worker, class);
-        Update { value: false, changed: u.changed, granted: u.granted, refused: u.refused }
+        left.granted.extend(u.granted);
+        left.refused.extend(u.refused);
+        Update { value: false, changed: left.changed || u.changed, ..left }
     });
     if let Some((u, taken)) = u {
         gauges(p, host, taken);
@@ -360,12 +363,19 @@ pub fn expire(host: &impl Host, vm: &Vm, now: u64) {
         let c = parked.compiled.clone();
         let Some(p) = c.policy(parked.policy) else { continue };
         let Some(b) = &p.cfg.bulkhead else { continue };
-        let left = store::bulkhead(host, &p.bulkhead_key, |s| s.withdraw(&b.machine, now, worker, ticket));
-        let Some((u, taken)) = left.filter(|(u, _)| u.value) else {
-            // Not in the queue: it was just handed a permit; its wake-up is on the way.
+        let Some((u, taken)) = store::bulkhead(host, &p.bulkhead_key, |s| s.withdraw(&b.machine, now, worker, ticket))
+        else {
             vm.waiters.park(ticket, parked);
             continue;
         };
+        gauges(p, host, taken);
+        if !u.value {
+            // Not in the queue: it was just handed a permit (maybe by this very call, freed
+            // from a dead worker); its wake-up is on the way.
+            vm.waiters.park(ticket, parked);
+            notify(p, host, vm, u.granted, u.refused);
+            continue;
+        }
         let (why, state) = if parked.recall_only {
             (Refusal::BulkheadFull, Wait::Refused)
         } else {
@@ -373,7 +383,6 @@ pub fn expire(host: &impl Host, vm: &Vm, now: u64) {
         };
         let since = parked.since;
         vm.waiters.park(ticket, Parked { state, ..parked });
-        gauges(p, host, taken);
         notify(p, host, vm, u.granted, u.refused);
         ended_waiting(&c, p, host, vm, why, now.saturating_sub(since));
         if host.enter(ticket) {

@@ -369,7 +369,15 @@ impl BulkheadState {
     /// Drops the permits and waiters of workers presumed dead, then grants what that freed.
     fn prune(&mut self, cfg: &BulkheadConfig, now: u64) -> (bool, Vec<Waiter>, Vec<Waiter>) {
         let (holders, waiters) = (self.holders.len(), self.waiters.len());
-        self.holders.retain(|h| h.seen_at.saturating_add(cfg.stale_after_ns) >= now);
+        let dead: Vec<u32> = self
+            .holders
+            .iter()
+            .filter(|h| h.seen_at.saturating_add(cfg.stale_after_ns) < now)
+            .map(|h| h.worker)
+            .collect();
+        self.holders.retain(|h| !dead.contains(&h.worker));
+        // A dead worker's waiters die with it: granting them a permit would hand it to nobody.
+        self.waiters.retain(|w| !dead.contains(&w.worker));
         // A live worker gives up on its waiter at `since + timeout` (one sync late at most).
         let deadline = |w: &Waiter| {
             let timeout = if w.recall_only { cfg.recall_timeout_ns } else { cfg.queue_timeout_ns };

@@ -11,6 +11,7 @@ const CONFIG: &str = r#"{
     "orders": { "bulkhead": { "max_concurrent": 2, "queue": { "max_size": 2, "timeout": "1s" } } },
     "tight": { "bulkhead": { "max_concurrent": 2 } },
     "plain": { "bulkhead": { "max_concurrent": 1 } },
+    "single": { "bulkhead": { "max_concurrent": 1, "queue": { "max_size": 2, "timeout": "1s" } } },
     "wide": { "bulkhead": { "max_concurrent": 100 } },
     "tiered": { "bulkhead": { "max_concurrent": 3,
         "priority": { "header": "x-priority", "default": "standard",
@@ -23,6 +24,7 @@ const CONFIG: &str = r#"{
     { "match": { "route_name": "orders" }, "policy": "orders" },
     { "match": { "route_name": "tight" }, "policy": "tight" },
     { "match": { "route_name": "plain" }, "policy": "plain" },
+    { "match": { "route_name": "single" }, "policy": "single" },
     { "match": { "route_name": "wide" }, "policy": "wide" },
     { "match": { "route_name": "tiered" }, "policy": "tiered" },
     { "match": { "route_name": "guarded" }, "policy": "guarded" },
@@ -381,4 +383,17 @@ fn a_bulkhead_request_on_the_exact_path_costs_two_cas_round_trips() {
     let calls = w.host.take_calls();
     let n = |k: &str| calls.get(k).copied().unwrap_or(0);
     assert_eq!((n("property"), n("header"), n("shared_get"), n("shared_set")), (1, 0, 2, 2), "{calls:?}");
+}
+
+#[test]
+fn a_permit_reclaimed_from_a_dead_worker_at_a_waiters_timeout_goes_to_that_waiter() {
+    let w1 = first();
+    let w2 = second(&w1);
+    let (_, _held) = w1.at(0).send("single", 1); // worker 1 then dies holding it
+    assert_eq!(w2.at(9500 * MS).send("single", 2).0, Action::Stop);
+    // At its timeout, worker 2's tick withdraws it, and that very call reclaims the dead
+    // worker's permit and grants it to the first in line: the same waiter. It must be woken.
+    w2.at(10_500 * MS).tick();
+    assert!(w2.host.last_reply().is_none(), "not timed out: it got the permit");
+    assert_eq!(w2.wake(), [2]);
 }

@@ -407,3 +407,15 @@ fn leases_round_trip_through_bytes() {
     s.acquire(&c, 0, B, STANDARD, 2, true);
     assert_eq!(BulkheadState::decode(&s.encode()), Some(s));
 }
+
+#[test]
+fn a_dead_workers_waiters_go_with_its_permits_so_nothing_is_granted_to_a_dead_worker() {
+    let c = cfg(1, 5);
+    let mut s = BulkheadState::default();
+    acquire(&mut s, &c, A, 1); // A's VM holds the permit…
+    s.acquire(&c, MS, A, STANDARD, 2, true); // …and has a waiter; then it dies.
+    s.acquire(&c, 2 * MS, B, STANDARD, 3, true);
+    let u = s.renew(&c, c.stale_after_ns + 1, B);
+    assert_eq!(u.granted.iter().map(|w| (w.worker, w.ticket)).collect::<Vec<_>>(), [(B, 3)], "not A's waiter");
+    assert_eq!((s.held_by(A), s.held_by(B), s.queued()), (0, 1, 0));
+}
