@@ -171,6 +171,8 @@ pub struct Spec {
     /// Serve the listener from this LDS file instead of the bootstrap (see [`Spec::reloadable`]).
     lds: Option<(PathBuf, u16)>,
     attach: Attach,
+    /// The virtual host's `include_attempt_count_in_response`.
+    attempt_count: bool,
     failure_policy: &'static str,
     /// Another build of the plugin (the test-trap build), instead of [`wasm_path`].
     wasm: Option<PathBuf>,
@@ -186,6 +188,7 @@ impl Spec {
             concurrency: 2,
             lds: None,
             attach: Attach::Rules,
+            attempt_count: false,
             failure_policy: "FAIL_RELOAD",
             wasm: None,
         }
@@ -194,6 +197,13 @@ impl Spec {
     /// Attach the plugin as per-route filter instances instead of one filter with rules.
     pub fn attach(mut self, attach: Attach) -> Spec {
         self.attach = attach;
+        self
+    }
+
+    /// Envoy reports each response's attempts in `x-envoy-attempt-count` (the virtual host's
+    /// `include_attempt_count_in_response`), which Breakwater reads for its retry budget.
+    pub fn attempt_count_in_response(mut self) -> Spec {
+        self.attempt_count = true;
         self
     }
 
@@ -486,7 +496,10 @@ impl Spec {
                     "codec_type": "AUTO",
                     "route_config": {
                         "name": "local",
-                        "virtual_hosts": [{ "name": "test", "domains": ["*"], "routes": routes }]
+                        "virtual_hosts": [{
+                            "name": "test", "domains": ["*"], "routes": routes,
+                            "include_attempt_count_in_response": self.attempt_count
+                        }]
                     },
                     "http_filters": filters
                 }
