@@ -39,7 +39,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wasm_filter(name, path, configuration=None):
+def wasm_filter(name, path, configuration=None, disabled=False):
+    """A Wasm filter in `http_filters`; `disabled`: only routes that enable it run it (a per-route
+    instance, see `breakwater::per_route`)."""
     conf = ""
     if configuration is not None:
         value = json.dumps(configuration)
@@ -49,16 +51,23 @@ def wasm_filter(name, path, configuration=None):
                   value: {json.dumps(value)}"""
     return f"""
           - name: {name}
+            disabled: {"true" if disabled else "false"}
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
               config:
                 name: {name}
-                root_id: {name}
-                failure_policy: FAIL_CLOSED
+                root_id: {name.split("-")[0]}
+                failure_policy: FAIL_RELOAD
                 vm_config:
-                  vm_id: {name}
+                  vm_id: {name.split("-")[0]}
                   runtime: envoy.wasm.runtime.v8
                   code: {{ local: {{ filename: {path} }} }}{conf}"""
+
+
+def enable(filter_name):
+    """The route's typed_per_filter_config entry that switches a disabled filter on."""
+    return f"""typed_per_filter_config:
+                  {filter_name}: {{ "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig, config: {{}} }}"""
 
 
 ADMISSION_CONTROL = """
@@ -89,8 +98,11 @@ NATIVE_CLUSTER_EXTRAS = """
       max_ejection_percent: 10"""
 
 
-def envoy_yaml(port, admin_port, upstream_port, filters="", route=None, cluster_extras="", dead_port=None):
+def envoy_yaml(port, admin_port, upstream_port, filters="", route=None, cluster_extras="", dead_port=None,
+               per_route="", vhost_extras=""):
     route = route or "route: { cluster: upstream, timeout: 5s }"
+    if per_route:
+        route += "\n                " + per_route
     dead = ""
     if dead_port:
         dead = f"""
@@ -117,7 +129,7 @@ static_resources:
           route_config:
             virtual_hosts:
             - name: bench
-              domains: ["*"]
+              domains: ["*"]{vhost_extras}
               routes:
               - name: bench
                 match: {{ prefix: / }}
@@ -141,39 +153,41 @@ def upstream_yaml(port, admin_port):
     return envoy_yaml(port, admin_port, port, route="direct_response: { status: 200, body: { inline_string: ok } }")
 
 
-def breakwater_config(rules=1, fast_fail=False, bulkhead=False, retry=False):
-    """The realistic policy of the benchmark: failure-rate window and slow-call detection; with
-    `bulkhead`, also a bulkhead with a queue and priority classes (never full at this load); with
-    `retry`, also the issue's retry policy with a budget (nothing fails, so nothing is retried)."""
-    policy = {
-        "circuit_breaker": {
-            "consecutive_failures": 5,
-            "failure_rate": {"threshold": 50, "minimum_requests": 20, "window": "10s"},
-            "slow_call": {"duration": "500ms", "threshold": 80},
-            "open_for": "30s",
-        }
-    }
-    if bulkhead:
-        policy["bulkhead"] = {
-            "max_concurrent": 100,
-            "queue": {"max_size": 50, "timeout": "2s"},
-            "priority": {"header": "x-priority", "default": "standard",
-                         "classes": {"critical": {"reserved": 20}, "background": {"max": 10}}},
-        }
-    if retry:
-        policy["retry"] = {
-            "retry_on": ["5xx", "reset", "connect-failure", "retriable-status-codes"],
-            "retriable_status_codes": [409],
-            "max_retries": 3,
-            "per_try_timeout": "500ms",
-            "budget": {"ratio": 0.2, "min_per_second": 10, "ttl": "10s"},
-        }
+# The realistic policy of the issue: a breaker with consecutive failures, a failure-rate window
+# and slow-call detection; a bulkhead far from full; a retry budget on the route's own retry
+# policy (nothing fails, so nothing is retried).
+BREAKER = {
+    "consecutive_failures": 5,
+    "failure_rate": {"threshold": 50, "minimum_requests": 20, "window": "10s"},
+    "slow_call": {"duration": "500ms", "threshold": 80},
+    "open_for": "30s",
+}
+BULKHEAD = {"max_concurrent": 100, "queue": {"max_size": 50, "timeout": "2s"}}
+RETRY = {"max_retries": 2, "budget": {"ratio": 0.2, "min_per_second": 10, "ttl": "10s"}}
+# The route's own retry policy that the budget governs, and the attempt count Breakwater reads.
+ROUTE_RETRY = "retry_policy: { retry_on: 5xx, num_retries: 2 }"
+ATTEMPTS = "\n              include_attempt_count_in_response: true"
+
+
+def policy(stack=False, fast_fail=False):
     if fast_fail:
-        policy = {"circuit_breaker": {"consecutive_failures": 1, "open_for": "1h"}}
-    # Rules for other routes come first: the request's own rule is the last one.
+        return {"circuit_breaker": {"consecutive_failures": 1, "open_for": "1h"}}
+    p = {"circuit_breaker": BREAKER}
+    if stack:
+        p.update(bulkhead=BULKHEAD, retry=RETRY)
+    return p
+
+
+def per_route_config(**kw):
+    """One per-route instance's configuration: its one policy, no route lookup."""
+    return {"policies": {"bench": policy(**kw)}, "policy": "bench"}
+
+
+def rules_config(rules=1, **kw):
+    """One filter for all routes: rules for other routes come first, the request's own last."""
     routes = [{"match": {"route_name": f"other-{i}"}, "policy": "bench"} for i in range(rules - 1)]
     routes.append({"match": {"route_name": "bench"}, "policy": "bench"})
-    return {"policies": {"bench": policy}, "routes": routes}
+    return {"policies": {"bench": policy(**kw)}, "routes": routes}
 
 
 class Envoy:
@@ -309,6 +323,8 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--callgrind-requests", type=int, default=2000,
                     help="requests per variant counted under callgrind (0: skip that pass)")
+    ap.add_argument("--only-callgrind", action="store_true",
+                    help="skip the CPU-time rounds and the idle pass (a quick look while developing; prints, writes nothing)")
     args = ap.parse_args()
     if not shutil.which("h2load"):
         sys.exit("h2load not found: apt-get install nghttp2-client")
@@ -326,6 +342,11 @@ def main():
         dead_port = free_port()  # nothing listens here: the fast-fail route's cluster
 
         variants = make_variants(args, up_port, dead_port)
+        if args.only_callgrind:
+            for name, make_yaml in variants.items():
+                per_req, window = instructions_per_request(args.envoy, name, make_yaml, tmp, args.callgrind_requests)
+                print(f"{name}: {per_req:,.0f} instructions/request ({window:.1f}s)")
+            return
         for workers in (1, 2):
             group = [start(args.envoy, f"{name}-w{workers}", y, tmp, workers) for name, y in variants.items()]
             running += group
@@ -350,10 +371,22 @@ def main():
             every = dict(variants)
             every.update({f"rules-{n}": y for n, y in rule_variants(args, up_port).items()})
             results["instructions"] = {}
+            windows = []
             for name, make_yaml in every.items():
-                results["instructions"][name] = instructions_per_request(
-                    args.envoy, name, make_yaml, tmp, args.callgrind_requests)
-                print(f"  callgrind: {name} {results['instructions'][name]:,.0f} instructions/request", file=sys.stderr)
+                per_req, window = instructions_per_request(args.envoy, name, make_yaml, tmp, args.callgrind_requests)
+                results["instructions"][name] = per_req
+                windows.append(window)
+                print(f"  callgrind: {name} {per_req:,.0f} instructions/request ({window:.1f}s)", file=sys.stderr)
+            results["callgrind_window"] = {
+                "requests": args.callgrind_requests, "median_seconds": statistics.median(windows),
+                "median_ticks": statistics.median(windows) / 0.05, "tick_ms": 50}
+
+        results["idle_cpu_percent"] = {}
+        for n in (1, 5000):
+            yaml = lambda p, a, n=n: envoy_yaml(p, a, up_port, wasm_filter("breakwater", args.breakwater, many_policies(n)))
+            results["idle_cpu_percent"][f"breakwater-{n}-policies"] = idle_cpu(args.envoy, f"idle-{n}", yaml, tmp)
+        results["idle_cpu_percent"]["plain"] = idle_cpu(args.envoy, "idle-plain", lambda p, a: envoy_yaml(p, a, up_port), tmp)
+        print(f"  idle: {results['idle_cpu_percent']}", file=sys.stderr)
     finally:
         for e in running:
             e.stop()
@@ -368,15 +401,19 @@ def main():
 
 
 def make_variants(args, up_port, dead_port):
-    bw = wasm_filter("breakwater", args.breakwater, breakwater_config())
-    bw_bulkhead = wasm_filter("breakwater", args.breakwater, breakwater_config(bulkhead=True))
-    bw_all = wasm_filter("breakwater", args.breakwater, breakwater_config(bulkhead=True, retry=True))
+    wasm = args.breakwater
+    route_instance = lambda **kw: wasm_filter("breakwater-bench", wasm, per_route_config(**kw), disabled=True)
+    retry_route = f"route: {{ cluster: upstream, timeout: 5s, {ROUTE_RETRY} }}"
     return {
         "plain": lambda p, a: envoy_yaml(p, a, up_port),
         "noop": lambda p, a: envoy_yaml(p, a, up_port, wasm_filter("noop", args.noop)),
-        "breakwater": lambda p, a: envoy_yaml(p, a, up_port, bw),
-        "breakwater_bulkhead": lambda p, a: envoy_yaml(p, a, up_port, bw_bulkhead),
-        "breakwater_all": lambda p, a: envoy_yaml(p, a, up_port, bw_all),
+        "breaker_route": lambda p, a: envoy_yaml(p, a, up_port, route_instance(), per_route=enable("breakwater-bench")),
+        "stack_route": lambda p, a: envoy_yaml(
+            p, a, up_port, route_instance(stack=True), route=retry_route, per_route=enable("breakwater-bench"),
+            vhost_extras=ATTEMPTS),
+        "stack_rules": lambda p, a: envoy_yaml(
+            p, a, up_port, wasm_filter("breakwater", wasm, rules_config(stack=True)), route=retry_route,
+            vhost_extras=ATTEMPTS),
         "native": lambda p, a: envoy_yaml(p, a, up_port, ADMISSION_CONTROL, cluster_extras=NATIVE_CLUSTER_EXTRAS),
         "direct_response": lambda p, a: envoy_yaml(
             p, a, up_port, route="direct_response: { status: 503, body: { inline_string: unavailable } }"),
@@ -384,15 +421,15 @@ def make_variants(args, up_port, dead_port):
             p, a, up_port, wasm_filter("noop", args.noop),
             route="direct_response: { status: 503, body: { inline_string: unavailable } }"),
         "fast_fail": lambda p, a: envoy_yaml(
-            p, a, up_port, wasm_filter("breakwater", args.breakwater, breakwater_config(fast_fail=True)),
-            route="route: { cluster: dead, timeout: 5s }", dead_port=dead_port),
+            p, a, up_port, route_instance(fast_fail=True), route="route: { cluster: dead, timeout: 5s }",
+            per_route=enable("breakwater-bench"), dead_port=dead_port),
     }
 
 
 def rule_variants(args, up_port):
     out = {}
     for n in (1, 100, 10000):
-        f = wasm_filter("breakwater", args.breakwater, breakwater_config(rules=n))
+        f = wasm_filter("breakwater", args.breakwater, rules_config(rules=n))
         out[n] = lambda p, a, f=f: envoy_yaml(p, a, up_port, f)
     return out
 
@@ -417,15 +454,35 @@ def instructions_per_request(envoy_bin, name, make_yaml, tmp, requests):
         load = pin("1") + ["h2load", "--h1", "-c", "1", f"http://127.0.0.1:{port}/"]
         subprocess.run(load[:-1] + ["-n", "300", load[-1]], capture_output=True, check=True)
         subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], capture_output=True, check=True)
+        started = time.time()
         subprocess.run(load[:-1] + ["-n", str(requests), load[-1]], capture_output=True, check=True)
+        window = time.time() - started
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], capture_output=True, check=True)
     finally:
         e.stop()
     for f in d.glob("callgrind.out*"):
         text = f.read_text(errors="ignore")
         if "Trigger: dump" in text:
-            return int(re.search(r"^summary: (\d+)", text, re.M).group(1)) / requests
-    return float("nan")
+            return int(re.search(r"^summary: (\d+)", text, re.M).group(1)) / requests, window
+    return float("nan"), window
+
+
+def idle_cpu(envoy_bin, name, make_yaml, tmp, seconds=10):
+    """Percent of one core an idle Envoy (2 workers, no traffic) uses, over `seconds` after it
+    settled: what the plugin's ticks cost when nothing happens."""
+    e = start(envoy_bin, name, make_yaml, tmp, 2)
+    try:
+        time.sleep(3)
+        before = e.cpu_seconds()
+        time.sleep(seconds)
+        return (e.cpu_seconds() - before) / seconds * 100
+    finally:
+        e.stop()
+
+
+def many_policies(n):
+    return {"policies": {f"p{i}": policy(stack=True) for i in range(n)},
+            "routes": [{"match": {"route_name": f"r{i}"}, "policy": f"p{i}"} for i in range(n)]}
 
 
 def machine():
@@ -446,11 +503,11 @@ def envoy_version(envoy_bin):
 LABELS = {
     "plain": "(1) plain Envoy",
     "noop": "(2) + no-op Wasm filter",
-    "breakwater": "(3) + Breakwater breaker, nothing tripping",
-    "breakwater_bulkhead": "(3') + Breakwater breaker and bulkhead (never full)",
-    "breakwater_all": "(3'') + Breakwater breaker, bulkhead and budgeted retries (nothing fails)",
+    "breaker_route": "(3) + Breakwater breaker, per-route instance",
+    "stack_route": "(3') + breaker, bulkhead, retry budget: per-route instance",
+    "stack_rules": "(3'') + the same stack: one filter with route rules",
     "native": "(4) + Envoy native: circuit_breakers, retry_budget, outlier_detection, admission_control",
-    "fast_fail": "(5) Breakwater fast-fail (circuit open)",
+    "fast_fail": "(5) Breakwater fast-fail (circuit open), per-route instance",
     "direct_response": "(5') Envoy direct_response",
     "noop_direct_response": "(5'') no-op Wasm filter + direct_response: the floor for (5)",
 }
@@ -478,10 +535,9 @@ def report(r):
                          f"{v['cpu_us_per_req'] / noop:.2f} | {v['rps']:.0f} | {v['p50_us']:.0f} | {v['p99_us']:.0f} |")
         ff = g["fast_fail"]["cpu_us_per_req"] / g["direct_response"]["cpu_us_per_req"]
         lines += ["", f"Fast-fail ÷ direct_response: **{ff:.2f}**; "
-                  f"Breakwater ÷ no-op: **{g['breakwater']['cpu_us_per_req'] / noop:.2f}** "
-                  f"(with the bulkhead **{g['breakwater_bulkhead']['cpu_us_per_req'] / noop:.2f}**, "
-                  f"and retries **{g['breakwater_all']['cpu_us_per_req'] / noop:.2f}**); "
-                  f"Breakwater ÷ native: **{g['breakwater']['cpu_us_per_req'] / g['native']['cpu_us_per_req']:.2f}**", ""]
+                  f"whole stack ÷ no-op: per-route **{g['stack_route']['cpu_us_per_req'] / noop:.2f}**, "
+                  f"route rules **{g['stack_rules']['cpu_us_per_req'] / noop:.2f}**; "
+                  f"breaker alone ÷ no-op: **{g['breaker_route']['cpu_us_per_req'] / noop:.2f}**", ""]
     rules = r["rules"]
     base = rules["rules-1"]["cpu_us_per_req"]
     lines += ["## Route rules (1 worker)", "", "| rules | CPU µs/req | × 1 rule |", "|---:|---:|---:|"]
@@ -499,12 +555,25 @@ def report(r):
         for n in (1, 100, 10000):
             lines.append(f"| Breakwater, {n} route rules | {ins[f'rules-{n}']:,.0f} | "
                          f"{ins[f'rules-{n}'] / plain:.3f} | {ins[f'rules-{n}'] / noop:.3f} |")
-        lines += ["", f"Breakwater ÷ no-op: **{ins['breakwater'] / noop:.3f}** "
-                  f"(with the bulkhead **{ins['breakwater_bulkhead'] / noop:.3f}**, "
-                  f"and retries **{ins['breakwater_all'] / noop:.3f}**); "
-                  f"Breakwater ÷ native: **{ins['breakwater'] / ins['native']:.3f}**; "
-                  f"fast-fail ÷ direct_response: **{ins['fast_fail'] / ins['direct_response']:.3f}**; "
-                  f"10 000 rules ÷ 1 rule: **{ins['rules-10000'] / ins['rules-1']:.3f}**"]
+        lines += ["", "The goals, read from these counts:", "",
+                  "| goal | result |", "|---|---:|",
+                  f"| whole stack, per-route instance ≤ 1.10 × no-op | **{ins['stack_route'] / noop:.3f}** |",
+                  f"| breaker alone, per-route instance ≤ 1.08 × no-op | **{ins['breaker_route'] / noop:.3f}** |",
+                  f"| whole stack, one filter with route rules ≤ 1.16 × no-op | **{ins['stack_rules'] / noop:.3f}** |",
+                  f"| fast-fail ≤ 1.35 × direct_response | **{ins['fast_fail'] / ins['direct_response']:.3f}** |",
+                  f"| 10 000 route rules ≤ 1.02 × 1 rule | **{ins['rules-10000'] / ins['rules-1']:.3f}** |",
+                  f"| (for reference) whole stack ÷ Envoy native | {ins['stack_route'] / ins['native']:.3f} |"]
+        cg = r.get("callgrind_window")
+        if cg:
+            lines += ["", f"Each callgrind count covers {cg['requests']} requests over the variant's whole measured "
+                      f"window (median {cg['median_seconds']:.1f} s, so {cg['median_ticks']:.0f} ticks of "
+                      f"{cg['tick_ms']} ms): the tick's work is in the figures, at a request rate far below "
+                      "production's, so its share per request is over- rather than under-counted."]
+    idle = r.get("idle_cpu_percent")
+    if idle:
+        lines += ["", "## Idle cost (2 workers, no traffic, 10 s)", "",
+                  "| Envoy | % of one core |", "|---|---:|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in idle.items()]
     mem = r["memory_allocated"]
     lines += ["", "## Size and memory", "",
               f"- `.wasm`: Breakwater {r['wasm_bytes']['breakwater']:,} bytes; no-op {r['wasm_bytes']['noop']:,} bytes",

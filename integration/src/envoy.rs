@@ -39,8 +39,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Repository root (the workspace), from this crate's manifest dir.
-/// The plugin's default `sync_interval`: how stale a worker's view of a breaker may be.
+/// The plugin's default `sync_interval`: how often each worker ticks.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
+/// Long enough for every count a worker holds to reach Envoy (its flush every 250ms, a tick).
+pub const SETTLE: Duration = Duration::from_millis(400);
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("integration/ has a parent").to_path_buf()
@@ -748,10 +750,28 @@ impl Envoy {
         poll(|| self.bulkhead(policy), done).await
     }
 
-    /// Polls until the policy's bulkhead holds no permit and has nobody waiting (or 5s pass);
-    /// returns the last reading.
+    /// Polls until the policy's bulkhead holds no permit and has nobody waiting, and its
+    /// counters have settled (or 5s pass); returns the last reading.
     pub async fn wait_bulkhead_idle(&self, policy: &str) -> BulkheadStats {
-        self.wait_bulkhead(policy, |s| s.active == 0 && s.queued == 0).await
+        self.wait_bulkhead(policy, |s| s.active == 0 && s.queued == 0).await;
+        self.settled(|| self.bulkhead(policy)).await
+    }
+
+    /// Reads `read` until it stops changing for [`SETTLE`]: the gauges move at once, but
+    /// counters reach Envoy on each worker's tick, a quarter second later at most.
+    pub async fn settled<T: PartialEq, F: std::future::Future<Output = T>>(&self, mut read: impl FnMut() -> F) -> T {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last = read().await;
+        let mut since = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = read().await;
+            if now != last {
+                (last, since) = (now, Instant::now());
+            } else if since.elapsed() >= SETTLE || Instant::now() > deadline {
+                return last;
+            }
+        }
     }
 
     /// Waits until the policy's breaker has opened `times` times, then one sync interval more:

@@ -62,7 +62,7 @@ fn wrong_type_is_refused() {
     assert_names(
         &line,
         "policies.p.circuit_breaker.failure_rate.threshold",
-        r#"expected a percent from 1 to 100, got "fifty""#,
+        r#"expected a percent: a whole number from 1 to 100, got "fifty""#,
     );
 }
 
@@ -72,7 +72,7 @@ fn zero_consecutive_failures_is_refused() {
     assert_names(
         &line,
         "policies.p.circuit_breaker.consecutive_failures",
-        "expected a whole number greater than 0, got 0",
+        "expected a whole number from 1 to 1000000, got 0",
     );
 }
 
@@ -82,7 +82,7 @@ fn percent_over_100_is_refused() {
     assert_names(
         &line,
         "policies.p.circuit_breaker.failure_rate.threshold",
-        "expected a percent from 1 to 100, got 150",
+        "expected a percent: a whole number from 1 to 100, got 150",
     );
 }
 
@@ -121,7 +121,15 @@ async fn envoy_refuses_to_start_with_a_bad_config() {
     let status = err.status.expect("Envoy should have exited by itself");
     assert!(!status.success(), "exit status {status:?}");
     assert!(
-        err.log.contains("invalid configuration: policies.p.circuit_breaker.consecutive_failures: expected a whole number greater than 0, got 0"),
+        err.log.contains("invalid configuration: policies.p.circuit_breaker.consecutive_failures: expected a whole number from 1 to 1000000, got 0"),
         "{err}"
     );
+}
+
+#[test]
+fn a_duplicate_key_is_refused_by_envoy_with_its_path() {
+    let raw = r#"{"policies": {"p": {"circuit_breaker": {"consecutive_failures": 3}}, "p": {}}, "routes": [{"match": {"route_name": "p"}, "policy": "p"}]}"#;
+    let spec = Spec::new(ANY_BACKEND.parse().unwrap()).plugin_raw(raw).route("p", "/p", "backend");
+    let line = refused(&spec);
+    assert_names(&line, "policies.p", "duplicate key");
 }

@@ -22,15 +22,7 @@ fn received(up: &Upstream, path: &str) -> u64 {
 /// changing (stats reach Envoy on each worker's tick, just after the client has its answer).
 async fn settled(envoy: &Envoy, name: &str) -> i64 {
     let full = format!("wasmcustom.breakwater_{name}");
-    let mut last = envoy.stat(&full).await;
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = envoy.stat(&full).await;
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
+    envoy.settled(|| envoy.stat(&full)).await
 }
 
 /// `n` GETs of `path` from `clients` concurrent clients, each on a new connection.

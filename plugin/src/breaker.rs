@@ -1,23 +1,25 @@
 //! The circuit breaker on the request path: admit on the request headers, record the outcome
-//! when the stream ends, sync on the tick. The state machine itself is
-//! `breakwater_policies::breaker`; this is how it meets shared data and the worker's [`View`].
+//! when the stream ends, hand batches over on the tick. The state machine itself is
+//! `breakwater_policies::breaker`; this is how it meets shared data and the worker's
+//! [`Watch`](crate::watch::Watch) of it.
 //!
 //! A healthy request on a quiet breaker makes no host call here: the worker's view admits it,
 //! and its success joins the worker's batch, handed over on the tick. Everything else (a
 //! failure, a probe, a breaker that is failing, suspect, open past its period or half-open)
-//! goes through the shared state with a CAS, so it is exact across workers.
+//! goes through the shared state with a CAS, so it is exact across workers. A change the other
+//! workers must know of is sent to them at once ([`refresh`]).
 
 use crate::host::Host;
-use crate::local::View;
 use crate::outcome::{Ignored, Verdict};
 use crate::reply::{reject, Refusal};
-use crate::vm::Vm;
+use crate::vm::{message, Vm};
+use crate::watch::{View, Watch};
 use crate::{config, store, Compiled, Policy};
 use alloc::format;
 use alloc::rc::Rc;
 use alloc::string::String;
 use breakwater_policies::breaker::Step;
-use breakwater_policies::{Admission, Batch, Forced, Outcome, Recorded, Transition, TripReason};
+use breakwater_policies::{Admission, Batch, Forced, Outcome, Recorded, Transition, TripReason, SECOND};
 
 /// A call the breaker admitted: its outcome is reported with its generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,23 +38,29 @@ pub enum Admit {
     Rejected,
 }
 
+/// A view known for longer than this (with traffic) is read again, in case a message was lost.
+const REFRESH_NS: u64 = SECOND;
+
+fn watch(c: &Rc<Compiled>, p: &Policy, vm: &Vm) -> Option<Rc<Watch>> {
+    let w = p.watch(|| vm.watches.of(&p.breaker_key))?;
+    vm.watches.touch(&w, c, p.index);
+    Some(w)
+}
+
 /// Admission on the request headers.
 pub fn admit(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm) -> Admit {
     let Some(b) = &p.cfg.breaker else { return Admit::Pass(None) };
-    let view = p.local(|l| {
-        l.active = true;
-        l.view
-    });
-    vm.list(c, p);
-    let admission = match view {
+    let Some(w) = watch(c, p, vm) else { return Admit::Pass(None) };
+    w.active.set(true);
+    let admission = match w.view.get() {
         View::Quiet { generation } => Admission::Allow { generation },
         View::ForcedClosed => return Admit::Pass(None),
         View::ForcedOpen => Admission::Reject { retry_after_ns: b.machine.open_for_ns },
         View::Open { until } => match vm.clock(host) {
             now if now < until => Admission::Reject { retry_after_ns: until - now },
-            now => exactly(p, host, now),
+            now => exactly(p, &w, host, vm, now),
         },
-        View::Unknown | View::Failing | View::Suspect | View::HalfOpen => exactly(p, host, vm.clock(host)),
+        View::Unknown | View::Failing | View::Suspect | View::HalfOpen => exactly(p, &w, host, vm, vm.clock(host)),
     };
     match admission {
         Admission::Allow { generation } => Admit::Pass(Some(Call { generation, probe: false })),
@@ -60,6 +68,7 @@ pub fn admit(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm) -> Admit {
         Admission::Reject { retry_after_ns } => match p.cfg.mode {
             config::Mode::Enforce => {
                 p.local(|l| l.counts.reject(Refusal::CircuitOpen));
+                vm.list(c, p);
                 reject(host, p, Refusal::CircuitOpen, retry_after_ns);
                 Admit::Rejected
             }
@@ -67,6 +76,7 @@ pub fn admit(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm) -> Admit {
             // breaker so that dry_run walks through exactly the states enforce would.
             config::Mode::DryRun => {
                 p.local(|l| l.counts.dry_run_reject(Refusal::CircuitOpen));
+                vm.list(c, p);
                 Admit::Pass(None)
             }
         },
@@ -74,17 +84,31 @@ pub fn admit(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm) -> Admit {
 }
 
 /// Admission against the shared state (a CAS when it takes a probe slot or confirms a trip).
-fn exactly(p: &Policy, host: &impl Host, now: u64) -> Admission {
+fn exactly(p: &Policy, w: &Watch, host: &impl Host, vm: &Vm, now: u64) -> Admission {
     let Some(b) = &p.cfg.breaker else { return Admission::Allow { generation: 0 } };
     match store::update(host, &p.breaker_key, |s| s.admit(&b.machine, now)) {
         Some((step, view)) => {
-            p.local(|l| l.view = view);
-            transitioned(p, host, step.transition);
+            saw(p, w, host, vm, view, now, step.transition);
             step.value
         }
         // Shared data failing us entirely: fail open, the breaker must never become the outage.
         // The call is counted under no generation that could exist, so it changes nothing.
         None => Admission::Allow { generation: u32::MAX },
+    }
+}
+
+/// Takes in what a CAS on the shared state showed: the new view, the transition made (stats,
+/// log line), and tells the other workers if they must know.
+fn saw(p: &Policy, w: &Watch, host: &impl Host, vm: &Vm, view: View, now: u64, t: Option<Transition>) {
+    let before = w.view.replace(view);
+    w.synced_at.set(now);
+    transitioned(p, host, t);
+    // A transition, a run of failures starting, or a rate trip awaiting confirmation: the other
+    // workers drop their view and hand over their successes now.
+    let news =
+        t.is_some() || matches!((before, view), (View::Quiet { .. } | View::Unknown, View::Failing | View::Suspect));
+    if news {
+        vm.broadcast(host, &message::about(message::REFRESH, &p.breaker_key));
     }
 }
 
@@ -100,9 +124,10 @@ pub fn record(
     slow: bool,
 ) {
     let Some(b) = &p.cfg.breaker else { return };
+    let Some(w) = watch(c, p, vm) else { return };
     let Some(verdict) = verdict else {
         if call.probe {
-            release_probe(p, host, call);
+            release_probe(p, &w, host, vm, call);
         }
         return;
     };
@@ -118,7 +143,7 @@ pub fn record(
     let failure = match verdict {
         Verdict::Ignored(_) => {
             if call.probe {
-                release_probe(p, host, call);
+                release_probe(p, &w, host, vm, call);
             }
             return;
         }
@@ -127,24 +152,20 @@ pub fn record(
     };
     // A closed-state success on a quiet breaker joins the worker's batch, handed over on the
     // tick: the common case writes no shared data. While the breaker is failing or suspect it
-    // goes at once, to end a run of failures or to weigh in on a rate, for every worker.
-    if !failure && !call.probe {
-        let batched = p.local(|l| {
-            let quiet = matches!(l.view, View::Quiet { generation } if generation == call.generation)
-                || l.view == View::Unknown;
-            if quiet {
-                batch(l, call.generation, slow, vm.coarse_now());
-            }
-            quiet
-        });
-        if batched {
+    // goes at once, to end a run of failures or to weigh in on a rate, for every worker; so
+    // does a slow call, which may tip the slow-call rate.
+    if !failure && !call.probe && !slow {
+        let quiet = matches!(w.view.get(), View::Quiet { generation } if generation == call.generation)
+            || w.view.get() == View::Unknown;
+        if quiet {
+            add_to_batch(p, &w, call.generation, slow, vm.coarse_now());
             return;
         }
     }
     let now = vm.clock(host);
     let outcome = Outcome { failure, slow };
     let jitter = splitmix64(now);
-    let pending = p.local(|l| core::mem::take(&mut l.batch));
+    let pending = w.take_batch();
     let step = store::update(host, &p.breaker_key, |s| {
         // This worker's earlier successes come first, so a failure after them counts from zero.
         let before = s.record_successes(&b.machine, now, pending);
@@ -153,82 +174,119 @@ pub fn record(
     });
     if let Some((step, view)) = step {
         let (recorded, stale_batch) = step.value;
-        p.local(|l| {
-            l.view = view;
-            let stale = u32::from(recorded == Recorded::Stale) + if stale_batch { pending.successes } else { 0 };
-            l.counts.ignore(Ignored::Stale, stale);
-        });
-        transitioned(p, host, step.transition);
+        let stale = u32::from(recorded == Recorded::Stale) + if stale_batch { pending.successes } else { 0 };
+        p.local(|l| l.counts.ignore(Ignored::Stale, stale));
+        saw(p, &w, host, vm, view, now, step.transition);
     }
 }
 
 /// Adds a success of `generation` to the worker's batch; a batch of an older generation is
 /// dropped as stale first (the breaker would drop it anyway).
-fn batch(l: &mut crate::local::Local, generation: u32, slow: bool, at: u64) {
-    if l.batch.generation != generation {
-        l.counts.ignore(Ignored::Stale, l.batch.successes);
-        l.batch = Batch { generation, ..Batch::default() };
+fn add_to_batch(p: &Policy, w: &Watch, generation: u32, slow: bool, at: u64) {
+    let mut b = w.batch.get();
+    if b.generation != generation {
+        let dropped = b.successes;
+        p.local(|l| l.counts.ignore(Ignored::Stale, dropped));
+        b = Batch { generation, ..Batch::default() };
     }
-    l.batch.successes = l.batch.successes.saturating_add(1);
-    l.batch.slow = l.batch.slow.saturating_add(u32::from(slow));
-    l.batch.last_at = l.batch.last_at.max(at);
+    b.successes = b.successes.saturating_add(1);
+    b.slow = b.slow.saturating_add(u32::from(slow));
+    b.last_at = b.last_at.max(at);
+    w.batch.set(b);
 }
 
-fn release_probe(p: &Policy, host: &impl Host, call: Call) {
+fn release_probe(p: &Policy, w: &Watch, host: &impl Host, vm: &Vm, call: Call) {
     let step = store::update(host, &p.breaker_key, |s| {
         let changed = s.release_probe(call.generation);
         Step { value: (), changed, transition: None }
     });
     if let Some((_, view)) = step {
-        p.local(|l| l.view = view);
+        saw(p, w, host, vm, view, vm.coarse_now(), None);
     }
 }
 
-/// The tick: hands the batch over and refreshes the view (if the policy was active since the
-/// last tick, or is suspect, or open), or drops the view (if it was idle), so no view outlives
-/// a sync interval. An open breaker whose period is over turns half-open here, traffic or not.
-/// Returns whether the next tick must visit the policy again.
-pub fn sync(p: &Policy, host: &impl Host, now: u64) -> bool {
-    let Some(b) = &p.cfg.breaker else { return false };
-    // A batch counts as activity: its calls may have been admitted before the last tick.
-    let (active, watch) = p.local(|l| {
-        let active = core::mem::take(&mut l.active) || l.batch.successes > 0;
-        (active, matches!(l.view, View::Suspect | View::Open { .. }))
-    });
-    if !active && !watch {
-        p.local(|l| l.view = View::Unknown);
-        return false;
-    }
-    if let (false, View::Open { until }) = (active, p.local(|l| l.view)) {
-        if now < until {
-            return true; // nothing to hand over; look again next tick
-        }
-    }
-    let pending = p.local(|l| core::mem::take(&mut l.batch));
+/// How long successes may wait in a worker's batch: one bucket of the breaker's window (so a
+/// window's counts are at most a bucket late), at least `sync_interval`, at most a second.
+fn handover_ns(c: &Compiled, p: &Policy) -> u64 {
+    let bucket = p.cfg.breaker.as_ref().map_or(SECOND, |b| b.machine.window_ns / 10);
+    bucket.clamp(c.sync_interval_ns, SECOND.max(c.sync_interval_ns))
+}
+
+/// Hands the batch over and reads the shared state: the view is fresh, a suspect breaker is
+/// confirmed (or cleared), an open one past its period turns half-open.
+fn sync(p: &Policy, w: &Watch, host: &impl Host, vm: &Vm, now: u64) {
+    let Some(b) = &p.cfg.breaker else { return };
+    let pending = w.take_batch();
     let step = store::update(host, &p.breaker_key, |s| {
         let recorded = s.record_successes(&b.machine, now, pending);
         let stale = recorded.value == Recorded::Stale;
         recorded.and(s.confirm(&b.machine, now)).and(s.expire(now)).map(|()| stale)
     });
-    if let Some((step, view)) = step {
-        p.local(|l| {
-            l.view = view;
+    match step {
+        Some((step, view)) => {
             if step.value {
-                l.counts.ignore(Ignored::Stale, pending.successes);
+                p.local(|l| l.counts.ignore(Ignored::Stale, pending.successes));
             }
-        });
-        transitioned(p, host, step.transition);
+            saw(p, w, host, vm, view, now, step.transition);
+        }
+        None => w.batch.set(pending),
     }
-    true
+}
+
+/// The tick, for every breaker this worker watches: hands a batch over once it is due, keeps
+/// a suspect or open breaker moving on time, refreshes an active view now and then (a safety
+/// net: changes come as messages), and forgets a view nobody used for a while.
+pub fn tick(host: &impl Host, vm: &Vm, now: u64) {
+    for w in vm.watches.listed() {
+        let Some((c, i)) = w.owner() else {
+            vm.watches.unlist(&w);
+            continue;
+        };
+        let Some(p) = c.policy(i) else { continue };
+        if w.active.replace(false) {
+            w.used_at.set(now);
+        }
+        let since = now.saturating_sub(w.synced_at.get());
+        let batch = w.batch.get().successes > 0;
+        let due = match w.view.get() {
+            View::Suspect => true,
+            View::Open { until } => now >= until,
+            View::Unknown => batch,
+            _ => (batch && since >= handover_ns(&c, p)) || since >= REFRESH_NS,
+        };
+        if due {
+            sync(p, &w, host, vm, now);
+        }
+        let idle = now.saturating_sub(w.used_at.get()) >= REFRESH_NS;
+        let watching = matches!(w.view.get(), View::Suspect | View::Open { .. });
+        if idle && !watching && w.batch.get().successes == 0 {
+            w.view.set(View::Unknown);
+            vm.watches.unlist(&w);
+        }
+    }
+}
+
+/// Another worker changed breaker `key`: drop the view, hand over the batch now (so a run of
+/// failures or a rate trip is judged with every worker's successes).
+pub fn refresh(host: &impl Host, vm: &Vm, key: &[u8]) {
+    let Some(w) = vm.watches.find(key) else { return };
+    w.view.set(View::Unknown);
+    if w.batch.get().successes == 0 {
+        return;
+    }
+    let Some((c, i)) = w.owner() else { return };
+    if let Some(p) = c.policy(i) {
+        let now = vm.clock(host);
+        sync(p, &w, host, vm, now);
+    }
 }
 
 /// Sets (or releases) a forced state, for all workers.
-pub fn force(p: &Policy, host: &impl Host, forced: Option<Forced>) -> bool {
-    let step = store::update(host, &p.breaker_key, |s| s.force(forced));
-    match step {
+pub fn force(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, forced: Option<Forced>) -> bool {
+    let Some(w) = watch(c, p, vm) else { return false };
+    match store::update(host, &p.breaker_key, |s| s.force(forced)) {
         Some((step, view)) => {
-            p.local(|l| l.view = view);
-            transitioned(p, host, step.transition);
+            saw(p, &w, host, vm, view, vm.clock(host), step.transition);
             true
         }
         None => false,

@@ -102,7 +102,7 @@ pub fn admit(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, ticket: u3
         Acquire::Queued => park(c, p, vm, ticket, class, now, false),
         Acquire::Recalling { workers, recall_only } => {
             // Ask the lease holders for their idle permits; they go to the waiters in order.
-            let recall = message::recall(&p.bulkhead_key);
+            let recall = message::about(message::RECALL, &p.bulkhead_key);
             for w in workers {
                 host.enqueue(w, &recall);
             }
@@ -277,6 +277,7 @@ pub fn on_message(host: &impl Host, vm: &Vm, queue: u32) {
             (message::GRANT, Some(t)) => wake(host, vm, t),
             (message::REFUSE, Some(t)) => refuse(host, vm, t),
             (message::RECALL, _) => recall(host, vm, data),
+            (message::REFRESH, _) => crate::breaker::refresh(host, vm, data),
             _ => {}
         }
     }

@@ -240,7 +240,9 @@ impl Worker {
         let parsed = crate::config::parse(config.as_bytes()).unwrap_or_else(|e| panic!("test config: {e}"));
         let c = Rc::new(crate::Compiled::new(parsed, &host, "test"));
         c.create_shared_state(&host);
-        Worker { host, vm: crate::vm::Vm::new(id, true), c }
+        let vm = crate::vm::Vm::new(id, true);
+        vm.renew_roster(&host, 0, true);
+        Worker { host, vm, c }
     }
     /// The same worker with a new configuration (a reload: a new root context, the same VM).
     pub fn reconfigure(&mut self, config: &str) {

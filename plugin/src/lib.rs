@@ -12,8 +12,8 @@
 //! * [`tick`] is each worker's periodic sync: batched successes, views of the breakers, retry
 //!   budget hand-overs, bulkhead leases and queue timeouts, in proportion to what changed.
 //! * [`vm`] is one worker's state shared by all its root contexts: its [`waiters`] (requests
-//!   paused in a bulkhead queue), its [`holdings`] (bulkhead permits and leases), the policies
-//!   its tick must visit.
+//!   paused in a bulkhead queue), its [`holdings`] (bulkhead permits and leases), its
+//!   [`watch`]es (its picture of each breaker), the policies its tick must visit.
 //! * [`store`] keeps policy state in proxy-wasm shared data with CAS retry loops.
 //! * `per_route` (native only) turns a route-rule configuration into per-route filter instances.
 //! * [`host`] is the seam to the proxy; [`wasm`] implements it over the proxy-wasm ABI (calling
@@ -45,6 +45,7 @@ pub mod vm;
 pub mod waiters;
 #[cfg(target_arch = "wasm32")]
 mod wasm;
+pub mod watch;
 
 use alloc::format;
 use alloc::rc::Rc;
@@ -90,6 +91,8 @@ pub struct Policy {
     local: RefCell<Local>,
     /// This worker's holding of the policy's bulkhead, looked up on first use.
     holding: OnceCell<Rc<holdings::Holding>>,
+    /// This worker's watch of the policy's breaker, looked up on first use.
+    watch: OnceCell<Rc<watch::Watch>>,
 }
 
 impl Policy {
@@ -100,6 +103,16 @@ impl Policy {
 
     pub fn name(&self) -> &str {
         &self.cfg.name
+    }
+
+    /// The worker's watch of this policy's breaker: `make` finds it the first time.
+    pub fn watch(&self, make: impl FnOnce() -> Option<Rc<watch::Watch>>) -> Option<Rc<watch::Watch>> {
+        if let Some(w) = self.watch.get() {
+            return Some(w.clone());
+        }
+        let w = make()?;
+        let _ = self.watch.set(w.clone());
+        Some(w)
     }
 
     /// The worker's holding of this policy's bulkhead: `make` finds it the first time.
@@ -131,6 +144,7 @@ impl Compiled {
                 cfg,
                 local: RefCell::new(Local::default()),
                 holding: OnceCell::new(),
+                watch: OnceCell::new(),
             })
             .collect();
         let select = match only {

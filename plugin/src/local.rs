@@ -1,54 +1,8 @@
-//! What one worker knows of a policy, and what it has yet to tell the others or the stats.
-//!
-//! Reading shared data costs a VM re-entry, so a worker keeps a [`View`] of each breaker and
-//! only goes to shared data when the view says it must; it batches its successes, serves retry
-//! reservations from a small stock, and counts its stats locally. The tick ([`crate::tick`])
-//! hands all of it over and refreshes the view, so nothing here is older than `sync_interval`.
+//! What one worker has yet to tell the others or the stats about a policy, under one
+//! configuration: its share of the retry budget and its counted stats. (Its picture of the
+//! breaker is per breaker, shared by the VM's configurations: [`crate::watch`].)
 
 use crate::metrics::Counts;
-use breakwater_policies::{Batch, BreakerState, Phase};
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum View {
-    /// Not known (never read, or idle for a sync interval): admission reads the shared state.
-    #[default]
-    Unknown,
-    /// Closed, no failure in the current run: admit without reading shared data, as a call of
-    /// this generation.
-    Quiet {
-        generation: u32,
-    },
-    /// Closed with failures in the current run: admission reads the shared state, so a trip made
-    /// on another worker is seen at once, and a success is written at once to end the run.
-    Failing,
-    /// Closed, with a window-based trip awaiting confirmation: as `Failing`, and the worker keeps
-    /// syncing even when idle, so the trip is confirmed (or called off) on time.
-    Suspect,
-    /// Reject without reading shared data until `until`, then take the exact path to half-open.
-    Open {
-        until: u64,
-    },
-    HalfOpen,
-    /// Forced open by an operator: reject without reading shared data until the next sync.
-    ForcedOpen,
-    /// Forced closed (disabled) by an operator: admit, record nothing.
-    ForcedClosed,
-}
-
-impl View {
-    pub fn of(state: &BreakerState) -> View {
-        use breakwater_policies::Forced;
-        match (state.forced, state.phase) {
-            (Some(Forced::Open), _) => View::ForcedOpen,
-            (Some(Forced::Closed), _) => View::ForcedClosed,
-            (None, Phase::Closed) if state.suspect_since.is_some() => View::Suspect,
-            (None, Phase::Closed) if state.consecutive_failures == 0 => View::Quiet { generation: state.generation },
-            (None, Phase::Closed) => View::Failing,
-            (None, Phase::Open { until }) => View::Open { until },
-            (None, Phase::HalfOpen { .. }) => View::HalfOpen,
-        }
-    }
-}
 
 /// This worker's share of a policy's retry budget, and what it has yet to hand over.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -62,25 +16,33 @@ pub struct RetryLocal {
     pub refunds: alloc::vec::Vec<(u64, u32)>,
     /// Retries a dry run let through beyond what the budget granted.
     pub overdrawn: u32,
+    /// The bucket deposits were last handed over in: they go at most once a bucket.
+    pub handed_epoch: u64,
 }
 
 impl RetryLocal {
+    /// Whether the tick must hand something over now. Deposits can wait for the next bucket
+    /// (they only make the budget larger); a stock of a past bucket, refunds and overdraws go
+    /// at once.
     pub fn has_news(&self, epoch: u64) -> bool {
-        self.deposits > 0 || !self.refunds.is_empty() || self.overdrawn > 0 || (self.epoch != epoch && self.idle > 0)
+        let deposits_due = self.deposits > 0 && self.handed_epoch != epoch;
+        deposits_due || !self.refunds.is_empty() || self.overdrawn > 0 || (self.epoch != epoch && self.idle > 0)
+    }
+
+    /// Anything not yet handed over at all.
+    pub fn is_idle(&self) -> bool {
+        self.deposits == 0 && self.refunds.is_empty() && self.overdrawn == 0 && self.idle == 0
     }
 }
 
 /// One worker's state of one policy under one configuration.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Local {
-    pub view: View,
-    /// Successes of the view's generation not yet handed to the shared breaker.
-    pub batch: Batch,
-    /// Handled a request since the last sync: its view is worth refreshing.
-    pub active: bool,
     pub retry: RetryLocal,
     /// Stats not yet added to Envoy's counters.
     pub counts: Counts,
+    /// When the counts were last added to Envoy's.
+    pub flushed_at: u64,
     /// On the worker's list of policies the next tick must visit.
     pub listed: bool,
 }

@@ -109,6 +109,7 @@ fn take(p: &Policy, host: &impl Host, vm: &Vm, b: &BudgetConfig, want: u32) -> (
             p.local(|l| {
                 l.retry.idle = got - reserved;
                 l.retry.epoch = epoch;
+                l.retry.handed_epoch = epoch;
             });
             (reserved, epoch)
         }
@@ -176,9 +177,8 @@ pub fn settle(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, grant: Gr
     vm.list(c, p);
 }
 
-/// The tick: hands deposits, refunds and a stock from a past bucket over to the shared budget.
-/// Returns whether the next tick must visit the policy again (a stock of the current bucket
-/// waits for its bucket to pass).
+/// The tick: hands deposits (once a bucket), refunds and a stock from a past bucket over to the
+/// shared budget. Returns whether the next tick must visit the policy again.
 pub fn sync(p: &Policy, host: &impl Host, now: u64) -> bool {
     let Some(b) = p.cfg.retry.as_ref().and_then(|r| r.budget.as_ref()) else { return false };
     let epoch = b.epoch(now);
@@ -187,6 +187,7 @@ pub fn sync(p: &Policy, host: &impl Host, now: u64) -> bool {
             return None;
         }
         let mut pending = core::mem::take(&mut l.retry);
+        l.retry.handed_epoch = epoch;
         // A stock of the current bucket stays with the worker.
         if pending.epoch == epoch {
             (l.retry.idle, l.retry.epoch, pending.idle) = (pending.idle, pending.epoch, 0);
@@ -209,7 +210,8 @@ pub fn sync(p: &Policy, host: &impl Host, now: u64) -> bool {
             }),
         }
     }
-    p.local(|l| l.retry.idle > 0)
+    // Visit again while anything is left to hand over (the current bucket's stock, deposits).
+    p.local(|l| !l.retry.is_idle())
 }
 
 #[cfg(test)]

@@ -5,11 +5,11 @@
 //! configuration, never by traffic.
 
 use crate::host::{Host, SharedError};
-use crate::local::View;
+use crate::watch::View;
 use alloc::vec::Vec;
 use breakwater_policies::breaker::Step;
 use breakwater_policies::bulkhead::Update;
-use breakwater_policies::{BreakerState, BudgetState, BulkheadState};
+use breakwater_policies::{BreakerState, BudgetState, BulkheadState, Roster};
 
 /// Beyond this many lost races in a row something is badly wrong; give up on this request.
 const MAX_ATTEMPTS: usize = 32;
@@ -45,6 +45,15 @@ impl Stored for BudgetState {
     }
     fn decode(bytes: &[u8]) -> Option<Self> {
         BudgetState::decode(bytes)
+    }
+}
+
+impl Stored for Roster {
+    fn encode(&self) -> Vec<u8> {
+        Roster::encode(self)
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        Roster::decode(bytes)
     }
 }
 

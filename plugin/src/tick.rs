@@ -1,26 +1,60 @@
-//! Each worker's tick (every `sync_interval`): it visits only the policies that changed since
-//! the last one (see [`Vm::list`]), so an idle Envoy with thousands of policies does next to
-//! nothing. For each: add the counted stats to Envoy's, hand the breaker its batch of successes
-//! and refresh (or drop) the view, hand the retry budget its deposits and refunds. Then the
-//! bulkhead: idle leases back, held permits renewed, waiters past their time answered.
+//! Each worker's tick (every `sync_interval`). It visits only what changed since the last one
+//! (see [`Vm::list`]), and most of what it visits has nothing due, so an idle Envoy with
+//! thousands of policies does next to nothing and a busy one touches shared data about once a
+//! second per policy:
+//! * stats counted on the worker go to Envoy's counters every quarter second;
+//! * the retry budget gets its deposits once a bucket, refunds and old stock at once;
+//! * breakers: batches handed over once due, suspect and open breakers moved on time
+//!   ([`breaker::tick`]);
+//! * bulkheads: idle leases back, held permits renewed, waiters past their time answered;
+//! * the worker's place in the roster renewed every two seconds.
 
 use crate::host::Host;
 use crate::vm::Vm;
 use crate::{breaker, bulkhead, retry};
+use breakwater_policies::MS;
+
+/// Stats reach Envoy this long after they are counted, at most (plus a tick).
+const FLUSH_NS: u64 = 250 * MS;
 
 pub fn tick(host: &impl Host, vm: &Vm) {
     let now = vm.clock(host);
+    vm.renew_roster(host, now, false);
     for (c, i) in vm.take_listed() {
         let Some(p) = c.policy(i) else { continue };
-        let counts = p.local(|l| core::mem::take(&mut l.counts));
-        if !counts.is_empty() {
-            p.metrics.flush(host, &counts);
+        let flush = p.local(|l| {
+            let due = now.saturating_sub(l.flushed_at) >= FLUSH_NS;
+            if due {
+                l.flushed_at = now;
+                Some(core::mem::take(&mut l.counts))
+            } else {
+                None
+            }
+        });
+        if let Some(counts) = &flush {
+            if !counts.is_empty() {
+                p.metrics.flush(host, counts);
+            }
         }
-        let again = breaker::sync(p, host, now) | retry::sync(p, host, now);
-        if again {
+        let counts_left = p.local(|l| !l.counts.is_empty());
+        if retry::sync(p, host, now) || counts_left {
             vm.list(&c, p);
         }
     }
+    breaker::tick(host, vm, now);
     bulkhead::maintain(host, vm, now);
     bulkhead::expire(host, vm, now);
+}
+
+/// Adds every count still on the worker to Envoy's stats now (a root context retiring).
+pub fn flush_all(host: &impl Host, vm: &Vm) {
+    for (c, i) in vm.take_listed() {
+        if let Some(p) = c.policy(i) {
+            let counts = p.local(|l| core::mem::take(&mut l.counts));
+            p.metrics.flush(host, &counts);
+            if retry::sync(p, host, vm.coarse_now()) {
+                vm.list(&c, p);
+            }
+        }
+    }
 }

@@ -4,6 +4,7 @@
 //! * its id in bulkhead state (the token of its wake-up queue) and whether requests may wait;
 //! * its [`Waiters`]: requests it paused in a bulkhead queue;
 //! * its [`Holdings`]: bulkhead permits and leases it holds;
+//! * its [`Watches`]: its picture of each breaker, and the successes it has yet to hand over;
 //! * the policies its next tick must visit (anything counted, batched or viewed since the last
 //!   one): the tick costs in proportion to what changed, not to the number of policies;
 //! * the time as of its last clock read, for what only needs the bucket it falls in.
@@ -11,9 +12,11 @@
 use crate::holdings::Holdings;
 use crate::host::Host;
 use crate::waiters::Waiters;
+use crate::watch::Watches;
 use crate::{Compiled, Policy};
 use alloc::rc::Rc;
 use alloc::vec::Vec;
+use breakwater_policies::{Roster, SECOND};
 use core::cell::{Cell, RefCell};
 
 #[derive(Debug, Default)]
@@ -24,9 +27,18 @@ pub struct Vm {
     pub can_wait: Cell<bool>,
     pub waiters: Waiters,
     pub holdings: Holdings,
+    pub watches: Watches,
     listed: RefCell<Vec<(Rc<Compiled>, usize)>>,
     now: Cell<u64>,
+    /// When this worker last renewed its place in the roster.
+    roster_at: Cell<u64>,
 }
+
+/// The roster of Breakwater's workers in this process (see `breakwater_policies::roster`).
+pub const ROSTER_KEY: &str = "breakwater/v1/roster";
+/// A worker renews its place this often, and is dropped after `ROSTER_STALE` of silence.
+const ROSTER_RENEW: u64 = 2 * SECOND;
+const ROSTER_STALE: u64 = 10 * SECOND;
 
 impl Vm {
     pub fn new(worker: u32, can_wait: bool) -> Self {
@@ -44,6 +56,27 @@ impl Vm {
     /// the bucket a moment falls in (batched successes, the retry budget's stock).
     pub fn coarse_now(&self) -> u64 {
         self.now.get()
+    }
+
+    /// Renews this worker's place in the roster, at most every two seconds (`force`: now).
+    pub fn renew_roster(&self, host: &impl Host, now: u64, force: bool) {
+        if !force && now.saturating_sub(self.roster_at.get()) < ROSTER_RENEW {
+            return;
+        }
+        let worker = self.worker.get();
+        let done = crate::store::apply(host, ROSTER_KEY, |r: &mut Roster| ((), r.renew(worker, now, ROSTER_STALE)));
+        if done.is_some() {
+            self.roster_at.set(now);
+        }
+    }
+
+    /// Sends `message` to every other worker of the roster. Rare (breaker transitions and the
+    /// like), so the roster is read afresh each time.
+    pub fn broadcast(&self, host: &impl Host, message: &[u8]) {
+        let (roster, _) = crate::store::load::<Roster>(host, ROSTER_KEY);
+        for peer in roster.others(self.worker.get()) {
+            host.enqueue(peer, message);
+        }
     }
 
     /// Puts the policy on the next tick's list (once).
@@ -78,6 +111,8 @@ pub mod message {
     pub const REFUSE: u8 = 1;
     /// Give back the idle permits of your lease of this bulkhead. Data: the bulkhead's key.
     pub const RECALL: u8 = 2;
+    /// A breaker changed: drop your view of it and hand over your batch. Data: its key.
+    pub const REFRESH: u8 = 3;
 
     pub fn ticket(kind: u8, ticket: u32) -> Vec<u8> {
         let mut m = Vec::with_capacity(5);
@@ -86,9 +121,10 @@ pub mod message {
         m
     }
 
-    pub fn recall(key: &str) -> Vec<u8> {
+    /// A message about the policy state under `key`.
+    pub fn about(kind: u8, key: &str) -> Vec<u8> {
         let mut m = Vec::with_capacity(1 + key.len());
-        m.push(RECALL);
+        m.push(kind);
         m.extend_from_slice(key.as_bytes());
         m
     }

@@ -499,6 +499,9 @@ impl RootContext for Root {
                         r.elect(self.id);
                     }
                 });
+                // Other workers find this one (to tell it of breaker changes) in the roster.
+                let vm = vm();
+                vm.renew_roster(&WasmHost, vm.clock(&WasmHost), true);
                 log::debug!("configured {policies} policies");
                 true
             }

@@ -12,6 +12,7 @@ pub mod breaker;
 pub mod bulkhead;
 pub mod codec;
 pub mod retry;
+pub mod roster;
 pub mod window;
 
 pub use breaker::{
@@ -19,6 +20,7 @@ pub use breaker::{
 };
 pub use bulkhead::{Acquire, BulkheadConfig, BulkheadState, ClassLimit};
 pub use retry::{BudgetConfig, BudgetState};
+pub use roster::Roster;
 pub use window::Window;
 
 /// Nanoseconds per millisecond / second, for readable constants.

@@ -354,34 +354,50 @@ fn an_open_breaker_rejects_from_the_workers_view_without_shared_data() {
 }
 
 #[test]
-fn batched_successes_reach_the_shared_breaker_on_the_tick() {
+fn batched_successes_reach_the_shared_breaker_once_a_window_bucket() {
     let w = worker();
     w.host.take_calls();
     for _ in 0..5 {
         checkout(&w, 200);
     }
     assert_eq!(w.host.take_calls().get("shared_set"), None, "successes on a quiet breaker are batched");
-    w.tick();
-    assert_eq!(w.host.take_calls().get("shared_set"), Some(&1), "and written once per tick");
+    w.at(50 * MS).tick();
+    assert_eq!(w.host.take_calls().get("shared_set"), None, "not due yet: the window's buckets are 1s");
+    w.at(SECOND).tick();
+    assert_eq!(w.host.take_calls().get("shared_set"), Some(&1), "handed over once the bucket is up");
     let key = &w.c.policies[0].breaker_key;
     let state =
         breakwater_policies::BreakerState::decode(&crate::host::Host::shared_get(&w.host, key).unwrap().0).unwrap();
-    assert_eq!(state.window.totals(0, SECOND).total, 5);
-    w.tick();
+    assert_eq!(state.window.totals(SECOND, SECOND).total, 5);
+    w.at(SECOND + 50 * MS).tick();
     assert_eq!(w.host.take_calls().get("shared_set"), None, "nothing pending, nothing written");
 }
 
 #[test]
-fn a_quiet_worker_learns_of_another_workers_trip_at_its_next_tick() {
+fn a_quiet_worker_learns_of_another_workers_trip_one_queue_hop_later() {
     let w1 = worker();
     let w2 = Worker::second(&w1, CONFIG);
     checkout(&w2, 200); // worker 2 sees a quiet, closed breaker
     for _ in 0..3 {
         checkout(&w1, 500);
     }
-    // Bounded staleness: until its next tick, worker 2 still admits.
-    assert_eq!(checkout(&w2, 200), Action::Continue);
-    w2.tick();
+    // Worker 1 told worker 2 (the first failure of the run, then the trip): as soon as worker 2
+    // reads its queue, it drops its view and sees the trip.
+    w2.wake();
+    assert_eq!(checkout(&w2, 200), Action::Stop);
+}
+
+#[test]
+fn a_worker_that_misses_the_message_still_learns_within_a_second() {
+    let w1 = worker();
+    let w2 = Worker::second(&w1, CONFIG);
+    checkout(&w2, 200);
+    for _ in 0..3 {
+        checkout(&w1, 500);
+    }
+    w2.host.process.queues.borrow_mut().get_mut(&2).unwrap().clear(); // the messages are lost
+    assert_eq!(checkout(w2.at(500 * MS), 200), Action::Continue, "bounded staleness");
+    w2.at(SECOND).tick(); // an active view is read again at least every second
     assert_eq!(checkout(&w2, 200), Action::Stop);
 }
 
@@ -407,11 +423,15 @@ fn a_success_while_failing_ends_the_run_for_every_worker_at_once() {
 }
 
 #[test]
-fn an_idle_policys_view_is_dropped_on_the_tick_and_read_again_on_next_use() {
+fn an_idle_policys_view_is_dropped_after_a_second_and_read_again_on_next_use() {
     let w = worker();
+    checkout(w.at(0), 200);
+    w.at(500 * MS).tick(); // used recently: kept
+    w.host.take_calls();
     checkout(&w, 200);
-    w.tick(); // active since the last tick: refreshed
-    w.tick(); // idle for a whole interval: dropped
+    assert_eq!(w.host.take_calls().get("shared_get"), None);
+    w.at(2 * SECOND).tick(); // idle for a second: dropped (after handing its batch over)
+    w.at(3 * SECOND).tick();
     w.host.take_calls();
     checkout(&w, 200);
     assert_eq!(w.host.take_calls().get("shared_get"), Some(&1));

@@ -4,7 +4,7 @@ use crate::fake::Worker;
 use crate::filter::{Action, Stream};
 use alloc::string::String;
 use alloc::vec::Vec;
-use breakwater_policies::SECOND;
+use breakwater_policies::{MS, SECOND};
 
 const CONFIG: &str = r#"{
   "policies": {
@@ -158,22 +158,27 @@ fn each_request_earns_ratio_of_a_retry_and_the_budget_never_runs_ahead_of_it() {
 }
 
 #[test]
-fn deposits_made_while_served_from_stock_reach_the_budget_at_sync() {
+fn deposits_reach_the_budget_once_a_bucket_and_an_old_stock_goes_back() {
     let w = first();
     for _ in 0..5 {
         let (_, s, _) = send(&w, "plenty");
         end(&w, s, 1, 200);
     }
-    // The first request withdrew 3 + a stock of 24 and handed over its own deposit.
+    // The first request withdrew 3 + a stock of 24; every request took its 3 from the stock
+    // and gave them back unused.
     assert_eq!(w.host.metric("retry_budget_remaining.policy.plenty"), 10_000 - 27);
-    w.tick();
-    assert_eq!(w.stat("retry_budget_remaining.policy.plenty"), 10_000 - 27 + 1, "five deposits of 0.2 make one retry");
-    for _ in 0..20 {
-        let (_, s, _) = send(&w, "plenty");
-        end(&w, s, 1, 200);
-    }
-    w.tick();
-    assert_eq!(w.stat("retry_budget_remaining.policy.plenty"), 10_000 - 27 + 5, "25 requests × 0.2");
+    w.at(500 * MS).tick();
+    assert_eq!(
+        w.host.metric("retry_budget_remaining.policy.plenty"),
+        10_000 - 27,
+        "deposits wait for the bucket's end"
+    );
+    w.at(SECOND).tick();
+    assert_eq!(
+        w.host.metric("retry_budget_remaining.policy.plenty"),
+        10_000 + 1,
+        "a new bucket: five deposits of 0.2 make one retry, and the stock of the old bucket is back"
+    );
 }
 
 #[test]
