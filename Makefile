@@ -21,7 +21,7 @@ help:
 	@echo "make lint          clippy, with unwrap/expect/panic/indexing denied on plugin code"
 	@echo "make yaml-contract every shipped YAML read by YAML 1.1 (kubectl) and 1.2 readers: same configuration, and the plugin accepts it"
 	@echo "make istio-crds    the Istio manifests in envoy/istio/ validated strictly against Istio's CRDs (envoy/istio/crds/)"
-	@echo "make integration   real Envoy $(ENVOY_VERSION) tests"
+	@echo "make integration   real Envoy $(ENVOY_VERSION) tests, the Istio-shaped ones included"
 	@echo "make bench         Breakwater vs plain Envoy, a no-op Wasm filter and Envoy's native resilience -> results/"
 	@echo "make build         the plugin: $(WASM)"
 	@echo "make upstream      the demo/test upstream: $(UPSTREAM)"
@@ -74,8 +74,14 @@ lint:
 	cargo clippy -p breakwater-policies -p breakwater --all-targets -- -D warnings
 	cargo clippy -p breakwater --target wasm32-wasip1 -- -D warnings
 
-integration: build envoy
-	ENVOY_BIN="$(ENVOY_RESOLVED)" BREAKWATER_WASM="$(CURDIR)/$(WASM)" cargo test -p integration --no-fail-fast -- --test-threads=2
+# The tests' temporary folders go into one folder of their own, removed however the run ends
+# (Ctrl-C included); KEEP_TMP=1 keeps it, with the logs of failed tests.
+integration: build envoy mesh-tools
+	@tmp=$$(mktemp -d -t breakwater-test.XXXXXX); \
+	trap 'if [ -n "$(KEEP_TMP)" ]; then echo "kept $$tmp"; else rm -rf "$$tmp"; fi' EXIT; \
+	echo "TMPDIR=$$tmp ENVOY_BIN=$(ENVOY_RESOLVED) cargo test -p integration --no-fail-fast -- --test-threads=2"; \
+	TMPDIR="$$tmp" ENVOY_BIN="$(ENVOY_RESOLVED)" BREAKWATER_WASM="$(CURDIR)/$(WASM)" BREAKWATER_PYTHON="$(CURDIR)/$(VENV)/bin/python" \
+		cargo test -p integration --no-fail-fast -- --test-threads=2
 
 # The plugin's parser gets each configuration as the YAML 1.1 reading delivers it.
 yaml-contract: mesh-tools
