@@ -60,7 +60,7 @@ upstream:
 	cargo build -p integration --release --bin breakwater-upstream
 
 run: build upstream envoy
-	@bash tools/demo.sh "$(ENVOY_RESOLVED)" $(UPSTREAM)
+	@$(VENV)/bin/python tools/foreground.py bash tools/demo.sh "$(ENVOY_RESOLVED)" $(UPSTREAM)
 
 test: unit wasm-test lint yaml-contract istio-crds integration
 
@@ -75,10 +75,12 @@ lint:
 	cargo clippy -p breakwater --target wasm32-wasip1 -- -D warnings
 
 # The tests' temporary folders go into one folder of their own, removed however the run ends
-# (Ctrl-C included); KEEP_TMP=1 keeps it, with the logs of failed tests.
+# (Ctrl-C included), once the Envoys started from it have exited (Ctrl-C reaches them too);
+# KEEP_TMP=1 keeps it, with the logs of failed tests.
 integration: build envoy mesh-tools
 	@tmp=$$(mktemp -d -t breakwater-test.XXXXXX); \
-	trap 'if [ -n "$(KEEP_TMP)" ]; then echo "kept $$tmp"; else rm -rf "$$tmp"; fi' EXIT; \
+	trap 'for i in $$(seq 100); do pgrep -f "$$tmp/" >/dev/null || break; sleep 0.1; done; \
+		if [ -n "$(KEEP_TMP)" ]; then echo "kept $$tmp"; else rm -rf "$$tmp"; fi' EXIT; \
 	echo "TMPDIR=$$tmp ENVOY_BIN=$(ENVOY_RESOLVED) cargo test -p integration --no-fail-fast -- --test-threads=2"; \
 	TMPDIR="$$tmp" ENVOY_BIN="$(ENVOY_RESOLVED)" BREAKWATER_WASM="$(CURDIR)/$(WASM)" BREAKWATER_PYTHON="$(CURDIR)/$(VENV)/bin/python" \
 		cargo test -p integration --no-fail-fast -- --test-threads=2
