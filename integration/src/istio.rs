@@ -534,6 +534,11 @@ impl IstioEnvoy {
         self.plugins.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect()
     }
 
+    /// The ECDS resource (and filter) names of the plugins on this proxy's listener.
+    pub fn plugins_resource_names(&self) -> Vec<String> {
+        self.plugins.iter().map(WasmPlugin::resource_name).collect()
+    }
+
     /// Pushes a changed WasmPlugin through ECDS and waits until Envoy took it (Ok) or refused
     /// it (Err: the update was rejected; Envoy keeps the previous one).
     pub async fn push(&self, plugin: &WasmPlugin) -> Result<(), String> {

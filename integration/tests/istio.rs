@@ -55,6 +55,18 @@ async fn assert_policies(envoy: &IstioEnvoy, cases: &[(&str, Method, &str, Optio
     }
 }
 
+/// The shipped gateway recipe with one change (`from` must occur in it once).
+fn gateway_recipe_with(from: &str, to: &str) -> String {
+    let shipped = std::fs::read_to_string(integration::envoy::repo_root().join(RECIPES[0])).unwrap();
+    assert_eq!(shipped.matches(from).count(), 1, "{from}");
+    shipped.replace(from, to)
+}
+
+/// The change that gives the gateway recipe a bare `retry: { on: [...] }`, the YAML 1.1 trap of
+/// issue 11: kubectl reads the key as `true`.
+const BARE_ON: (&str, &str) =
+    ("bulkhead: { max_concurrent: 50 }", "bulkhead: { max_concurrent: 50 }\n        retry: { on: [5xx] }");
+
 /// Trips `policy` with `n` failing requests, one after another.
 async fn trip(envoy: &IstioEnvoy, policy: &str, host: &str, method: Method, path: &str, n: usize) {
     for _ in 0..n {
@@ -190,22 +202,19 @@ async fn a_changed_plugin_config_pushed_through_ecds_keeps_an_open_breaker() {
     let host = "shop.example.com";
     trip(&envoy, "checkout", host, Method::GET, "/checkout?status=500", 5).await;
 
-    let shipped = std::fs::read_to_string(integration::envoy::repo_root().join(RECIPES[0])).unwrap();
-    let changed = |from: &str, to: &str| {
-        assert_eq!(shipped.matches(from).count(), 1, "{from}");
-        Mesh::from_text(&shipped.replace(from, to)).wasm_plugin("istio-system/breakwater-gateway")
+    let changed = |(from, to): (&str, &str)| {
+        Mesh::from_text(&gateway_recipe_with(from, to)).wasm_plugin("istio-system/breakwater-gateway")
     };
 
     // The reject status changes from 503 to 429.
-    envoy.push(&changed("status: 503", "status: 429")).await.expect("Envoy takes the changed WasmPlugin");
+    envoy.push(&changed(("status: 503", "status: 429"))).await.expect("Envoy takes the changed WasmPlugin");
     let r = envoy.request_to(host, Method::GET, "/checkout").await;
     assert!(r.is_circuit_open(), "the breaker is still open after the push: {r:?}");
     assert_eq!(r.status, 429, "and the new configuration answers: {r:?}");
     assert_eq!(envoy.policy("checkout").await.state, OPEN);
 
     // A bare `on:` key, as kubectl reads it, is refused with the reason, and nothing changes.
-    let bad =
-        changed("bulkhead: { max_concurrent: 50 }", "bulkhead: { max_concurrent: 50 }\n        retry: { on: [5xx] }");
+    let bad = changed(BARE_ON);
     assert!(bad.configuration.as_deref().unwrap().contains(r#""retry":{"true":["5xx"]}"#), "{:?}", bad.configuration);
     let log = envoy.push(&bad).await.expect_err("Envoy rejects a configuration the plugin refuses");
     assert!(log.contains("policies.search.retry.true: unknown key"), "{log}");
@@ -213,4 +222,25 @@ async fn a_changed_plugin_config_pushed_through_ecds_keeps_an_open_breaker() {
     assert_eq!((r.is_circuit_open(), r.status), (true, 429), "the last good configuration stays: {r:?}");
     assert_passes(&envoy, &[(host, Method::GET, "/search")]).await;
     assert!(!envoy.log().contains("panicked"), "{}", envoy.log());
+}
+
+/// What a pluginConfig the plugin refuses does to a proxy that had no earlier configuration (a
+/// new pod, or a pod the WasmPlugin newly selects): Envoy rejects the ECDS resource and, with
+/// no filter configuration at all, answers every request on the listener with a 500, whatever
+/// the failStrategy. Hence: run `make yaml-contract istio-crds` on a manifest before applying it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_plugin_config_on_a_new_proxy_fails_every_request_of_its_listener() {
+    let up = start_upstream().await;
+    let bad = Mesh::from_text(&gateway_recipe_with(BARE_ON.0, BARE_ON.1));
+    let envoy = IstioEnvoy::start(&bad, &Proxy::ingress_gateway(), up.addr()).await;
+    let resource = envoy.plugins_resource_names().pop().unwrap();
+    let rejected =
+        envoy.wait_stat(&format!("extension_config_discovery.http_filter.{resource}.update_rejected"), 1).await;
+    assert_eq!(rejected, 1);
+    for path in ["/checkout", "/search", "/catalog"] {
+        let r = envoy.request_to("shop.example.com", Method::GET, path).await;
+        assert_eq!((r.status, r.from_upstream()), (500, false), "{path}: {r:?}");
+    }
+    assert_eq!(up.stats().requests, 0, "nothing reached the upstream");
+    assert!(envoy.log().contains("policies.search.retry.true: unknown key"), "{}", envoy.log());
 }
