@@ -37,7 +37,7 @@ FAST_FAIL = ("a 503 from Breakwater: x-breakwater: circuit-open and retry-after"
              and "x-upstream" not in o)
 BULKHEAD_CHECK = ("two 200s, two queue-timeouts, two bulkhead-full", lambda o: sorted_lines(o) == BULKHEAD)
 RETRIES = ("nine 200s", lambda o: words(o) == ["200"] * 9)
-STATS = ("Breakwater's Prometheus stats", lambda o: re.search(r'^breakwater_requests\{[^}]*policy="checkout"', o, re.M))
+STATS = ("Breakwater's Prometheus stats", lambda o: re.search(r'^breakwater_requests(_total)?\{[^}]*policy="checkout"', o, re.M))
 
 EXPECT = {
     "readme": [
@@ -49,7 +49,7 @@ EXPECT = {
         HEALTHY, TRIP, FAST_FAIL,
         ("the probe's 200, then a 200 from the closed breaker", lambda o: statuses(o) == [200, 200]),
         BULKHEAD_CHECK, RETRIES,
-        ("the retry stats", lambda o: re.search(r'^breakwater_retries\{[^}]*policy="inventory"', o, re.M)),
+        ("the retry stats", lambda o: re.search(r'^breakwater_retries(_total)?\{[^}]*policy="inventory"', o, re.M)),
         STATS,
     ],
 }

@@ -534,9 +534,9 @@ impl IstioEnvoy {
         self.plugins.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect()
     }
 
-    /// The ECDS resource (and filter) names of the plugins on this proxy's listener.
-    pub fn plugins_resource_names(&self) -> Vec<String> {
-        self.plugins.iter().map(WasmPlugin::resource_name).collect()
+    /// The WasmPlugins on this proxy's listener, in filter order.
+    pub fn wasm_plugins(&self) -> &[WasmPlugin] {
+        &self.plugins
     }
 
     /// Pushes a changed WasmPlugin through ECDS and waits until Envoy took it (Ok) or refused
@@ -570,7 +570,7 @@ impl IstioEnvoy {
     /// Sends the request and says which Breakwater policy counted it: the policies any of whose
     /// counters moved (none for a request no route rule matched).
     pub async fn policy_of(&self, host: &str, method: Method, path: &str) -> (Reply, BTreeSet<String>) {
-        let before = policy_counters(&self.envoy.stats().await);
+        let before = policy_counters(&self.envoy).await;
         let reply = self.request_to(host, method, path).await;
         // Counters move in on_log, just after the client has its answer.
         let moved = |now: &BTreeMap<String, i64>| -> BTreeSet<String> {
@@ -581,7 +581,7 @@ impl IstioEnvoy {
         };
         let deadline = std::time::Instant::now() + Duration::from_millis(300);
         loop {
-            let now = policy_counters(&self.envoy.stats().await);
+            let now = policy_counters(&self.envoy).await;
             let m = moved(&now);
             if !m.is_empty() || std::time::Instant::now() > deadline {
                 return (reply, m);
@@ -608,14 +608,19 @@ impl Drop for IstioEnvoy {
     }
 }
 
-/// Breakwater's per-policy counters (gauges left out): name → value.
-fn policy_counters(stats: &BTreeMap<String, i64>) -> BTreeMap<String, i64> {
-    let gauges = ["circuit_state", "bulkhead_active", "bulkhead_queued", "retry_budget_remaining"];
-    stats
-        .iter()
-        .filter(|(k, _)| k.starts_with("wasmcustom.breakwater.") && k.contains(".policy."))
-        .filter(|(k, _)| !gauges.iter().any(|g| k.starts_with(&format!("wasmcustom.breakwater.{g}."))))
-        .map(|(k, v)| (k.clone(), *v))
+/// Breakwater's per-policy counters, name → value: Envoy's counters (`type=Counters`, so no
+/// gauge) whose name starts with `wasmcustom.breakwater` and names a policy.
+async fn policy_counters(envoy: &Envoy) -> BTreeMap<String, i64> {
+    let path = "/stats?format=json&type=Counters&filter=%5Ewasmcustom%5C.breakwater";
+    let (status, body) = crate::envoy::admin_get(envoy.admin(), path).await.expect("GET /stats");
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("stats JSON");
+    v["stats"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| Some((s["name"].as_str()?.to_owned(), s["value"].as_i64()?)))
+        .filter(|(k, _)| k.contains(".policy."))
         .collect()
 }
 

@@ -107,6 +107,10 @@ async fn at_the_gateway_policies_follow_the_virtualservice_route_names() {
     assert_eq!(config["root_id"], "breakwater", "{dump}");
     assert_eq!(config["failure_policy"], "FAIL_RELOAD", "{dump}");
     assert!(config["vm_config"].get("vm_id").is_none(), "{dump}");
+    // Envoy's own Wasm stats carry the name istiod gives the plugin configuration.
+    let name = envoy.wasm_plugins()[0].config_name();
+    assert_eq!(name, "istio-system.breakwater-gateway~istio-translated-wasmplugin");
+    assert!(envoy.stats().await.contains_key(&format!("wasm.{name}.vm_reload_success")), "{:?}", envoy.stats().await);
 
     let host = "shop.example.com";
     assert_policies(
@@ -233,7 +237,7 @@ async fn a_refused_plugin_config_on_a_new_proxy_fails_every_request_of_its_liste
     let up = start_upstream().await;
     let bad = Mesh::from_text(&gateway_recipe_with(BARE_ON.0, BARE_ON.1));
     let envoy = IstioEnvoy::start(&bad, &Proxy::ingress_gateway(), up.addr()).await;
-    let resource = envoy.plugins_resource_names().pop().unwrap();
+    let resource = envoy.wasm_plugins()[0].resource_name();
     let rejected =
         envoy.wait_stat(&format!("extension_config_discovery.http_filter.{resource}.update_rejected"), 1).await;
     assert_eq!(rejected, 1);
