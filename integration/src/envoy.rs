@@ -103,7 +103,7 @@ pub fn dead_port() -> u16 {
     l.local_addr().expect("local_addr").port()
 }
 
-fn unique_dir(tag: &str) -> PathBuf {
+pub(crate) fn unique_dir(tag: &str) -> PathBuf {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     let dir = std::env::temp_dir().join(format!(
@@ -115,7 +115,7 @@ fn unique_dir(tag: &str) -> PathBuf {
     dir
 }
 
-fn tail(text: &str, lines: usize) -> String {
+pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
@@ -591,6 +591,12 @@ impl Envoy {
     }
 
     pub async fn try_start_yaml(yaml: &str, concurrency: u32) -> Result<Envoy, StartError> {
+        Self::try_start_yaml_listening(yaml, concurrency, "ingress").await
+    }
+
+    /// As [`Envoy::try_start_yaml`], for a bootstrap whose client-facing listener is named
+    /// `listener` (the one [`Envoy::listener`] returns).
+    pub async fn try_start_yaml_listening(yaml: &str, concurrency: u32, listener: &str) -> Result<Envoy, StartError> {
         let dir = unique_dir("envoy");
         let config = dir.join("envoy.yaml");
         std::fs::write(&config, yaml).expect("write envoy.yaml");
@@ -599,7 +605,8 @@ impl Envoy {
         let child = Command::new(envoy_bin())
             .arg("-c")
             .arg(&config)
-            .args(["--concurrency", &concurrency.to_string(), "--use-dynamic-base-id"])
+            // No hot restart: it would leave /dev/shm/envoy_shared_memory_* behind, even on SIGTERM.
+            .args(["--concurrency", &concurrency.to_string(), "--use-dynamic-base-id", "--disable-hot-restart"])
             .arg("--admin-address-path")
             .arg(dir.join("admin"))
             .arg("--log-path")
@@ -630,7 +637,7 @@ impl Envoy {
                 }
             }
             if envoy.admin.port() != 0 && envoy.listener.port() == 0 {
-                if let Some(port) = envoy.bound_listener_port().await {
+                if let Some(port) = envoy.bound_listener_port(listener).await {
                     envoy.listener = ([127, 0, 0, 1], port).into();
                 }
             }
@@ -649,13 +656,13 @@ impl Envoy {
         StartError { status, reason: reason.to_owned(), log: format!("{}\n{}", self.log(), self.stderr()) }
     }
 
-    async fn bound_listener_port(&self) -> Option<u16> {
+    async fn bound_listener_port(&self, name: &str) -> Option<u16> {
         let (status, body) = admin_get(self.admin, "/listeners?format=json").await.ok()?;
         if status != 200 {
             return None;
         }
         let v: Value = serde_json::from_str(&body).ok()?;
-        let port = v["listener_statuses"].as_array()?.iter().find(|l| l["name"] == "ingress")?["local_address"]
+        let port = v["listener_statuses"].as_array()?.iter().find(|l| l["name"] == name)?["local_address"]
             ["socket_address"]["port_value"]
             .as_u64()?;
         (port != 0).then_some(port as u16)
@@ -671,7 +678,7 @@ impl Envoy {
         let config = dir.join("envoy.yaml");
         std::fs::write(&config, yaml).expect("write envoy.yaml");
         let out = Command::new(envoy_bin())
-            .args(["--mode", "validate", "--use-dynamic-base-id", "-l", "info", "-c"])
+            .args(["--mode", "validate", "--use-dynamic-base-id", "--disable-hot-restart", "-l", "info", "-c"])
             .arg(&config)
             .stdin(Stdio::null())
             .output()
@@ -989,7 +996,10 @@ impl Envoy {
 
 /// Reads `read` every 10ms until `done` holds or 5s pass; returns the last reading, so the
 /// caller asserts on it and a failure shows what was seen.
-async fn poll<T, F: std::future::Future<Output = T>>(mut read: impl FnMut() -> F, done: impl Fn(&T) -> bool) -> T {
+pub(crate) async fn poll<T, F: std::future::Future<Output = T>>(
+    mut read: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let v = read().await;
@@ -1254,7 +1264,10 @@ impl Conn {
             req = req.header(*k, HeaderValue::from_bytes(v).map_err(|e| e.to_string())?);
         }
         let mut req = req.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
-        req.headers_mut().insert(hyper::header::HOST, HeaderValue::from_str(&self.addr.to_string()).expect("host"));
+        // The listener's address, unless the caller names a host (a virtual host to reach).
+        if !req.headers().contains_key(hyper::header::HOST) {
+            req.headers_mut().insert(hyper::header::HOST, HeaderValue::from_str(&self.addr.to_string()).expect("host"));
+        }
         let fut = async {
             let mut sender = self.sender.lock().await;
             sender.ready().await.map_err(|e| format!("connection not ready: {e}"))?;

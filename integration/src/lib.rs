@@ -1,6 +1,7 @@
 //! The real-Envoy test kit: the controllable upstream, the Envoy harness, and the usual setup.
 
 pub mod envoy;
+pub mod istio;
 pub mod upstream;
 
 use envoy::{Envoy, Spec};

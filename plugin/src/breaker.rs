@@ -1,7 +1,7 @@
 //! The circuit breaker on the request path: admit on the request headers, record the outcome
 //! when the stream ends, hand batches over on the tick. The state machine itself is
 //! `breakwater_policies::breaker`; this is how it meets shared data and the worker's
-//! [`Watch`](crate::watch::Watch) of it.
+//! [`Watch`] of it.
 //!
 //! A healthy request on a quiet breaker makes no host call here: the worker's view admits it,
 //! and its success joins the worker's batch, handed over on the tick. Everything else (a

@@ -827,7 +827,7 @@ fn grpc_code(v: &Value, path: &str) -> Result<u32> {
 /// Longest value or key shown in a message, in characters.
 const SHOWN: usize = 64;
 
-/// A string quoted with every control character escaped, cut after [`SHOWN`] characters: safe
+/// A string quoted with every control character escaped, cut after 64 characters: safe
 /// in one log line whatever it holds.
 pub fn show_str(s: &str) -> String {
     let cut: String = s.chars().take(SHOWN).collect();

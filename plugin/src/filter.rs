@@ -1,7 +1,7 @@
 //! The request path, host-agnostic: which policy a request falls under, admission on the
 //! request headers, what the response said, and the accounting when the stream ends
 //! (`on_log`, which Envoy calls for every stream: responses, resets, timeouts and client aborts
-//! alike). Data flows one way: host → [`outcome`](crate::outcome) → policy state → reply.
+//! alike). Data flows one way: host → [`crate::outcome`] → policy state → reply.
 //!
 //! Host calls per request on the healthy path (nothing tripping, the bulkhead far from full,
 //! the retry budget from the worker's stock), counted by the unit tests:

@@ -1,6 +1,6 @@
 //! The seam between Breakwater's request logic and the proxy: every host call goes through
-//! [`Host`], so the logic runs natively against [`crate::fake::FakeHost`] in unit tests and
-//! against Envoy through [`crate::wasm`] in production.
+//! [`Host`], so the logic runs natively against `fake::FakeHost` in unit tests and
+//! against Envoy through `wasm::WasmHost` in production.
 //!
 //! Everything the host returns is bytes: header values, attributes and shared data are never
 //! assumed to be UTF-8, and nothing the host says can make the plugin panic.

@@ -16,7 +16,7 @@
 //!   [`watch`]es (its picture of each breaker), the policies its tick must visit.
 //! * [`store`] keeps policy state in proxy-wasm shared data with CAS retry loops.
 //! * `per_route` (native only) turns a route-rule configuration into per-route filter instances.
-//! * [`host`] is the seam to the proxy; [`wasm`] implements it over the proxy-wasm ABI (calling
+//! * [`host`] is the seam to the proxy; `wasm` implements it over the proxy-wasm ABI (calling
 //!   the imports directly: the SDK's wrappers panic on host data), `fake` for unit tests.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 

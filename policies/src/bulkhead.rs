@@ -7,7 +7,7 @@
 //! ticket so that the worker can be told, when a freed permit is handed to one of them.
 //!
 //! Invariant after every operation: no waiter could be admitted. A freed permit goes straight
-//! to the first waiter, in arrival order, whose class may use it ([`BulkheadState::grant`]), so
+//! to the first waiter, in arrival order, whose class may use it (`BulkheadState::grant`), so
 //! a newcomer that is admissible never overtakes an earlier waiter of a class that could use the
 //! same permit.
 //!

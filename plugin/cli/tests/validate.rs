@@ -23,23 +23,24 @@ fn the_shipped_envoy_and_istio_files_are_valid() {
     let run = breakwater(&[
         "validate",
         "envoy/envoy.yaml",
-        "envoy/istio/wasmplugin.yaml",
-        "envoy/istio/virtualservice.yaml",
+        "envoy/istio/gateway.yaml",
+        "envoy/istio/client-sidecars.yaml",
+        "envoy/istio/server-sidecar.yaml",
         "envoy/istio/telemetry-stats-tags.yaml",
     ]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let lines: Vec<&str> = run.stdout.lines().collect();
     assert!(lines.contains(&"envoy/envoy.yaml: ok: Wasm filter \"breakwater\" at static_resources.listeners[0].filter_chains[0].filters[0].typed_config.http_filters[0].typed_config (4 policies, 4 routes)"), "{}", run.stdout);
-    assert!(
-        lines.contains(
-            &"envoy/istio/wasmplugin.yaml: ok: WasmPlugin shop/breakwater (spec.pluginConfig) (2 policies, 2 routes)"
-        ),
-        "{}",
-        run.stdout
-    );
+    for ok in [
+        "envoy/istio/gateway.yaml: ok: WasmPlugin istio-system/breakwater-gateway (spec.pluginConfig) (2 policies, 2 routes)",
+        "envoy/istio/client-sidecars.yaml: ok: WasmPlugin shop/breakwater-callers (spec.pluginConfig) (2 policies, 2 routes)",
+        "envoy/istio/server-sidecar.yaml: ok: WasmPlugin shop/breakwater-checkout (spec.pluginConfig) (2 policies, 2 routes)",
+    ] {
+        assert!(lines.contains(&ok), "{}", run.stdout);
+    }
     assert!(!run.stdout.contains("warning"), "the shipped files read the same in YAML 1.1 and 1.2: {}", run.stdout);
 
-    let (report, code) = validate_json(&["envoy/envoy.yaml", "envoy/istio/wasmplugin.yaml"]);
+    let (report, code) = validate_json(&["envoy/envoy.yaml", "envoy/istio/server-sidecar.yaml"]);
     assert_eq!(code, 0);
     assert_eq!(report["valid"], true);
     assert_eq!(report["configurations"], 2);
@@ -67,7 +68,7 @@ fn an_error_in_envoy_yaml_points_at_the_line_inside_the_json_block() {
 
 #[test]
 fn istio_yaml_is_read_as_kubectl_reads_it() {
-    let text = std::fs::read_to_string(root().join("envoy/istio/wasmplugin.yaml")).unwrap();
+    let text = std::fs::read_to_string(root().join("plugin/cli/tests/fixtures/wasmplugin.yaml")).unwrap();
     let dir = tempfile::tempdir().unwrap();
 
     // A bare `on` key reaches the plugin as "true", which it refuses; the warning says why.
@@ -224,7 +225,7 @@ fn files_that_are_not_configurations_fail_and_the_exit_code_covers_all_files() {
     assert_eq!(run.code, 1);
     assert!(run.stdout.contains("envoy/envoy.yaml: ok"), "{}", run.stdout);
     // Nothing to check at all is a failure too.
-    let run = breakwater(&["validate", "envoy/istio/virtualservice.yaml"]);
+    let run = breakwater(&["validate", "envoy/istio/telemetry-stats-tags.yaml"]);
     assert_eq!(run.code, 1);
     assert!(run.stdout.contains("error: no Breakwater configuration in this file"), "{}", run.stdout);
 }

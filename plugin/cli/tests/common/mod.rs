@@ -76,9 +76,11 @@ pub fn shipped_configurations() -> Vec<(String, Value)> {
         |p: &str| to_json(&YamlLoader::load_from_str(&std::fs::read_to_string(root().join(p)).unwrap()).unwrap()[0]);
     let envoy = read("envoy/envoy.yaml");
     let value = find(&envoy, "configuration").unwrap()["value"].as_str().unwrap();
-    let istio = read("envoy/istio/wasmplugin.yaml");
-    vec![
-        ("envoy/envoy.yaml".to_string(), serde_json::from_str(value).unwrap()),
-        ("envoy/istio/wasmplugin.yaml".to_string(), istio["spec"]["pluginConfig"].clone()),
-    ]
+    let mut out = vec![("envoy/envoy.yaml".to_string(), serde_json::from_str(value).unwrap())];
+    for recipe in ["envoy/istio/gateway.yaml", "envoy/istio/client-sidecars.yaml", "envoy/istio/server-sidecar.yaml"] {
+        let docs = YamlLoader::load_from_str(&std::fs::read_to_string(root().join(recipe)).unwrap()).unwrap();
+        let plugin = docs.iter().map(to_json).find(|d| d["kind"] == "WasmPlugin").unwrap();
+        out.push((recipe.to_string(), plugin["spec"]["pluginConfig"].clone()));
+    }
+    out
 }
