@@ -202,7 +202,7 @@ class Envoy:
         # figures measure Envoy's work rather than how the scheduler interleaved three programs.
         self.proc = subprocess.Popen(
             pin(cpu) + [envoy_bin, "-c", str(self.dir / "envoy.yaml"), "--concurrency", str(concurrency),
-             "--use-dynamic-base-id", "-l", "warning"],
+             "--use-dynamic-base-id", "--disable-hot-restart", "-l", "warning"],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
 
     def wait_ready(self, admin_port, timeout=30):
@@ -445,7 +445,7 @@ def instructions_per_request(envoy_bin, name, make_yaml, tmp, requests):
     proc = subprocess.Popen(
         pin("0") + ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--smc-check=all-non-file",
                     f"--callgrind-out-file={out}", envoy_bin, "-c", str(d / "envoy.yaml"), "--concurrency", "1",
-                    "--use-dynamic-base-id", "-l", "error"],
+                    "--use-dynamic-base-id", "--disable-hot-restart", "-l", "error"],
         stdout=open(d / "log", "w"), stderr=subprocess.STDOUT, cwd=ROOT)
     e = Envoy.__new__(Envoy)
     e.proc, e.name, e.dir, e.log = proc, name, d, open(os.devnull, "w")

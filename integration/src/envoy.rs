@@ -577,17 +577,16 @@ impl Envoy {
             ("port_value: 10000".to_owned(), "port_value: 0".to_owned()),
             ("port_value: 9901".to_owned(), "port_value: 0".to_owned()),
             ("port_value: 8081".to_owned(), format!("port_value: {}", upstream.port())),
-            (
-                "filename: target/wasm32-wasip1/release/breakwater.wasm".to_owned(),
-                format!("filename: {}", wasm.display()),
-            ),
         ];
         for (from, to) in swaps {
             let n = text.matches(&from).count();
             assert_eq!(n, 1, "envoy/envoy.yaml should contain `{from}` exactly once, found {n}");
             text = text.replace(&from, &to);
         }
-        text
+        // Every Breakwater filter (the per-route instances and the one with rules) loads the build.
+        let path = "filename: target/wasm32-wasip1/release/breakwater.wasm";
+        assert!(text.matches(path).count() >= 1, "envoy/envoy.yaml loads no Breakwater filter");
+        text.replace(path, &format!("filename: {}", wasm.display()))
     }
 
     pub async fn try_start_yaml(yaml: &str, concurrency: u32) -> Result<Envoy, StartError> {

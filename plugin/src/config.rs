@@ -850,7 +850,14 @@ fn show(v: &Value) -> String {
 }
 
 fn expected(path: &str, what: &str, got: &Value) -> ConfigError {
-    ConfigError { path: path.to_string(), message: format!("expected {what}, got {}", show(got)) }
+    // kubectl and Helm read a bare on/off/yes/no (YAML 1.1) as a boolean.
+    let hint = match got {
+        Value::Bool(_) if !what.contains("true or false") => {
+            " (YAML 1.1 reads a bare on, off, yes or no as a boolean: quote it)"
+        }
+        _ => "",
+    };
+    ConfigError { path: path.to_string(), message: format!("expected {what}, got {}{hint}", show(got)) }
 }
 
 /// `path.key`, or `path["key"]` (quoted, escaped, cut) for a key that is not a plain name: how

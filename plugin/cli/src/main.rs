@@ -5,6 +5,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
+mod per_route;
 mod validate;
 mod yaml;
 
@@ -18,7 +19,11 @@ use validate::{FileReport, Finding, Found, Options};
 const SCHEMA: &str = include_str!("../breakwater.schema.json");
 
 #[derive(Parser)]
-#[command(name = "breakwater", version, about = "Operate Breakwater: check its configurations, print their schema.")]
+#[command(
+    name = "breakwater",
+    version,
+    about = "Operate Breakwater: check its configurations, print their schema, split them into per-route filters."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,6 +53,27 @@ enum Command {
     /// Print the JSON Schema (draft 2020-12) of the plugin configuration, for editors and policy
     /// checkers. Its $comment lists the rules a schema cannot express; `validate` checks them all.
     Schema,
+    /// Print the per-route filter instances for plain Envoy made from a route-rule
+    /// configuration: one disabled Breakwater filter per policy (for `http_filters`) and the
+    /// `typed_per_filter_config` that enables it on each route its rules name. Only rules that
+    /// match on `route_name` alone can become per-route instances.
+    PerRoute {
+        /// The plugin configuration (JSON or YAML) with `policies` and `routes`.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The .wasm path (or URL-less file) the filters' vm_config loads.
+        #[arg(long, default_value = "breakwater.wasm")]
+        wasm: String,
+        /// The filters' failure_policy (see the README's "Failure modes").
+        #[arg(long, default_value = "FAIL_RELOAD")]
+        failure_policy: String,
+        /// The filters' vm_id: every instance shares one VM per worker, and its state.
+        #[arg(long, default_value = "breakwater")]
+        vm_id: String,
+        /// `text` (YAML to paste), `json` for scripts.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -61,6 +87,29 @@ fn main() -> ExitCode {
         Command::Schema => {
             print!("{SCHEMA}");
             ExitCode::SUCCESS
+        }
+        Command::PerRoute { file, wasm, failure_policy, vm_id, output } => {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let opts = per_route::Options { wasm, failure_policy, vm_id };
+            match per_route::read(&text).and_then(|c| per_route::instances(&c, &opts)) {
+                Ok(out) => {
+                    match output {
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default()),
+                        Output::Text => print!("{}", per_route::to_yaml(&out)),
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: error: {e}", file.display());
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Validate { files, output, any_wasm } => {
             let opts = Options { any_wasm };
@@ -143,7 +192,10 @@ fn print_text(r: &FileReport) {
     }
     for c in &r.configs {
         match &c.error {
-            None => println!("{}: ok: {} ({} policies, {} routes)", r.file, describe(c), c.policies, c.routes),
+            None => match &c.policy {
+                Some(p) => println!("{}: ok: {} (per-route instance of policy {p})", r.file, describe(c)),
+                None => println!("{}: ok: {} ({} policies, {} routes)", r.file, describe(c), c.policies, c.routes),
+            },
             Some(e) => println!("{}: error: {}\n    in {}", place(&r.file, e), message(e), describe(c)),
         }
     }

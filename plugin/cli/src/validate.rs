@@ -42,6 +42,9 @@ pub struct Found {
     pub valid: bool,
     pub policies: usize,
     pub routes: usize,
+    /// A per-route filter instance's one policy (its configuration's `policy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<Finding>,
 }
@@ -193,7 +196,8 @@ fn check(
     bytes: Result<Vec<u8>, String>,
     locate: impl Fn(&str) -> Option<Pos>,
 ) {
-    let mut found = Found { kind, name, at: at.to_string(), valid: false, policies: 0, routes: 0, error: None };
+    let mut found =
+        Found { kind, name, at: at.to_string(), valid: false, policies: 0, routes: 0, policy: None, error: None };
     match bytes {
         Err(message) => found.error = Some(Finding::at(locate(""), None, message)),
         Ok(bytes) => {
@@ -204,6 +208,7 @@ fn check(
                     found.valid = true;
                     found.policies = c.policies.len();
                     found.routes = c.routes.rules().len();
+                    found.policy = c.only.and_then(|i| c.policies.get(i)).map(|p| p.name.clone());
                     if c.policies.is_empty() {
                         report.warnings.push(Finding::at(
                             locate(""),

@@ -148,6 +148,8 @@ impl Envoy {
                 "--base-id-path",
                 "base-id",
                 "--use-dynamic-base-id",
+                // Hot restart's shared memory would outlive the test in /dev/shm.
+                "--disable-hot-restart",
             ])
             .arg("--admin-address-path")
             .arg(&admin_path)

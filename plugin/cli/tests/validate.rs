@@ -30,7 +30,8 @@ fn the_shipped_envoy_and_istio_files_are_valid() {
     ]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let lines: Vec<&str> = run.stdout.lines().collect();
-    assert!(lines.contains(&"envoy/envoy.yaml: ok: Wasm filter \"breakwater\" at static_resources.listeners[0].filter_chains[0].filters[0].typed_config.http_filters[0].typed_config (4 policies, 4 routes)"), "{}", run.stdout);
+    assert!(lines.contains(&"envoy/envoy.yaml: ok: Wasm filter \"breakwater\" at static_resources.listeners[0].filter_chains[0].filters[0].typed_config.http_filters[0].typed_config (per-route instance of policy checkout)"), "{}", run.stdout);
+    assert!(lines.contains(&"envoy/envoy.yaml: ok: Wasm filter \"breakwater\" at static_resources.listeners[0].filter_chains[0].filters[0].typed_config.http_filters[3].typed_config (1 policies, 1 routes)"), "{}", run.stdout);
     for ok in [
         "envoy/istio/gateway.yaml: ok: WasmPlugin istio-system/breakwater-gateway (spec.pluginConfig) (2 policies, 2 routes)",
         "envoy/istio/client-sidecars.yaml: ok: WasmPlugin shop/breakwater-callers (spec.pluginConfig) (2 policies, 2 routes)",
@@ -43,25 +44,27 @@ fn the_shipped_envoy_and_istio_files_are_valid() {
     let (report, code) = validate_json(&["envoy/envoy.yaml", "envoy/istio/server-sidecar.yaml"]);
     assert_eq!(code, 0);
     assert_eq!(report["valid"], true);
-    assert_eq!(report["configurations"], 2);
+    assert_eq!(report["configurations"], 5, "4 filters in envoy.yaml, 1 WasmPlugin");
     assert_eq!(report["files"][0]["configs"][0]["kind"], "envoy-wasm-filter");
+    assert_eq!(report["files"][0]["configs"][0]["policy"], "checkout");
     assert_eq!(report["files"][1]["configs"][0]["kind"], "istio-wasmplugin");
 }
 
 #[test]
 fn an_error_in_envoy_yaml_points_at_the_line_inside_the_json_block() {
     let text = std::fs::read_to_string(root().join("envoy/envoy.yaml")).unwrap();
-    let bad = text.replacen("\"threshold\": 50", "\"threshold\": 150", 1);
+    let bad = text.replacen("\"consecutive_failures\": 3", "\"consecutive_failures\": 0", 1);
     assert_ne!(bad, text);
-    let line = bad.lines().position(|l| l.contains("\"threshold\": 150")).unwrap() as u64 + 1;
-    let column = bad.lines().nth(line as usize - 1).unwrap().find("\"threshold\"").unwrap() as u64 + 1;
+    let line = bad.lines().position(|l| l.contains("\"consecutive_failures\": 0")).unwrap() as u64 + 1;
+    let column = bad.lines().nth(line as usize - 1).unwrap().find("\"consecutive_failures\"").unwrap() as u64 + 1;
     let dir = tempfile::tempdir().unwrap();
     let file = write(&dir, "envoy.yaml", &bad);
     let run = breakwater(&["validate", &file]);
     assert_eq!(run.code, 1);
+    let error = run.stdout.lines().find(|l| l.contains("error:")).unwrap();
     assert_eq!(
-        run.stdout.lines().next().unwrap(),
-        format!("{file}:{line}:{column}: error: policies.checkout.circuit_breaker.failure_rate.threshold: expected a percent: a whole number from 1 to 100, got 150")
+        error,
+        format!("{file}:{line}:{column}: error: policies.catalog.circuit_breaker.consecutive_failures: expected a whole number from 1 to 1000000, got 0")
     );
     assert!(run.stdout.contains("in Wasm filter \"breakwater\" at static_resources.listeners[0]"), "{}", run.stdout);
 }

@@ -221,6 +221,10 @@ fn bad_configs_are_refused_with_the_json_path_and_what_was_expected() {
         (r#"{"policies": {"p": {}}, "policy": "p", "routes": []}"#, "policy: a filter instance with `policy` applies it to every request it sees: remove `routes`"),
         (r#"{"policies": {"p": {}, "q": {}}, "policy": "p"}"#, "policies.q: a filter instance with `policy` carries only that policy (\"p\")"),
         ("{\"policies\": {\"bad\\nkey\": {}}}", "policies[\"bad\\nkey\"]: a policy name"),
+        (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 2, "priority": {"header": "x-p", "default": true, "classes": {}}}}}}"#,
+         "policies.p.bulkhead.priority.default: expected a class name, got true (YAML 1.1 reads a bare on, off, yes or no as a boolean: quote it)"),
+        (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 2, "priority": {"header": "x-p", "default": "s", "classes": {"true": {}}}}}}}"#,
+         "policies.p.bulkhead.priority.classes.true: a YAML 1.1 reader (kubectl, Helm) makes this name from a bare on/off/yes/no"),
     ];
     for (config, message) in cases {
         let got = error_of(config);

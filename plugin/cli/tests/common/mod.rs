@@ -49,22 +49,23 @@ pub fn validate_json(files: &[&str]) -> (Value, i32) {
     (report, run.code)
 }
 
-/// The plugin configuration inside the shipped Envoy and Istio examples, as JSON.
-pub fn shipped_configurations() -> Vec<(String, Value)> {
-    use yaml_rust2::{Yaml, YamlLoader};
-    fn to_json(y: &Yaml) -> Value {
-        match y {
-            Yaml::Hash(h) => {
-                Value::Object(h.iter().map(|(k, v)| (k.as_str().unwrap().to_string(), to_json(v))).collect())
-            }
-            Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
-            Yaml::String(s) => Value::String(s.clone()),
-            Yaml::Integer(i) => Value::from(*i),
-            Yaml::Real(r) => Value::from(r.parse::<f64>().unwrap()),
-            Yaml::Boolean(b) => Value::Bool(*b),
-            _ => Value::Null,
-        }
+/// A YAML document (yaml-rust2) as JSON.
+pub fn to_json(y: &yaml_rust2::Yaml) -> Value {
+    use yaml_rust2::Yaml;
+    match y {
+        Yaml::Hash(h) => Value::Object(h.iter().map(|(k, v)| (k.as_str().unwrap().to_string(), to_json(v))).collect()),
+        Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
+        Yaml::String(s) => Value::String(s.clone()),
+        Yaml::Integer(i) => Value::from(*i),
+        Yaml::Real(r) => Value::from(r.parse::<f64>().unwrap()),
+        Yaml::Boolean(b) => Value::Bool(*b),
+        _ => Value::Null,
     }
+}
+
+/// The plugin configurations inside the shipped Envoy and Istio examples, as JSON.
+pub fn shipped_configurations() -> Vec<(String, Value)> {
+    use yaml_rust2::YamlLoader;
     fn find<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
         match v {
             Value::Object(o) => o.get(key).or_else(|| o.values().find_map(|v| find(v, key))),
@@ -75,8 +76,12 @@ pub fn shipped_configurations() -> Vec<(String, Value)> {
     let read =
         |p: &str| to_json(&YamlLoader::load_from_str(&std::fs::read_to_string(root().join(p)).unwrap()).unwrap()[0]);
     let envoy = read("envoy/envoy.yaml");
-    let value = find(&envoy, "configuration").unwrap()["value"].as_str().unwrap();
-    let mut out = vec![("envoy/envoy.yaml".to_string(), serde_json::from_str(value).unwrap())];
+    let filters = find(&envoy, "http_filters").unwrap().as_array().unwrap();
+    let mut out: Vec<(String, Value)> = filters
+        .iter()
+        .filter_map(|f| f["typed_config"]["config"]["configuration"]["value"].as_str())
+        .map(|value| ("envoy/envoy.yaml".to_string(), serde_json::from_str(value).unwrap()))
+        .collect();
     for recipe in ["envoy/istio/gateway.yaml", "envoy/istio/client-sidecars.yaml", "envoy/istio/server-sidecar.yaml"] {
         let docs = YamlLoader::load_from_str(&std::fs::read_to_string(root().join(recipe)).unwrap()).unwrap();
         let plugin = docs.iter().map(to_json).find(|d| d["kind"] == "WasmPlugin").unwrap();
