@@ -109,7 +109,7 @@ async fn closes_after_successes_to_close_probes() {
     // Second probe succeeds: closed.
     let r = envoy.get("/p/probe2").await;
     assert_eq!((r.status, r.from_upstream()), (200, true), "{r:?}");
-    let s = envoy.wait_policy("p", |s| s.to_closed == 1).await;
+    let s = envoy.wait_policy("p", |s| s.to_closed == 1 && s.success == 2).await;
     assert_eq!((s.success, s.to_closed, s.state), (2, 1, CLOSED), "{s:?}");
     let log = envoy.wait_log_line("policy p: circuit closed").await;
     assert!(log.is_some(), "closing is logged");

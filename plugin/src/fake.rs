@@ -30,6 +30,8 @@ impl Reply {
 pub struct Process {
     shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
     metrics: RefCell<Vec<(String, i64)>>,
+    /// Metric ids by name (Envoy's define_metric returns the same id for the same name).
+    metric_ids: RefCell<HashMap<String, u32>>,
     /// Fail this many CAS writes with a mismatch, to exercise retry loops.
     pub cas_conflicts: Cell<u32>,
     /// Shared queues by token; a missing token is a queue that is gone.
@@ -178,12 +180,15 @@ impl Host for FakeHost {
         self.replies.borrow_mut().push(Reply { context: self.context.get(), status, headers, body });
     }
     fn define_metric(&self, _kind: MetricKind, name: &str) -> Option<u32> {
+        let mut ids = self.process.metric_ids.borrow_mut();
+        if let Some(id) = ids.get(name) {
+            return Some(*id);
+        }
         let mut m = self.process.metrics.borrow_mut();
-        let i = m.iter().position(|(n, _)| n == name).unwrap_or_else(|| {
-            m.push((name.to_string(), 0));
-            m.len() - 1
-        });
-        Some(i as u32)
+        m.push((name.to_string(), 0));
+        let id = (m.len() - 1) as u32;
+        ids.insert(name.to_string(), id);
+        Some(id)
     }
     fn metric_add(&self, id: u32, delta: i64) {
         self.count("metric");

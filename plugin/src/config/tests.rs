@@ -285,3 +285,36 @@ fn only_failure_rate_means_no_consecutive_trip() {
     let c = parse_str(r#"{"policies": {"p": {"circuit_breaker": {"failure_rate": {"threshold": 50}}}}}"#).unwrap();
     assert_eq!(c.policies[0].breaker.as_ref().unwrap().machine.consecutive_failures, 0);
 }
+
+fn many(n: usize) -> String {
+    let policies: Vec<String> = (0..n)
+        .map(|i| {
+            alloc::format!(
+                r#""p{i}": {{"circuit_breaker": {{"consecutive_failures": 5}}, "bulkhead": {{"max_concurrent": 10}}}}"#
+            )
+        })
+        .collect();
+    let routes: Vec<String> =
+        (0..n).map(|i| alloc::format!(r#"{{"match": {{"route_name": "r{i}"}}, "policy": "p{i}"}}"#)).collect();
+    alloc::format!(r#"{{"policies": {{{}}}, "routes": [{}]}}"#, policies.join(","), routes.join(","))
+}
+
+#[test]
+fn twenty_thousand_policies_and_rules_compile_in_linear_time() {
+    // Parse and compile (metrics defined, keys made) 5 000 and 20 000 of each: four times the
+    // input must take about four times as long (a quadratic step would take sixteen).
+    let time = |n: usize| {
+        let text = many(n);
+        let host = crate::fake::FakeHost::new();
+        let start = std::time::Instant::now();
+        let c = parse_str(&text).unwrap();
+        assert_eq!((c.policies.len(), c.routes.rules().len()), (n, n));
+        let compiled = crate::Compiled::new(c, &host, "test");
+        compiled.create_shared_state(&host);
+        start.elapsed()
+    };
+    time(1000); // warm up the allocator
+    let (small, large) = (time(5_000), time(20_000));
+    std::println!("5 000 policies and rules: {small:?}; 20 000: {large:?}");
+    assert!(large < small * 10, "20 000 took {large:?}, 5 000 took {small:?}: not linear");
+}
