@@ -178,6 +178,9 @@ pub struct Spec {
     failure_policy: &'static str,
     /// Another build of the plugin (the test-trap build), instead of [`wasm_path`].
     wasm: Option<PathBuf>,
+    /// The control endpoint's configuration (`{"control": …}`), on a listener of its own named
+    /// `control` (see [`Spec::control`]).
+    control: Option<Value>,
 }
 
 impl Spec {
@@ -193,7 +196,17 @@ impl Spec {
             attempt_count: false,
             failure_policy: "FAIL_RELOAD",
             wasm: None,
+            control: None,
         }
+    }
+
+    /// Adds Breakwater's status and control endpoint: a Breakwater filter instance configured
+    /// with `control` (e.g. `{"control": {"writes": true}}`), sharing the data plane's VM, on a
+    /// loopback listener of its own named `control` whose routes answer 404 to anything else.
+    /// [`Envoy::control`] sends requests to it.
+    pub fn control(mut self, admin: Value) -> Spec {
+        self.control = Some(admin);
+        self
     }
 
     /// Attach the plugin as per-route filter instances instead of one filter with rules.
@@ -376,6 +389,11 @@ impl Spec {
                 serde_json::to_string(&lds).expect("json")
             );
         }
+        if let (Some(admin), Some(listeners)) = (&self.control, static_resources["listeners"].as_array_mut()) {
+            // Static even when the ingress comes from LDS: a reload of the data plane's
+            // configuration leaves the control endpoint in place.
+            listeners.push(self.control_listener(admin));
+        }
         let admin = json!({ "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } });
         format!(
             "admin: {}\n{}static_resources: {}\n{dynamic}",
@@ -478,6 +496,43 @@ impl Spec {
         }
     }
 
+    /// The control listener: the `control` filter instance, then a router that answers 404.
+    fn control_listener(&self, admin: &Value) -> Value {
+        let mut config = self.wasm_config();
+        config["name"] = json!("breakwater-control");
+        config["configuration"] = json!({
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": admin.to_string()
+        });
+        json!({
+            "name": "control",
+            "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } },
+            "filter_chains": [{ "filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "breakwater_control",
+                    "route_config": {
+                        "name": "control",
+                        "virtual_hosts": [{ "name": "control", "domains": ["*"], "routes": [{
+                            "match": { "prefix": "/" },
+                            "direct_response": { "status": 404, "body": { "inline_string": "not found\n" } }
+                        }]}]
+                    },
+                    "http_filters": [
+                        { "name": "breakwater-control", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                            "config": config
+                        }},
+                        { "name": "envoy.filters.http.router", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                        }}
+                    ]
+                }
+            }]}]
+        })
+    }
+
     /// The ingress listener: the Breakwater filter(s) in front of the router.
     fn listener_config(&self) -> Value {
         let (mut filters, enabled) = self.breakwater_filters();
@@ -568,14 +623,15 @@ impl Envoy {
         Self::try_start_yaml(&Self::demo_yaml(upstream), 2).await.unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// The shipped `envoy/envoy.yaml` with only these changes: listener port 10000 → 0, admin port
-    /// 9901 → 0, upstream port 8081 → `upstream`'s port, the Wasm filename → the absolute path.
+    /// The shipped `envoy/envoy.yaml` with only these changes: listener ports 10000 and 9902 (the
+    /// control endpoint) → 0, admin port 9901 → 0, upstream port 8081 → `upstream`'s port, the Wasm filename → the absolute path.
     pub fn demo_yaml(upstream: SocketAddr) -> String {
         let mut text = demo_yaml_text();
         let wasm = wasm_path();
         let swaps = [
             ("port_value: 10000".to_owned(), "port_value: 0".to_owned()),
             ("port_value: 9901".to_owned(), "port_value: 0".to_owned()),
+            ("port_value: 9902".to_owned(), "port_value: 0".to_owned()),
             ("port_value: 8081".to_owned(), format!("port_value: {}", upstream.port())),
         ];
         for (from, to) in swaps {
@@ -607,7 +663,7 @@ impl Envoy {
             // No hot restart: it would leave /dev/shm/envoy_shared_memory_* behind, even on SIGTERM.
             .args(["--concurrency", &concurrency.to_string(), "--use-dynamic-base-id", "--disable-hot-restart"])
             .arg("--admin-address-path")
-            .arg(dir.join("admin"))
+            .arg(dir.join("control"))
             .arg("--log-path")
             .arg(dir.join("envoy.log"))
             .args(["-l", "info"])
@@ -629,7 +685,7 @@ impl Envoy {
                 return Err(envoy.start_error(None, "timed out waiting for the listener"));
             }
             if envoy.admin.port() == 0 {
-                if let Ok(text) = std::fs::read_to_string(envoy.dir.join("admin")) {
+                if let Ok(text) = std::fs::read_to_string(envoy.dir.join("control")) {
                     if let Ok(addr) = text.trim().parse() {
                         envoy.admin = addr;
                     }
@@ -694,6 +750,21 @@ impl Envoy {
 
     pub fn admin(&self) -> SocketAddr {
         self.admin
+    }
+
+    /// The address of the listener named `name` (e.g. `control`, or the demo's
+    /// `breakwater-control`).
+    pub async fn listener_named(&self, name: &str) -> SocketAddr {
+        let port = poll(|| self.bound_listener_port(name), |p| p.is_some()).await;
+        let port = port.unwrap_or_else(|| panic!("no listener named {name}"));
+        ([127, 0, 0, 1], port).into()
+    }
+
+    /// A request to the control endpoint (the listener named `control`, see [`Spec::control`]):
+    /// its status and its body as JSON (Null if the body is not JSON).
+    pub async fn control(&self, method: Method, path: &str) -> (u16, Value) {
+        let addr = self.listener_named("control").await;
+        control_request(addr, method, path).await
     }
 
     /// `http://<listener><path>`
@@ -1056,10 +1127,16 @@ impl PolicyStats {
         let outcome = |o: &str| stat("requests_total", &format!(".outcome.{o}"));
         let to = |t: &str| stat("transitions_total", &format!(".to_state.{t}"));
         let ignored = |r: &str| stat("ignored_total", &format!(".reason.{r}"));
-        let state = [("closed", CLOSED), ("open", OPEN), ("half_open", HALF_OPEN)]
-            .iter()
-            .find(|(s, _)| stat("circuit_state", &format!(".state.{s}")) == 1)
-            .map_or(-1, |(_, v)| *v);
+        let state = [
+            ("closed", CLOSED),
+            ("open", OPEN),
+            ("half_open", HALF_OPEN),
+            ("forced_open", FORCED_OPEN),
+            ("forced_closed", FORCED_CLOSED),
+        ]
+        .iter()
+        .find(|(s, _)| stat("circuit_state", &format!(".state.{s}")) == 1)
+        .map_or(-1, |(_, v)| *v);
         PolicyStats {
             success: outcome("success"),
             failure: outcome("failure"),
@@ -1125,6 +1202,9 @@ impl BulkheadStats {
 pub const CLOSED: i64 = 0;
 pub const OPEN: i64 = 1;
 pub const HALF_OPEN: i64 = 2;
+/// Set by an operator at the control endpoint, or by `circuit_breaker.force`.
+pub const FORCED_OPEN: i64 = 3;
+pub const FORCED_CLOSED: i64 = 4;
 
 // ---------------------------------------------------------------------------------------------
 // Clients
@@ -1285,6 +1365,18 @@ impl Drop for Conn {
 
 /// A plain GET to the admin interface: (status, body).
 pub async fn admin_get(admin: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    http_call(admin, Method::GET, path).await
+}
+
+/// A request to Breakwater's control endpoint at `addr`: its status and its JSON body (Null if
+/// the body is not JSON).
+pub async fn control_request(addr: SocketAddr, method: Method, path: &str) -> (u16, Value) {
+    let (status, body) = http_call(addr, method, path).await.unwrap_or_else(|e| panic!("control {path}: {e}"));
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// One HTTP/1.1 request without a body, on a new connection.
+async fn http_call(admin: SocketAddr, method: Method, path: &str) -> Result<(u16, String), String> {
     let fut = async {
         let stream = TcpStream::connect(admin).await.map_err(|e| e.to_string())?;
         let (mut sender, conn) =
@@ -1293,6 +1385,7 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> Result<(u16, String), S
             let _ = conn.await;
         });
         let req = Request::builder()
+            .method(method.clone())
             .uri(path)
             .header(hyper::header::HOST, admin.to_string())
             .body(Full::new(Bytes::new()))
@@ -1303,7 +1396,7 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> Result<(u16, String), S
         task.abort();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
-    tokio::time::timeout(Duration::from_secs(10), fut).await.map_err(|_| format!("admin GET {path} timed out"))?
+    tokio::time::timeout(Duration::from_secs(10), fut).await.map_err(|_| format!("{method} {path} timed out"))?
 }
 
 /// Sends a GET on a new raw TCP connection and closes the connection after `after` without

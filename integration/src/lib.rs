@@ -28,3 +28,17 @@ pub async fn setup_per_route(policies: serde_json::Value) -> (Upstream, Envoy) {
     let envoy = Envoy::start(&spec).await;
     (up, envoy)
 }
+
+/// The `breakwater` CLI under test: `BREAKWATER_CLI`, else the workspace's debug build (which
+/// `make integration` builds first).
+pub fn cli_bin() -> std::path::PathBuf {
+    let path = std::env::var_os("BREAKWATER_CLI")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| envoy::repo_root().join("target/debug/breakwater"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p breakwater-cli` (make integration does)",
+        path.display()
+    );
+    path
+}

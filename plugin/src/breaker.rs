@@ -50,22 +50,18 @@ fn watch(c: &Rc<Compiled>, p: &Policy, vm: &Vm) -> Option<Rc<Watch>> {
 /// Admission on the request headers.
 pub fn admit(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm) -> Admit {
     let Some(b) = &p.cfg.breaker else { return Admit::Pass(None) };
-    let Some(w) = watch(c, p, vm) else { return Admit::Pass(None) };
-    w.active.set(true);
-    let admission = match w.view.get() {
-        View::Quiet { generation } => Admission::Allow { generation },
-        View::ForcedClosed => return Admit::Pass(None),
-        View::ForcedOpen => Admission::Reject { retry_after_ns: b.machine.open_for_ns },
-        View::Open { until } => match vm.clock(host) {
-            now if now < until => Admission::Reject { retry_after_ns: until - now },
-            now => exactly(p, &w, host, vm, now),
-        },
-        View::Unknown | View::Failing | View::Suspect | View::HalfOpen => exactly(p, &w, host, vm, vm.clock(host)),
+    let admission = match b.force {
+        // Forced by the configuration: no shared state, no watch, nothing recorded.
+        Some(Forced::Closed) => None,
+        Some(Forced::Open) => Some(Admission::Reject { retry_after_ns: b.machine.open_for_ns }),
+        None => automatic(c, p, b, host, vm),
     };
     match admission {
-        Admission::Allow { generation } => Admit::Pass(Some(Call { generation, probe: false })),
-        Admission::Probe { generation } => Admit::Pass(Some(Call { generation, probe: true })),
-        Admission::Reject { retry_after_ns } => match p.cfg.mode {
+        // Forced closed: go on, uncounted.
+        None => Admit::Pass(None),
+        Some(Admission::Allow { generation }) => Admit::Pass(Some(Call { generation, probe: false })),
+        Some(Admission::Probe { generation }) => Admit::Pass(Some(Call { generation, probe: true })),
+        Some(Admission::Reject { retry_after_ns }) => match p.cfg.mode {
             config::Mode::Enforce => {
                 p.local(|l| l.counts.reject(Refusal::CircuitOpen));
                 vm.list(c, p);
@@ -81,6 +77,24 @@ pub fn admit(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm) -> Admit {
             }
         },
     }
+}
+
+/// Admission by the shared state (the breaker's own, or an operator's force): the worker's
+/// view when it can decide, else the shared state itself. None: forced closed.
+fn automatic(c: &Rc<Compiled>, p: &Policy, b: &config::Breaker, host: &impl Host, vm: &Vm) -> Option<Admission> {
+    // No watch (cannot happen in practice): fail open, under a generation that cannot exist.
+    let Some(w) = watch(c, p, vm) else { return Some(Admission::Allow { generation: u32::MAX }) };
+    w.active.set(true);
+    Some(match w.view.get() {
+        View::Quiet { generation } => Admission::Allow { generation },
+        View::ForcedClosed => return None,
+        View::ForcedOpen => Admission::Reject { retry_after_ns: b.machine.open_for_ns },
+        View::Open { until } => match vm.clock(host) {
+            now if now < until => Admission::Reject { retry_after_ns: until - now },
+            now => exactly(p, &w, host, vm, now),
+        },
+        View::Unknown | View::Failing | View::Suspect | View::HalfOpen => exactly(p, &w, host, vm, vm.clock(host)),
+    })
 }
 
 /// Admission against the shared state (a CAS when it takes a probe slot or confirms a trip).
@@ -281,16 +295,37 @@ pub fn refresh(host: &impl Host, vm: &Vm, key: &[u8]) {
     }
 }
 
-/// Sets (or releases) a forced state, for all workers.
-pub fn force(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, forced: Option<Forced>) -> bool {
-    let Some(w) = watch(c, p, vm) else { return false };
-    match store::update(host, &p.breaker_key, |s| s.force(forced)) {
-        Some((step, view)) => {
-            saw(p, &w, host, vm, view, vm.clock(host), step.transition);
-            true
-        }
-        None => false,
-    }
+/// What an operator can do to a breaker, for all workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Force open or closed (`Some`), or release to automatic (`None`).
+    Force(Option<Forced>),
+    /// A fresh closed breaker, not forced.
+    Reset,
+}
+
+/// Applies an operator's command to the shared breaker and tells every worker; returns the
+/// state names before and after (see [`crate::metrics::STATES`]), or None if shared data failed.
+pub fn command(
+    c: &Rc<Compiled>,
+    p: &Policy,
+    host: &impl Host,
+    vm: &Vm,
+    cmd: Command,
+) -> Option<(&'static str, &'static str)> {
+    let w = watch(c, p, vm)?;
+    let (mut before, mut after) = ("closed", "closed");
+    let (step, view) = store::update(host, &p.breaker_key, |s| {
+        before = crate::metrics::state_name(s, None);
+        let step = match cmd {
+            Command::Force(forced) => s.force(forced),
+            Command::Reset => s.reset(),
+        };
+        after = crate::metrics::state_name(s, None);
+        step
+    })?;
+    saw(p, &w, host, vm, view, vm.clock(host), step.transition);
+    Some((before, after))
 }
 
 /// Stats and the log line of a transition, made by whichever worker made it.
@@ -317,6 +352,7 @@ pub fn transitioned(p: &Policy, host: &impl Host, t: Option<Transition>) {
             (None, "forced_closed", String::from("forced closed (disabled) by an operator"))
         }
         Transition::Forced(None) => (None, "closed", String::from("released to automatic by an operator")),
+        Transition::Reset => (None, "closed", String::from("reset by an operator: counts cleared")),
     };
     if let Some(id) = index.and_then(|i| m.transitions.get(i).copied()) {
         crate::metrics::add(host, id, 1);

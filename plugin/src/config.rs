@@ -19,7 +19,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use breakwater_policies::breaker::{RateRule, SlowRule};
-use breakwater_policies::{BreakerConfig, BudgetConfig, BulkheadConfig, ClassLimit, MS, SECOND};
+use breakwater_policies::{BreakerConfig, BudgetConfig, BulkheadConfig, ClassLimit, Forced, MS, SECOND};
 use core::cell::RefCell;
 use core::fmt;
 use hashbrown::HashMap;
@@ -95,6 +95,9 @@ impl Default for Reject {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Breaker {
     pub machine: BreakerConfig,
+    /// `force`: the breaker is held open or closed by this configuration (GitOps), whatever
+    /// the calls say and whatever an operator sets at the control endpoint.
+    pub force: Option<Forced>,
     pub failure_on: FailureOn,
     /// From slow_call.duration; None when slow calls are not tracked.
     pub slow_ns: Option<u64>,
@@ -169,6 +172,18 @@ pub struct Config {
     /// `policy`: this filter instance is enabled per route and applies this policy (an index
     /// into `policies`) to every request it sees, with no route lookup.
     pub only: Option<usize>,
+    /// `control`: this filter instance is Breakwater's status and control endpoint, and nothing
+    /// else (see [`crate::control`]).
+    pub control: Option<Control>,
+}
+
+/// The status and control endpoint's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Control {
+    /// Requests whose path starts with this are the endpoint's; others pass through.
+    pub path_prefix: String,
+    /// Whether POSTs may force, release and reset breakers. Off unless set.
+    pub writes: bool,
 }
 
 pub const DEFAULT_SYNC_INTERVAL_NS: u64 = 50 * MS;
@@ -194,7 +209,25 @@ pub fn parse(bytes: &[u8]) -> Result<Config> {
     // No configuration at all (Istio without pluginConfig): no policies, nothing to do.
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
     let root = strict_json(bytes)?;
-    let root = Obj::new(&root, "", &["policies", "routes", "policy", "sync_interval"])?;
+    let root = Obj::new(&root, "", &["policies", "routes", "policy", "sync_interval", "control"])?;
+    if let Some((v, path)) = root.get("control") {
+        if let Some(other) =
+            ["policies", "routes", "policy", "sync_interval"].into_iter().find(|k| root.get(k).is_some())
+        {
+            return err(
+                &path,
+                format!("the control endpoint is a filter instance of its own, on an operator-only listener: move `{other}` to the data-plane filter"),
+            );
+        }
+        let control = Some(control(v, &path)?);
+        return Ok(Config {
+            policies: Vec::new(),
+            routes: RouteTable::new(Vec::new()),
+            sync_interval_ns: DEFAULT_SYNC_INTERVAL_NS,
+            only: None,
+            control,
+        });
+    }
     let mut policies = Vec::new();
     let mut by_name: HashMap<&str, usize> = HashMap::new();
     if let Some((v, path)) = root.get("policies") {
@@ -250,7 +283,36 @@ pub fn parse(bytes: &[u8]) -> Result<Config> {
         // A recall is answered within one cross-worker hop; the tick checks every interval.
         b.machine.recall_timeout_ns = 2 * sync_interval_ns;
     }
-    Ok(Config { policies, routes: RouteTable::new(routes), sync_interval_ns, only })
+    Ok(Config { policies, routes: RouteTable::new(routes), sync_interval_ns, only, control: None })
+}
+
+fn control(v: &Value, path: &str) -> Result<Control> {
+    let o = Obj::new(v, path, &["path_prefix", "writes"])?;
+    let mut a = Control { path_prefix: String::from("/breakwater"), writes: false };
+    if let Some((v, p)) = o.get("path_prefix") {
+        match v.as_str() {
+            Some(s)
+                if s.len() >= 2
+                    && s.len() <= 128
+                    && s.starts_with('/')
+                    && !s.ends_with('/')
+                    && s.bytes().all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#') =>
+            {
+                a.path_prefix = s.to_string();
+            }
+            _ => {
+                return Err(expected(
+                    &p,
+                    "a path such as \"/breakwater\" (a leading '/', no trailing '/', no query)",
+                    v,
+                ))
+            }
+        }
+    }
+    if let Some((v, p)) = o.get("writes") {
+        a.writes = v.as_bool().ok_or_else(|| expected(&p, "true or false", v))?;
+    }
+    Ok(a)
 }
 
 fn policy(name: &str, v: &Value, path: &str) -> Result<Policy> {
@@ -277,8 +339,25 @@ fn breaker(v: &Value, path: &str) -> Result<Breaker> {
     let o = Obj::new(
         v,
         path,
-        &["consecutive_failures", "failure_rate", "slow_call", "open_for", "max_open_for", "half_open", "failure_on"],
+        &[
+            "consecutive_failures",
+            "failure_rate",
+            "slow_call",
+            "open_for",
+            "max_open_for",
+            "half_open",
+            "failure_on",
+            "force",
+        ],
     )?;
+    let force = match o.get("force") {
+        None => None,
+        Some((v, p)) => match v.as_str() {
+            Some("open") => Some(Forced::Open),
+            Some("closed") => Some(Forced::Closed),
+            _ => return Err(expected(&p, "\"open\" or \"closed\"", v)),
+        },
+    };
     let mut m = BreakerConfig { consecutive_failures: 0, ..BreakerConfig::default() };
     let consecutive = o.get("consecutive_failures");
     if let Some((v, p)) = &consecutive {
@@ -353,7 +432,7 @@ fn breaker(v: &Value, path: &str) -> Result<Breaker> {
         }
     }
     let failure_on = o.get("failure_on").map(|(v, p)| failure_on(v, &p)).transpose()?.unwrap_or_default();
-    Ok(Breaker { machine: m, failure_on, slow_ns })
+    Ok(Breaker { machine: m, failure_on, slow_ns, force })
 }
 
 fn bulkhead(v: &Value, path: &str) -> Result<Bulkhead> {

@@ -246,6 +246,7 @@ impl Worker {
         let c = Rc::new(crate::Compiled::new(parsed, &host, "test"));
         c.create_shared_state(&host);
         let vm = crate::vm::Vm::new(id, true);
+        vm.register(&c);
         vm.renew_roster(&host, 0, true);
         Worker { host, vm, c }
     }
@@ -254,6 +255,7 @@ impl Worker {
         let parsed = crate::config::parse(config.as_bytes()).unwrap_or_else(|e| panic!("test config: {e}"));
         self.c = Rc::new(crate::Compiled::new(parsed, &self.host, "test"));
         self.c.create_shared_state(&self.host);
+        self.vm.register(&self.c);
     }
     /// Request headers of stream `ticket` on route `route`, with `headers`.
     pub fn send_with(

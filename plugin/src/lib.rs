@@ -8,6 +8,9 @@
 //! * [`filter`] is the request path: which policy ([`routes`], or the filter instance's own
 //!   `policy`), admission on the request headers ([`breaker`], then [`bulkhead`], then
 //!   [`retry`]), what the response said ([`outcome`]), and the accounting when the stream ends.
+//! * [`control`] is the status and control endpoint: a filter instance of its own, on an
+//!   operator-only listener, that reads and steers the policies of every other instance in
+//!   the VM.
 //! * [`reply`] answers refused requests; [`metrics`] counts on the worker and flushes on the tick.
 //! * [`tick`] is each worker's periodic sync: batched successes, views of the breakers, retry
 //!   budget hand-overs, bulkhead leases and queue timeouts, in proportion to what changed.
@@ -25,6 +28,7 @@ extern crate alloc;
 pub mod breaker;
 pub mod bulkhead;
 pub mod config;
+pub mod control;
 #[cfg(test)]
 pub mod fake;
 pub mod filter;
@@ -74,6 +78,10 @@ pub struct Compiled {
     pub policies: Vec<Policy>,
     pub select: Select,
     pub sync_interval_ns: u64,
+    /// The shared-data namespace of its keys (the plugin's root id).
+    pub namespace: String,
+    /// This instance is the status and control endpoint ([`control`]), with no policies.
+    pub control: Option<config::Control>,
 }
 
 /// One policy as the request path uses it.
@@ -130,7 +138,7 @@ impl Compiled {
     /// `namespace` keeps plugins apart in shared data: Istio sets no vm_id, so every plugin in a
     /// proxy shares one key space. The plugin's root id serves.
     pub fn new(config: Config, host: &impl Host, namespace: &str) -> Self {
-        let Config { policies, routes, sync_interval_ns, only } = config;
+        let Config { policies, routes, sync_interval_ns, only, control } = config;
         let key = |kind: &str, name: &str| format!("breakwater/v1/{namespace}/{kind}/{name}");
         let policies = policies
             .into_iter()
@@ -151,7 +159,7 @@ impl Compiled {
             Some(i) => Select::Only(i),
             None => Select::Rules(routes),
         };
-        Compiled { policies, select, sync_interval_ns }
+        Compiled { policies, select, sync_interval_ns, namespace: namespace.into(), control }
     }
 
     pub fn policy(&self, index: usize) -> Option<&Policy> {
@@ -173,11 +181,12 @@ impl Compiled {
     pub fn create_shared_state(&self, host: &impl Host) {
         use breakwater_policies::{BreakerState, BudgetState, BulkheadState};
         for p in &self.policies {
-            if p.cfg.breaker.is_some() {
+            if let Some(b) = &p.cfg.breaker {
                 store::ensure::<BreakerState>(host, &p.breaker_key);
-                // The state gauges start from the shared state (a breaker may be open already).
+                // The state gauges start from the shared state (a breaker may be open already),
+                // unless this configuration forces the breaker.
                 let (state, _) = store::load::<BreakerState>(host, &p.breaker_key);
-                p.metrics.set_state(host, metrics::state_name(&state));
+                p.metrics.set_state(host, metrics::state_name(&state, b.force));
             }
             if let Some(b) = &p.cfg.bulkhead {
                 store::ensure::<BulkheadState>(host, &p.bulkhead_key);

@@ -220,10 +220,14 @@ impl PolicyMetrics {
     }
 }
 
-/// The entry of [`STATES`] a breaker state is in.
-pub fn state_name(s: &breakwater_policies::BreakerState) -> &'static str {
+/// The entry of [`STATES`] a breaker state is in; `configured`: the configuration's `force`,
+/// which wins over the shared state.
+pub fn state_name(
+    s: &breakwater_policies::BreakerState,
+    configured: Option<breakwater_policies::Forced>,
+) -> &'static str {
     use breakwater_policies::{Forced, Phase};
-    match (s.forced, s.phase) {
+    match (configured.or(s.forced), s.phase) {
         (Some(Forced::Open), _) => "forced_open",
         (Some(Forced::Closed), _) => "forced_closed",
         (None, Phase::Closed) => "closed",

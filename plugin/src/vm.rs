@@ -14,7 +14,7 @@ use crate::host::Host;
 use crate::waiters::Waiters;
 use crate::watch::Watches;
 use crate::{Compiled, Policy};
-use alloc::rc::Rc;
+use alloc::rc::{Rc, Weak};
 use alloc::vec::Vec;
 use breakwater_policies::{Roster, SECOND};
 use core::cell::{Cell, RefCell};
@@ -29,6 +29,9 @@ pub struct Vm {
     pub holdings: Holdings,
     pub watches: Watches,
     listed: RefCell<Vec<(Rc<Compiled>, usize)>>,
+    /// Every configuration of this VM still in use, oldest first: what the control endpoint
+    /// shows and steers.
+    configs: RefCell<Vec<Weak<Compiled>>>,
     now: Cell<u64>,
     /// When this worker last renewed its place in the roster.
     roster_at: Cell<u64>,
@@ -77,6 +80,20 @@ impl Vm {
         for peer in roster.others(self.worker.get()) {
             host.enqueue(peer, message);
         }
+    }
+
+    /// Adds a new configuration (from `on_configure`) to what the control endpoint sees.
+    pub fn register(&self, c: &Rc<Compiled>) {
+        if let Ok(mut configs) = self.configs.try_borrow_mut() {
+            configs.retain(|w| w.strong_count() > 0);
+            configs.push(Rc::downgrade(c));
+        }
+    }
+
+    /// The configurations still in use, newest first (an old one lives on while its streams
+    /// finish).
+    pub fn configs(&self) -> Vec<Rc<Compiled>> {
+        self.configs.try_borrow().map(|c| c.iter().rev().filter_map(Weak::upgrade).collect()).unwrap_or_default()
     }
 
     /// Puts the policy on the next tick's list (once).

@@ -490,8 +490,18 @@ impl RootContext for Root {
                     WasmHost.property(&["plugin_root_id"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
                 let (policies, interval) = (cfg.policies.len(), cfg.sync_interval_ns);
                 let compiled = Compiled::new(cfg, &WasmHost, &namespace);
+                let control = compiled.control.is_some();
                 compiled.create_shared_state(&WasmHost);
-                self.compiled = Some(Rc::new(compiled));
+                let compiled = Rc::new(compiled);
+                let vm = vm();
+                self.compiled = Some(compiled.clone());
+                if control {
+                    // The control endpoint has no policies of its own: it neither ticks nor
+                    // takes the wake-up queue.
+                    log::info!("control endpoint configured");
+                    return true;
+                }
+                vm.register(&compiled);
                 ROOTS.with(|r| {
                     if let Ok(mut r) = r.try_borrow_mut() {
                         r.live.retain(|(id, _)| *id != self.id);
@@ -500,7 +510,6 @@ impl RootContext for Root {
                     }
                 });
                 // Other workers find this one (to tell it of breaker changes) in the roster.
-                let vm = vm();
                 vm.renew_roster(&WasmHost, vm.clock(&WasmHost), true);
                 log::debug!("configured {policies} policies");
                 true
@@ -547,6 +556,17 @@ impl HttpContext for Http {
             core::arch::wasm32::unreachable();
         }
         let Some(c) = &self.compiled else { return Action::Continue };
+        if let Some(a) = &c.control {
+            return match crate::control::handle(a, &WasmHost, &vm()) {
+                Some(reply) => {
+                    let headers: [(&str, &[u8]); 2] =
+                        [("content-type", b"application/json"), ("cache-control", b"no-store")];
+                    WasmHost.send_http_reply(reply.status, &headers, reply.body.as_bytes());
+                    Action::Pause
+                }
+                None => Action::Continue,
+            };
+        }
         if c.is_idle() {
             return Action::Continue;
         }

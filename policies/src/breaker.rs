@@ -80,7 +80,7 @@ impl Default for BreakerConfig {
 }
 
 impl BreakerConfig {
-    fn bucket_ns(&self) -> u64 {
+    pub fn bucket_ns(&self) -> u64 {
         (self.window_ns / BUCKETS as u64).max(1)
     }
     fn uses_window(&self) -> bool {
@@ -131,6 +131,8 @@ pub enum Transition {
     Closed,
     /// Set by hand ([`BreakerState::force`]); None: released to automatic (a fresh closed breaker).
     Forced(Option<Forced>),
+    /// Reset by hand ([`BreakerState::reset`]): a fresh closed breaker, not forced.
+    Reset,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -377,6 +379,14 @@ impl BreakerState {
             self.generation = self.generation.wrapping_add(1);
         }
         step((), true, Some(Transition::Forced(forced)))
+    }
+
+    /// Back to a fresh closed breaker, not forced, its counts and open period cleared
+    /// (resilience4j's `reset`). Calls admitted before are stale.
+    pub fn reset(&mut self) -> Step<()> {
+        self.forced = None;
+        self.close();
+        step((), true, Some(Transition::Reset))
     }
 
     fn record_closed(&mut self, cfg: &BreakerConfig, now: u64, outcome: Outcome) -> Step<()> {

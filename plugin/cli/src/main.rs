@@ -6,6 +6,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
 mod per_route;
+mod status;
 mod validate;
 mod yaml;
 
@@ -22,7 +23,7 @@ const SCHEMA: &str = include_str!("../breakwater.schema.json");
 #[command(
     name = "breakwater",
     version,
-    about = "Operate Breakwater: check its configurations, print their schema, split them into per-route filters."
+    about = "Operate Breakwater: check its configurations, print their schema, split them into per-route filters, read and steer a running Envoy's policies."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -74,6 +75,74 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Print what each policy of a running Envoy is doing: breaker state, window counts and
+    /// rates, open time left, probes; bulkhead permits and queue; retry budget left. Read from
+    /// the status and control endpoint (a Breakwater filter instance with `control`).
+    Status {
+        /// Only this policy.
+        #[arg(value_name = "POLICY")]
+        policy: Option<String>,
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+        /// `text` for people, `json` (the endpoint's own answer) for scripts.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Force a policy's breaker open or closed, release it to automatic, or reset it, on every
+    /// worker at once (the endpoint needs `control.writes: true`). The state is shared data: it
+    /// survives configuration reloads, not an Envoy restart.
+    Control {
+        #[arg(value_name = "POLICY")]
+        policy: String,
+        #[arg(value_enum, value_name = "COMMAND")]
+        command: ControlCommand,
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+        /// `text` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+/// Where the status and control endpoint listens.
+#[derive(clap::Args)]
+struct EndpointArgs {
+    /// The control listener's address.
+    #[arg(long, default_value = "127.0.0.1:9902")]
+    control: String,
+    /// The endpoint's `control.path_prefix`.
+    #[arg(long, default_value = "/breakwater")]
+    prefix: String,
+}
+
+impl EndpointArgs {
+    fn endpoint(self) -> status::Endpoint {
+        status::Endpoint { address: self.control, prefix: self.prefix }
+    }
+}
+
+/// What `breakwater control` does to a breaker.
+#[derive(Clone, Copy, ValueEnum)]
+enum ControlCommand {
+    /// Refuse every call until released (resilience4j FORCED_OPEN, Polly Isolate).
+    ForceOpen,
+    /// Let every call through and record nothing until released (resilience4j DISABLED).
+    ForceClosed,
+    /// Back to automatic: a fresh closed breaker.
+    Release,
+    /// A fresh closed breaker, its counts cleared, not forced.
+    Reset,
+}
+
+impl ControlCommand {
+    fn path(self) -> &'static str {
+        match self {
+            ControlCommand::ForceOpen => "force_open",
+            ControlCommand::ForceClosed => "force_closed",
+            ControlCommand::Release => "release",
+            ControlCommand::Reset => "reset",
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -84,6 +153,46 @@ enum Output {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Status { policy, endpoint, output } => {
+            let endpoint = endpoint.endpoint();
+            match endpoint.status(policy.as_deref()) {
+                Ok(v) => {
+                    match output {
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+                        Output::Text => print!("{}", status::to_text(&v)),
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Control { policy, command, endpoint, output } => {
+            let endpoint = endpoint.endpoint();
+            match endpoint.command(&policy, command.path()) {
+                Ok(v) => {
+                    match output {
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+                        Output::Text => {
+                            for c in v.get("changed").and_then(serde_json::Value::as_array).into_iter().flatten() {
+                                println!(
+                                    "{policy}: {} -> {}",
+                                    c["before"].as_str().unwrap_or("?"),
+                                    c["after"].as_str().unwrap_or("?")
+                                );
+                            }
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Schema => {
             print!("{SCHEMA}");
             ExitCode::SUCCESS
@@ -192,9 +301,17 @@ fn print_text(r: &FileReport) {
     }
     for c in &r.configs {
         match &c.error {
-            None => match &c.policy {
-                Some(p) => println!("{}: ok: {} (per-route instance of policy {p})", r.file, describe(c)),
-                None => println!("{}: ok: {} ({} policies, {} routes)", r.file, describe(c), c.policies, c.routes),
+            None => match (&c.policy, c.control_writes) {
+                (_, Some(writes)) => println!(
+                    "{}: ok: {} (the status and control endpoint, writes {})",
+                    r.file,
+                    describe(c),
+                    if writes { "on" } else { "off" }
+                ),
+                (Some(p), None) => println!("{}: ok: {} (per-route instance of policy {p})", r.file, describe(c)),
+                (None, None) => {
+                    println!("{}: ok: {} ({} policies, {} routes)", r.file, describe(c), c.policies, c.routes)
+                }
             },
             Some(e) => println!("{}: error: {}\n    in {}", place(&r.file, e), message(e), describe(c)),
         }

@@ -45,6 +45,9 @@ pub struct Found {
     /// A per-route filter instance's one policy (its configuration's `policy`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// The status and control endpoint (`control`): whether it takes writes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_writes: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<Finding>,
 }
@@ -196,8 +199,17 @@ fn check(
     bytes: Result<Vec<u8>, String>,
     locate: impl Fn(&str) -> Option<Pos>,
 ) {
-    let mut found =
-        Found { kind, name, at: at.to_string(), valid: false, policies: 0, routes: 0, policy: None, error: None };
+    let mut found = Found {
+        kind,
+        name,
+        at: at.to_string(),
+        valid: false,
+        policies: 0,
+        routes: 0,
+        policy: None,
+        control_writes: None,
+        error: None,
+    };
     match bytes {
         Err(message) => found.error = Some(Finding::at(locate(""), None, message)),
         Ok(bytes) => {
@@ -209,7 +221,8 @@ fn check(
                     found.policies = c.policies.len();
                     found.routes = c.routes.rules().len();
                     found.policy = c.only.and_then(|i| c.policies.get(i)).map(|p| p.name.clone());
-                    if c.policies.is_empty() {
+                    found.control_writes = c.control.as_ref().map(|a| a.writes);
+                    if c.policies.is_empty() && c.control.is_none() {
                         report.warnings.push(Finding::at(
                             locate(""),
                             None,

@@ -60,6 +60,7 @@ fn the_schema_refuses_the_bad_corpus_except_the_rules_its_comment_lists() {
         "host-wildcard-inside",
         "max-retries-over-10",
         "mode-unknown",
+        "force-unknown",
     ] {
         assert!(!errors(&validator, &corpus("bad", name)).is_empty(), "the schema must refuse {name}");
     }
@@ -76,6 +77,7 @@ fn the_schema_refuses_the_bad_corpus_except_the_rules_its_comment_lists() {
         ),
         ("sync-interval-too-long", "sync_interval 10ms to 10s"),
         ("whole-number-with-fraction", "JSON Schema's integer accepts 5.0, the plugin does not"),
+        ("control-with-policies", "control excludes policies, routes, policy and sync_interval"),
     ] {
         assert_eq!(
             errors(&validator, &corpus("bad", name)),

@@ -137,6 +137,8 @@ fn every_bad_configuration_is_refused_at_its_path() {
         ("status-codes-without-condition", "policies.a.retry.retriable_status_codes", 1, 56),
         ("sync-interval-too-long", "sync_interval", 1, 3),
         ("whole-number-with-fraction", "policies.a.circuit_breaker.consecutive_failures", 1, 45),
+        ("control-with-policies", "control", 1, 3),
+        ("force-unknown", "policies.a.circuit_breaker.force", 1, 45),
     ] {
         let f = format!("plugin/cli/tests/bad/{file}.json");
         let (report, code) = validate_json(&[&f]);
@@ -144,7 +146,7 @@ fn every_bad_configuration_is_refused_at_its_path() {
         assert_eq!(first_error(&report), (path.to_string(), line, column), "{f}: {report}");
     }
     let corpus = std::fs::read_dir(root().join("plugin/cli/tests/bad")).unwrap().count();
-    assert_eq!(corpus, 21, "every file of the bad corpus is listed here");
+    assert_eq!(corpus, 23, "every file of the bad corpus is listed here");
 }
 
 #[test]

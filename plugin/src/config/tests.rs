@@ -121,7 +121,7 @@ fn bad_configs_are_refused_with_the_json_path_and_what_was_expected() {
     let cases: &[(&str, &str)] = &[
         ("not json", "configuration is not valid JSON"),
         ("[]", "expected the configuration to be a JSON object, got a list"),
-        (r#"{"polices": {}}"#, "polices: unknown key: did you mean policies? (expected one of: policies, routes, policy, sync_interval)"),
+        (r#"{"polices": {}}"#, "polices: unknown key: did you mean policies? (expected one of: policies, routes, policy, sync_interval, control)"),
         (r#"{"sync_interval": "20s"}"#, "sync_interval: must be from 10ms to 10s, got \"20s\""),
         (r#"{"sync_interval": "1ms"}"#, "sync_interval: must be from 10ms to 10s, got \"1ms\""),
         (r#"{"policies": {"p": {"circuit_breaker": {"consecutive_failure": 5}}}}"#,
@@ -317,4 +317,26 @@ fn twenty_thousand_policies_and_rules_compile_in_linear_time() {
     let (small, large) = (time(5_000), time(20_000));
     std::println!("5 000 policies and rules: {small:?}; 20 000: {large:?}");
     assert!(large < small * 10, "20 000 took {large:?}, 5 000 took {small:?}: not linear");
+}
+
+#[test]
+fn a_control_instance_is_nothing_else() {
+    let c = parse(br#"{ "control": { "path_prefix": "/ops/breakwater", "writes": true } }"#).unwrap();
+    assert_eq!(c.control, Some(Control { path_prefix: "/ops/breakwater".into(), writes: true }));
+    assert!(c.policies.is_empty() && c.routes.is_empty());
+    assert_eq!(
+        parse(br#"{ "control": {} }"#).unwrap().control,
+        Some(Control { path_prefix: "/breakwater".into(), writes: false })
+    );
+    for (text, want) in [
+        (r#"{ "control": {}, "routes": [] }"#, "control: the control endpoint is a filter instance of its own, on an operator-only listener: move `routes` to the data-plane filter"),
+        (r#"{ "sync_interval": "1s", "control": {} }"#, "control: the control endpoint is a filter instance of its own, on an operator-only listener: move `sync_interval` to the data-plane filter"),
+        (r#"{ "control": { "path_prefix": "/x/" } }"#, "control.path_prefix: expected a path such as \"/breakwater\" (a leading '/', no trailing '/', no query), got \"/x/\""),
+        (r#"{ "control": { "path_prefix": "/x?y" } }"#, "control.path_prefix: expected a path such as \"/breakwater\" (a leading '/', no trailing '/', no query), got \"/x?y\""),
+        (r#"{ "control": { "writes": "yes" } }"#, "control.writes: expected true or false, got \"yes\""),
+        (r#"{ "control": { "write": true } }"#, "control.write: unknown key: did you mean writes? (expected one of: path_prefix, writes)"),
+        (r#"{ "policies": { "p": { "circuit_breaker": { "force": "half_open" } } } }"#, "policies.p.circuit_breaker.force: expected \"open\" or \"closed\", got \"half_open\""),
+    ] {
+        assert_eq!(parse(text.as_bytes()).unwrap_err().to_string(), want, "{text}");
+    }
 }
