@@ -44,7 +44,8 @@ fn the_shipped_envoy_and_istio_files_are_valid() {
     let (report, code) = validate_json(&["envoy/envoy.yaml", "envoy/istio/server-sidecar.yaml"]);
     assert_eq!(code, 0);
     assert_eq!(report["valid"], true);
-    assert_eq!(report["configurations"], 5, "4 filters in envoy.yaml, 1 WasmPlugin");
+    assert_eq!(report["configurations"], 6, "5 filters in envoy.yaml (the control endpoint's too), 1 WasmPlugin");
+    assert_eq!(report["files"][0]["configs"][4]["control_writes"], true);
     assert_eq!(report["files"][0]["configs"][0]["kind"], "envoy-wasm-filter");
     assert_eq!(report["files"][0]["configs"][0]["policy"], "checkout");
     assert_eq!(report["files"][1]["configs"][0]["kind"], "istio-wasmplugin");
