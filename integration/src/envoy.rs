@@ -326,6 +326,12 @@ impl Spec {
         self
     }
 
+    /// The same bootstrap without its routes (to add others).
+    pub fn without_routes(mut self) -> Spec {
+        self.routes.clear();
+        self
+    }
+
     /// Worker threads (default 2).
     pub fn concurrency(mut self, n: u32) -> Spec {
         self.concurrency = n;
@@ -608,10 +614,26 @@ impl Envoy {
     /// configuration, say) and waits until Envoy has taken it. Envoy keeps the Wasm VMs and gives
     /// the plugin a new root context; streams already running stay with the old configuration.
     pub async fn reload(&self, spec: &Spec) {
+        self.reload_within(spec, Duration::from_secs(5)).await;
+    }
+
+    /// As [`Envoy::reload`], waiting up to `limit` for Envoy to take the new listener.
+    pub async fn reload_within(&self, spec: &Spec, limit: Duration) {
         assert!(spec.lds.is_some(), "only a Spec::reloadable() Envoy can reload");
         let before = self.stat("listener_manager.lds.update_success").await;
         spec.write_lds();
-        let after = poll(|| self.stat("listener_manager.lds.update_success"), |n| *n > before).await;
+        // The admin port may not answer while the main thread applies a large configuration.
+        let read = || async {
+            let path = "/stats?format=json&filter=%5Elistener_manager%5C.lds%5C.update_success%24";
+            match admin_get(self.admin, path).await {
+                Ok((200, body)) => serde_json::from_str::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["stats"].as_array()?.iter().find_map(|s| s["value"].as_i64())),
+                _ => None,
+            }
+            .unwrap_or(before)
+        };
+        let after = poll_for(limit, read, |n| *n > before).await;
         assert!(after > before, "Envoy did not take the new listener:\n{}", tail(&self.log(), 20));
         // The new filter chain is in place once the listener reports ready again.
         let warming = poll(|| self.stat("listener_manager.total_listeners_warming"), |n| *n == 0).await;
@@ -780,7 +802,17 @@ impl Envoy {
     /// Counters and gauges by full name (histograms left out). A value beyond `i64::MAX` (a
     /// gauge decremented below zero wraps around in Envoy) reads as the negative number it is.
     pub async fn stats(&self) -> BTreeMap<String, i64> {
-        let (status, body) = admin_get(self.admin, "/stats?format=json").await.expect("GET /stats");
+        self.stats_at("/stats?format=json").await
+    }
+
+    /// The stats whose names match the regular expression `filter` (Envoy's `/stats?filter=`):
+    /// cheap where the whole set is large.
+    pub async fn stats_matching(&self, filter: &str) -> BTreeMap<String, i64> {
+        self.stats_at(&format!("/stats?format=json&filter={filter}")).await
+    }
+
+    async fn stats_at(&self, path: &str) -> BTreeMap<String, i64> {
+        let (status, body) = admin_get(self.admin, path).await.expect("GET /stats");
         assert_eq!(status, 200, "GET /stats: {body}");
         let v: Value = serde_json::from_str(&body).expect("stats JSON");
         v["stats"]
@@ -796,7 +828,9 @@ impl Envoy {
 
     /// One stat; 0 if absent.
     pub async fn stat(&self, name: &str) -> i64 {
-        self.stats().await.get(name).copied().unwrap_or(0)
+        // Only this stat: the whole set can be large (thousands of policies).
+        let exact = format!("%5E{}%24", name.replace('.', "%5C."));
+        self.stats_matching(&exact).await.get(name).copied().unwrap_or(0)
     }
 
     /// Polls until `name` equals `want` (stats are written in `on_log`, which may run just after
@@ -1067,10 +1101,19 @@ impl Envoy {
 /// Reads `read` every 10ms until `done` holds or 5s pass; returns the last reading, so the
 /// caller asserts on it and a failure shows what was seen.
 pub(crate) async fn poll<T, F: std::future::Future<Output = T>>(
+    read: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    poll_for(Duration::from_secs(5), read, done).await
+}
+
+/// As [`poll`], for up to `limit`.
+pub(crate) async fn poll_for<T, F: std::future::Future<Output = T>>(
+    limit: Duration,
     mut read: impl FnMut() -> F,
     done: impl Fn(&T) -> bool,
 ) -> T {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + limit;
     loop {
         let v = read().await;
         if done(&v) || Instant::now() > deadline {

@@ -331,7 +331,7 @@ pub fn command(
 /// Stats and the log line of a transition, made by whichever worker made it.
 pub fn transitioned(p: &Policy, host: &impl Host, t: Option<Transition>) {
     let Some(t) = t else { return };
-    let m = &p.metrics;
+    let m = p.metrics(host);
     let (index, state, why) = match t {
         Transition::Opened { reason, period_ns } => {
             let why = match reason {

@@ -134,8 +134,8 @@ fn admitted(c: &Rc<Compiled>, p: &Policy, vm: &Vm, waited: bool) {
 /// and requests waiting, as of the last change any worker made. Set, not added, so a worker
 /// that dies takes nothing with it: the counts heal when its permits are reclaimed.
 fn gauges(p: &Policy, host: &impl Host, taken: store::Taken) {
-    metrics::set(host, p.metrics.bulkhead.active, u64::from(taken.active));
-    metrics::set(host, p.metrics.bulkhead.queued, u64::from(taken.queued));
+    metrics::set(host, p.metrics(host).bulkhead.active, u64::from(taken.active));
+    metrics::set(host, p.metrics(host).bulkhead.queued, u64::from(taken.queued));
 }
 
 fn park(c: &Rc<Compiled>, p: &Policy, vm: &Vm, ticket: u32, class: u8, now: u64, recall_only: bool) -> Permit {
@@ -169,7 +169,7 @@ pub fn finish(p: &Policy, host: &impl Host, vm: &Vm, ticket: u32, permit: Permit
             Some(Parked { state: Wait::Waiting, since, .. }) => {
                 let now = vm.clock(host);
                 leave(p, host, vm, class, ticket, now);
-                metrics::set(host, p.metrics.bulkhead.queue_ms, now.saturating_sub(since) / MS);
+                metrics::set(host, p.metrics(host).bulkhead.queue_ms, now.saturating_sub(since) / MS);
                 Finished::NotForwarded
             }
             None => Finished::NotForwarded,
@@ -295,7 +295,7 @@ fn wake(host: &impl Host, vm: &Vm, ticket: u32) {
         vm.holdings.touch(&h, &s.compiled, p.index);
     }
     admitted(&s.compiled, p, vm, true);
-    metrics::set(host, p.metrics.bulkhead.queue_ms, now.saturating_sub(s.since) / MS);
+    metrics::set(host, p.metrics(host).bulkhead.queue_ms, now.saturating_sub(s.since) / MS);
     if host.enter(ticket) {
         host.resume_request();
     }
@@ -315,7 +315,7 @@ fn refuse(host: &impl Host, vm: &Vm, ticket: u32) {
 fn ended_waiting(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, why: Refusal, waited_ns: u64) {
     p.local(|l| l.counts.reject(why));
     vm.list(c, p);
-    metrics::set(host, p.metrics.bulkhead.queue_ms, waited_ns / MS);
+    metrics::set(host, p.metrics(host).bulkhead.queue_ms, waited_ns / MS);
 }
 
 /// Another worker needs a permit while this one's lease may sit idle: give back the idle ones,

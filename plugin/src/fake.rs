@@ -243,7 +243,7 @@ impl Worker {
     fn new(host: FakeHost, id: u32, config: &str) -> Worker {
         host.process.queues.borrow_mut().insert(id, alloc::collections::VecDeque::new());
         let parsed = crate::config::parse(config.as_bytes()).unwrap_or_else(|e| panic!("test config: {e}"));
-        let c = Rc::new(crate::Compiled::new(parsed, &host, "test"));
+        let c = Rc::new(crate::Compiled::new(parsed, "test"));
         c.create_shared_state(&host);
         let vm = crate::vm::Vm::new(id, true);
         vm.register(&c);
@@ -253,7 +253,7 @@ impl Worker {
     /// The same worker with a new configuration (a reload: a new root context, the same VM).
     pub fn reconfigure(&mut self, config: &str) {
         let parsed = crate::config::parse(config.as_bytes()).unwrap_or_else(|e| panic!("test config: {e}"));
-        self.c = Rc::new(crate::Compiled::new(parsed, &self.host, "test"));
+        self.c = Rc::new(crate::Compiled::new(parsed, "test"));
         self.c.create_shared_state(&self.host);
         self.vm.register(&self.c);
     }
@@ -325,7 +325,7 @@ impl Worker {
     pub fn stat(&self, name: &str) -> i64 {
         for p in &self.c.policies {
             let counts = p.local(|l| core::mem::take(&mut l.counts));
-            p.metrics.flush(&self.host, &counts);
+            p.metrics(&self.host).flush(&self.host, &counts);
         }
         self.host.metric(name)
     }

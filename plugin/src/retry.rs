@@ -104,7 +104,7 @@ fn take(p: &Policy, host: &impl Host, vm: &Vm, b: &BudgetConfig, want: u32) -> (
     });
     match result {
         Some(((got, epoch), state)) => {
-            metrics::set(host, p.metrics.retry.budget_remaining, u64::from(state.available(b, now)));
+            metrics::set(host, p.metrics(host).retry.budget_remaining, u64::from(state.available(b, now)));
             let reserved = got.min(want);
             p.local(|l| {
                 l.retry.idle = got - reserved;
@@ -201,7 +201,7 @@ pub fn sync(p: &Policy, host: &impl Host, now: u64) -> bool {
         });
         match result {
             Some(((), state)) => {
-                metrics::set(host, p.metrics.retry.budget_remaining, u64::from(state.available(b, now)))
+                metrics::set(host, p.metrics(host).retry.budget_remaining, u64::from(state.available(b, now)))
             }
             None => p.local(|l| {
                 l.retry.deposits = l.retry.deposits.saturating_add(pending.deposits);

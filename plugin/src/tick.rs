@@ -33,7 +33,7 @@ pub fn tick(host: &impl Host, vm: &Vm) {
         });
         if let Some(counts) = &flush {
             if !counts.is_empty() {
-                p.metrics.flush(host, counts);
+                p.metrics(host).flush(host, counts);
             }
         }
         let counts_left = p.local(|l| !l.counts.is_empty());
@@ -51,7 +51,7 @@ pub fn flush_all(host: &impl Host, vm: &Vm) {
     for (c, i) in vm.take_listed() {
         if let Some(p) = c.policy(i) {
             let counts = p.local(|l| core::mem::take(&mut l.counts));
-            p.metrics.flush(host, &counts);
+            p.metrics(host).flush(host, &counts);
             if retry::sync(p, host, vm.coarse_now()) {
                 vm.list(&c, p);
             }

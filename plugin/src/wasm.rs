@@ -489,7 +489,7 @@ impl RootContext for Root {
                 let namespace =
                     WasmHost.property(&["plugin_root_id"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
                 let (policies, interval) = (cfg.policies.len(), cfg.sync_interval_ns);
-                let compiled = Compiled::new(cfg, &WasmHost, &namespace);
+                let compiled = Compiled::new(cfg, &namespace);
                 let control = compiled.control.is_some();
                 compiled.create_shared_state(&WasmHost);
                 let compiled = Rc::new(compiled);

@@ -301,7 +301,7 @@ fn many(n: usize) -> String {
 
 #[test]
 fn twenty_thousand_policies_and_rules_compile_in_linear_time() {
-    // Parse and compile (metrics defined, keys made) 5 000 and 20 000 of each: four times the
+    // Parse and compile (keys made, every policy's stats defined) 5 000 and 20 000 of each: four times the
     // input must take about four times as long (a quadratic step would take sixteen).
     let time = |n: usize| {
         let text = many(n);
@@ -309,8 +309,11 @@ fn twenty_thousand_policies_and_rules_compile_in_linear_time() {
         let start = std::time::Instant::now();
         let c = parse_str(&text).unwrap();
         assert_eq!((c.policies.len(), c.routes.rules().len()), (n, n));
-        let compiled = crate::Compiled::new(c, &host, "test");
+        let compiled = crate::Compiled::new(c, "test");
         compiled.create_shared_state(&host);
+        for p in &compiled.policies {
+            p.metrics(&host);
+        }
         start.elapsed()
     };
     time(1000); // warm up the allocator
@@ -339,4 +342,19 @@ fn a_control_instance_is_nothing_else() {
     ] {
         assert_eq!(parse(text.as_bytes()).unwrap_err().to_string(), want, "{text}");
     }
+}
+
+#[test]
+fn a_large_configuration_defines_a_policys_stats_on_first_use() {
+    let host = crate::fake::FakeHost::new();
+    let small = crate::Compiled::new(parse_str(&many(crate::EAGER_METRICS)).unwrap(), "small");
+    small.create_shared_state(&host);
+    assert!(host.has_metric("circuit_state.policy.p999.state.closed"), "up to EAGER_METRICS: at once");
+    let large = crate::Compiled::new(parse_str(&many(crate::EAGER_METRICS + 1)).unwrap(), "large");
+    let host = crate::fake::FakeHost::new();
+    large.create_shared_state(&host);
+    assert!(!host.has_metric("circuit_state.policy.p1000.state.closed"), "beyond: not yet");
+    large.policies.iter().find(|p| p.name() == "p1000").unwrap().metrics(&host);
+    assert!(host.has_metric("circuit_state.policy.p1000.state.closed"), "on first use");
+    assert_eq!(host.metric("circuit_state.policy.p1000.state.closed"), 1);
 }
