@@ -114,12 +114,14 @@ trap-build: wasm-target
 # The tests' temporary folders go into one folder of their own, removed however the run ends
 # (Ctrl-C included), once the Envoys started from it have exited (Ctrl-C reaches them too);
 # KEEP_TMP=1 keeps it, with the logs of failed tests.
+# tests/simulate.rs runs the breakwater CLI on the access log a real Envoy wrote.
 integration: build trap-build envoy mesh-tools
+	cargo build -p breakwater-cli
 	@tmp=$$(mktemp -d -t breakwater-test.XXXXXX); \
 	trap 'for i in $$(seq 100); do pgrep -f "$$tmp/" >/dev/null || break; sleep 0.1; done; \
 		if [ -n "$(KEEP_TMP)" ]; then echo "kept $$tmp"; else rm -rf "$$tmp"; fi' EXIT; \
 	echo "TMPDIR=$$tmp ENVOY_BIN=$(ENVOY_RESOLVED) cargo test -p integration --no-fail-fast -- --test-threads=2"; \
-	TMPDIR="$$tmp" ENVOY_BIN="$(ENVOY_RESOLVED)" BREAKWATER_WASM="$(CURDIR)/$(WASM)" BREAKWATER_TRAP_WASM="$(CURDIR)/$(TRAP_WASM)" BREAKWATER_PYTHON="$(CURDIR)/$(VENV)/bin/python" \
+	TMPDIR="$$tmp" ENVOY_BIN="$(ENVOY_RESOLVED)" BREAKWATER_WASM="$(CURDIR)/$(WASM)" BREAKWATER_TRAP_WASM="$(CURDIR)/$(TRAP_WASM)" BREAKWATER_PYTHON="$(CURDIR)/$(VENV)/bin/python" BREAKWATER_CLI="$(CURDIR)/target/debug/breakwater" \
 		cargo test -p integration --no-fail-fast -- --test-threads=2
 
 # The plugin's parser gets each configuration as the YAML 1.1 reading delivers it.
