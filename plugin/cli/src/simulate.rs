@@ -518,6 +518,9 @@ struct Sim<'c> {
     confirm_at: Option<u64>,
     expire_at: Option<u64>,
     open_since: Option<u64>,
+    /// The bulkhead's last move: its time bin and the permits taken then, which hold in the
+    /// bins after it until the next move.
+    moved: (usize, u32),
     report: PolicyReport,
 }
 
@@ -568,6 +571,7 @@ impl<'c> Sim<'c> {
             confirm_at: None,
             expire_at: None,
             open_since: None,
+            moved: (0, 0),
             report,
         }
     }
@@ -856,9 +860,14 @@ impl<'c, 'r> Replay<'c, 'r> {
         let bin = self.bin(now);
         let Some(s) = self.sims.get_mut(p) else { return };
         let (active, queued) = (s.bulkhead.active(), s.bulkhead.queued());
+        let (last_bin, last_active) = s.moved;
+        for b in s.report.bins.iter_mut().take(bin).skip(last_bin + 1) {
+            b.in_flight = b.in_flight.max(last_active);
+        }
         if let Some(b) = s.report.bins.get_mut(bin) {
             b.in_flight = b.in_flight.max(active);
         }
+        s.moved = (bin, active);
         if let Some(r) = s.report.bulkhead.as_mut() {
             if active > r.peak_in_flight {
                 r.peak_in_flight = active;
