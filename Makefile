@@ -114,6 +114,7 @@ trap-build: wasm-target
 # The tests' temporary folders go into one folder of their own, removed however the run ends
 # (Ctrl-C included), once the Envoys started from it have exited (Ctrl-C reaches them too);
 # KEEP_TMP=1 keeps it, with the logs of failed tests.
+# tests/simulate.rs runs the breakwater CLI on the access log a real Envoy wrote.
 integration: build trap-build envoy mesh-tools
 	cargo build -p breakwater-cli
 	@tmp=$$(mktemp -d -t breakwater-test.XXXXXX); \

@@ -4,8 +4,9 @@
 //!
 //! * [`Spec`] builds a bootstrap: the plugin configuration (JSON), Envoy routes, and the clusters
 //!   `backend` (HTTP/1.1 to the test upstream), `backend_h2` (h2c to the same upstream) and `dead`
-//!   (a loopback port nobody listens on). The `stats_config` block is copied verbatim from the
-//!   shipped `envoy/envoy.yaml`, so tests see the shipped tag extractors.
+//!   (a loopback port nobody listens on), and an access log if asked. The `stats_config` block
+//!   is copied verbatim from the shipped `envoy/envoy.yaml`, so tests see the shipped tag
+//!   extractors. Envoy runs with `TZ=UTC`: its log lines' times compare with epoch times.
 //! * [`Envoy::demo_yaml`] is the shipped demo configuration with only ports and the Wasm path swapped.
 //! * [`Envoy::validate`] runs `--mode validate`.
 //! * The client helpers open a **new TCP connection per request** ([`Envoy::get`]): Envoy balances
@@ -181,6 +182,8 @@ pub struct Spec {
     /// The control endpoint's configuration (`{"control": …}`), on a listener of its own named
     /// `control` (see [`Spec::control`]).
     control: Option<Value>,
+    /// An entry of the connection manager's `access_log` list (see [`Spec::access_log`]).
+    access_log: Option<Value>,
 }
 
 impl Spec {
@@ -197,6 +200,7 @@ impl Spec {
             failure_policy: "FAIL_RELOAD",
             wasm: None,
             control: None,
+            access_log: None,
         }
     }
 
@@ -206,6 +210,14 @@ impl Spec {
     /// [`Envoy::control`] sends requests to it.
     pub fn control(mut self, admin: Value) -> Spec {
         self.control = Some(admin);
+        self
+    }
+
+    /// Envoy writes an access log: `entry` is one entry of the HTTP connection manager's
+    /// `access_log` list (`breakwater access-log-format --output json` prints the one
+    /// `breakwater simulate` reads).
+    pub fn access_log(mut self, entry: Value) -> Spec {
+        self.access_log = Some(entry);
         self
     }
 
@@ -548,7 +560,7 @@ impl Spec {
             "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
         }));
         let port = self.lds.as_ref().map_or(0, |(_, port)| *port);
-        json!({
+        let mut listener = json!({
             "name": "ingress",
             "address": { "socket_address": { "address": "127.0.0.1", "port_value": port } },
             "filter_chains": [{ "filters": [{
@@ -567,7 +579,11 @@ impl Spec {
                     "http_filters": filters
                 }
             }]}]
-        })
+        });
+        if let Some(entry) = &self.access_log {
+            listener["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = json!([entry]);
+        }
+        listener
     }
 }
 
@@ -689,6 +705,8 @@ impl Envoy {
             .arg("--log-path")
             .arg(dir.join("envoy.log"))
             .args(["-l", "info"])
+            // Log lines carry UTC times, comparable with the access log's epoch times.
+            .env("TZ", "UTC")
             // The log file is flushed every 10s by default; tests read it within milliseconds.
             .args(["--file-flush-interval-msec", "50"])
             .stdin(Stdio::null())

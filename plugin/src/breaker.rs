@@ -332,7 +332,25 @@ pub fn command(
 pub fn transitioned(p: &Policy, host: &impl Host, t: Option<Transition>) {
     let Some(t) = t else { return };
     let m = p.metrics(host);
-    let (index, state, why) = match t {
+    let (state, why) = describe(t);
+    let index = match t {
+        Transition::Opened { .. } => Some(0),
+        Transition::HalfOpened => Some(1),
+        Transition::Closed => Some(2),
+        Transition::Forced(_) | Transition::Reset => None,
+    };
+    if let Some(id) = index.and_then(|i| m.transitions.get(i).copied()) {
+        crate::metrics::add(host, id, 1);
+    }
+    m.set_state(host, state);
+    log::info!("policy {}: circuit {}: {}", p.name(), state.replace('_', "-"), why);
+}
+
+/// A transition as the log line names it: the state entered (`open`, `half_open`, `closed`,
+/// `forced_open`, `forced_closed`) and why, e.g. ("open", "5 consecutive failures; open for 30s").
+/// `breakwater simulate` reports its transitions in these very words.
+pub fn describe(t: Transition) -> (&'static str, String) {
+    match t {
         Transition::Opened { reason, period_ns } => {
             let why = match reason {
                 TripReason::ConsecutiveFailures(n) => format!("{n} consecutive failures"),
@@ -343,22 +361,17 @@ pub fn transitioned(p: &Policy, host: &impl Host, t: Option<Transition>) {
                 TripReason::ProbeFailed => "a half-open probe failed".into(),
                 TripReason::ProbeSlow => "a half-open probe was slow".into(),
             };
-            (Some(0), "open", format!("{why}; open for {}", fmt_duration(period_ns)))
+            ("open", format!("{why}; open for {}", fmt_duration(period_ns)))
         }
-        Transition::HalfOpened => (Some(1), "half_open", String::from("open period over; probing")),
-        Transition::Closed => (Some(2), "closed", String::from("probes succeeded")),
-        Transition::Forced(Some(Forced::Open)) => (None, "forced_open", String::from("forced open by an operator")),
+        Transition::HalfOpened => ("half_open", String::from("open period over; probing")),
+        Transition::Closed => ("closed", String::from("probes succeeded")),
+        Transition::Forced(Some(Forced::Open)) => ("forced_open", String::from("forced open by an operator")),
         Transition::Forced(Some(Forced::Closed)) => {
-            (None, "forced_closed", String::from("forced closed (disabled) by an operator"))
+            ("forced_closed", String::from("forced closed (disabled) by an operator"))
         }
-        Transition::Forced(None) => (None, "closed", String::from("released to automatic by an operator")),
-        Transition::Reset => (None, "closed", String::from("reset by an operator: counts cleared")),
-    };
-    if let Some(id) = index.and_then(|i| m.transitions.get(i).copied()) {
-        crate::metrics::add(host, id, 1);
+        Transition::Forced(None) => ("closed", String::from("released to automatic by an operator")),
+        Transition::Reset => ("closed", String::from("reset by an operator: counts cleared")),
     }
-    m.set_state(host, state);
-    log::info!("policy {}: circuit {}: {}", p.name(), state.replace('_', "-"), why);
 }
 
 /// "250ms", "10s", "1.5s": readable in a log line.
@@ -371,8 +384,9 @@ fn fmt_duration(ns: u64) -> String {
     }
 }
 
-/// A cheap mix of the clock for jitter; no need for cryptographic randomness here.
-fn splitmix64(mut x: u64) -> u64 {
+/// A cheap mix of the clock for jitter; no need for cryptographic randomness here. The jitter of
+/// a re-opened breaker's period is `splitmix64(now)`, `now` being when the failed probe ended.
+pub fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

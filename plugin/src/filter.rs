@@ -14,7 +14,7 @@ use crate::breaker::{self, Call};
 use crate::bulkhead::{self, Finished, Permit};
 use crate::headers::HeaderMap;
 use crate::host::{property_u64, Host};
-use crate::outcome::{self, grpc_status, Response, Verdict};
+use crate::outcome::{self, grpc_status, Response};
 use crate::retry::{self, Grant};
 use crate::routes::HostAttributes;
 use crate::vm::Vm;
@@ -138,11 +138,7 @@ pub fn on_log(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, ticket: u32, stream: 
     });
     // Slow is judged on the time to the upstream's response headers, so time spent queued, a
     // long stream body (websocket, gRPC stream, SSE) or a slow client never make a call slow.
-    let slow = match (b.slow_ns, t.response.upstream_ms) {
-        (Some(limit), Some(ms)) => ms.saturating_mul(1_000_000) >= limit,
-        _ => false,
-    };
-    let slow = slow && !matches!(verdict, Some(Verdict::Ignored(_)));
+    let slow = outcome::is_slow(b.slow_ns, &t.response, verdict);
     breaker::record(c, p, host, vm, call, verdict, slow);
 }
 

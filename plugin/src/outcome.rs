@@ -27,6 +27,29 @@ pub mod flags {
     pub const UNAUTHORIZED_EXTERNAL_SERVICE: u64 = 0x1000; // UAEX
     pub const DOWNSTREAM_CONNECTION_TERMINATION: u64 = 0x4000; // DC
     pub const UPSTREAM_PROTOCOL_ERROR: u64 = 0x80_0000; // UPE
+
+    /// The flags above by the short names Envoy's access log writes (`%RESPONSE_FLAGS%`).
+    pub const NAMES: [(&str, u64); 10] = [
+        ("UH", NO_HEALTHY_UPSTREAM),
+        ("UT", UPSTREAM_REQUEST_TIMEOUT),
+        ("UR", UPSTREAM_REMOTE_RESET),
+        ("UF", UPSTREAM_CONNECTION_FAILURE),
+        ("UC", UPSTREAM_CONNECTION_TERMINATION),
+        ("UO", UPSTREAM_OVERFLOW),
+        ("RL", RATE_LIMITED),
+        ("UAEX", UNAUTHORIZED_EXTERNAL_SERVICE),
+        ("DC", DOWNSTREAM_CONNECTION_TERMINATION),
+        ("UPE", UPSTREAM_PROTOCOL_ERROR),
+    ];
+
+    /// The bits of an access log's `%RESPONSE_FLAGS%` (`UF,URX`; `-` for none) that
+    /// [`super::classify`] looks at; other flags are left out.
+    pub fn from_names(names: &str) -> u64 {
+        names
+            .split(',')
+            .filter_map(|n| NAMES.iter().find(|(s, _)| *s == n.trim()).map(|(_, bit)| *bit))
+            .fold(0, |a, b| a | b)
+    }
 }
 
 /// What the response headers (and trailers) said. All fields are read from bytes: a value
@@ -181,6 +204,17 @@ pub fn classify(
     } else {
         Verdict::Ignored(Ignored::LocalReply)
     }
+}
+
+/// Whether a finished call was slow: its upstream took at least `slow_ns` (the breaker's
+/// `slow_call.duration`) to answer its headers. An ignored call is never slow, nor one without
+/// upstream headers; time in a bulkhead queue or a long body never makes a call slow.
+pub fn is_slow(slow_ns: Option<u64>, r: &Response, verdict: Option<Verdict>) -> bool {
+    let slow = match (slow_ns, r.upstream_ms) {
+        (Some(limit), Some(ms)) => ms.saturating_mul(1_000_000) >= limit,
+        _ => false,
+    };
+    slow && !matches!(verdict, Some(Verdict::Ignored(_)))
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
+mod access_log;
 mod per_route;
+mod run;
+mod simulate;
 mod status;
 mod validate;
 mod yaml;
@@ -23,7 +26,8 @@ const SCHEMA: &str = include_str!("../breakwater.schema.json");
 #[command(
     name = "breakwater",
     version,
-    about = "Operate Breakwater: check its configurations, print their schema, split them into per-route filters, read and steer a running Envoy's policies."
+    about = "Operate Breakwater: check its configurations, print their schema, split them into per-route filters, \
+             replay yesterday's traffic through a policy, read and steer a running Envoy's policies."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -102,6 +106,52 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Replay an Envoy access log through the policies' own state machines and report what
+    /// they would have done: when each breaker would have opened and closed and why, the
+    /// requests it would have refused, bulkhead peaks and refusals, the retries the budget would
+    /// have allowed and denied.
+    ///
+    /// The log is the JSON one `breakwater access-log-format` configures Envoy to write (one
+    /// object per request). Each request is routed by the configuration's own rules, admitted
+    /// at its start time by the breaker, the bulkhead and the retry budget, and accounted for
+    /// when it ends, exactly as the plugin does; its outcome is judged by the plugin's own
+    /// rules. Lines are sorted by start time; malformed ones are counted and skipped. Requests
+    /// the live plugin refused (their `breakwater` field) never reached the upstream: if the
+    /// simulation admits one, its outcome is unknown and is not recorded. One state per policy
+    /// stands for what Envoy's workers share: see the README's "The breakwater CLI" for what can
+    /// differ from the live plugin. Exits with 1 if the configuration or a log cannot be read,
+    /// or no line of the log could be.
+    Simulate {
+        /// The plugin configuration (JSON or YAML), with `routes` (or `policy`, which then
+        /// applies to every logged request).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The access log; give it more than once for rotated files of one Envoy; `-` reads
+        /// standard input (`zcat access.log.gz | breakwater simulate … --access-log -`).
+        #[arg(long = "access-log", value_name = "LOG", required = true)]
+        access_log: Vec<PathBuf>,
+        /// `text` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// Also write the timeline as SVG: each breaker's state over time, requests and
+        /// refusals, the bulkhead's peak in flight.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+    },
+    /// Print the Envoy access log configuration that `simulate` reads: an `access_log` entry
+    /// for the HTTP connection manager that runs Breakwater. With `--config`, it also logs the
+    /// request headers that configuration reads (priority classes, rules on headers).
+    AccessLogFormat {
+        /// A plugin configuration (JSON or YAML) whose request headers to log.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Where Envoy writes the log.
+        #[arg(long, default_value = access_log::DEFAULT_PATH)]
+        path: String,
+        /// `text` (YAML to paste), `json` for scripts.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 /// Where the status and control endpoint listens.
@@ -145,8 +195,8 @@ impl ControlCommand {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Output {
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
     Text,
     Json,
 }
@@ -220,6 +270,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Simulate { config, access_log, output, svg } => run::simulate(&config, &access_log, output, svg),
+        Command::AccessLogFormat { config, path, output } => run::access_log_format(config.as_deref(), &path, output),
         Command::Validate { files, output, any_wasm } => {
             let opts = Options { any_wasm };
             let reports: Vec<FileReport> = files.iter().map(|f| check_file(f, &opts)).collect();

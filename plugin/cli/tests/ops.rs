@@ -384,7 +384,7 @@ fn the_readme_commands_print_what_the_readme_shows() {
         }
         ran += 1;
     }
-    assert_eq!(ran, 3);
+    assert_eq!(ran, 5);
     let written: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("breakwater.schema.json")).unwrap()).unwrap();
     let printed: Value = serde_json::from_str(&breakwater(&["schema"]).stdout).unwrap();

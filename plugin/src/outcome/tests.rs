@@ -118,3 +118,13 @@ fn response_headers_are_read_from_bytes_and_garbage_reads_as_absent() {
     let r = Response::read(&HeaderMap::new(&bytes));
     assert_eq!((r.status, r.grpc_status), (0, None));
 }
+
+#[test]
+fn access_log_flag_names_read_as_the_bits() {
+    use super::flags::*;
+    assert_eq!(from_names("-"), 0);
+    assert_eq!(from_names("URX,UC"), UPSTREAM_CONNECTION_TERMINATION);
+    assert_eq!(from_names("UF,URX"), UPSTREAM_CONNECTION_FAILURE);
+    assert_eq!(from_names("DC"), DOWNSTREAM_CONNECTION_TERMINATION);
+    assert_eq!(from_names("UT,UO,UAEX"), UPSTREAM_REQUEST_TIMEOUT | UPSTREAM_OVERFLOW | UNAUTHORIZED_EXTERNAL_SERVICE);
+}
