@@ -90,8 +90,14 @@ def read_both(text, where):
     return v11
 
 
+PLUGIN_KEYS = {"policies", "routes", "policy", "sync_interval", "control"}
+
+
 def is_plugin_configuration(doc):
-    return isinstance(doc, dict) and ("policies" in doc or "routes" in doc) and "kind" not in doc
+    """A bare plugin configuration: only the plugin's top-level keys, and `routes` (if any) a list
+    (the README also shows `breakwater per-route` output, whose `routes` is a map of Envoy routes)."""
+    return (isinstance(doc, dict) and doc.keys() <= PLUGIN_KEYS and bool(doc.keys() & {"policies", "routes", "control"})
+            and isinstance(doc.get("routes", []), list))
 
 
 def configurations_in(docs, where, text):

@@ -51,3 +51,22 @@ fn istio_and_plain_envoy_use_the_same_stats_tag_extractors() {
         serde_json::from_str(istio[0]["data"]["custom_bootstrap.json"].as_str().unwrap()).unwrap();
     assert_eq!(bootstrap["stats_config"]["stats_tags"], envoy_tags);
 }
+
+#[test]
+#[ignore = "run by `make yaml-contract`, which writes the readings first"]
+fn every_shipped_configuration_parses_as_the_mesh_delivers_it() {
+    let dir = std::env::var("BREAKWATER_READINGS").expect("BREAKWATER_READINGS: run `make yaml-contract`");
+    let text = std::fs::read_to_string(PathBuf::from(dir).join("readings.json")).unwrap();
+    let readings: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert!(readings.len() >= 5, "too few shipped configurations found: {readings:?}");
+    for r in &readings {
+        let source = r["source"].as_str().unwrap();
+        let configuration = r["configuration"].as_str().unwrap();
+        let outcome = breakwater::config::parse(configuration.as_bytes()).map(|_| ()).map_err(|e| e.to_string());
+        match r["refused_with"].as_str() {
+            None => assert_eq!(outcome, Ok(()), "{source}: {configuration}"),
+            Some(known) => assert_eq!(outcome, Err(known.to_owned()), "{source}: a known refusal changed"),
+        }
+        println!("{source}: {}", if outcome.is_ok() { "accepted" } else { "refused, as known" });
+    }
+}
