@@ -297,7 +297,7 @@ impl BreakerState {
                     let t = Transition::Opened { reason, period_ns: period };
                     return step(Recorded::Counted, true, Some(t));
                 }
-                let successes = successes + 1;
+                let successes = successes.saturating_add(1);
                 if successes >= cfg.successes_to_close {
                     self.close();
                     return step(Recorded::Counted, true, Some(Transition::Closed));

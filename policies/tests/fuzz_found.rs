@@ -1,0 +1,34 @@
+//! Inputs the state-decoder fuzzer (`decode_fuzz.rs`) found, kept as scenarios. Most are states
+//! no sequence of operations makes, read from shared data that another version of the plugin (or
+//! anything else) wrote: the state machines must carry on with them, never panic or lose count.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use breakwater_policies::{BreakerConfig, BreakerState, Outcome, Transition};
+
+/// A half-open breaker as version 3 writes it: generation 7, not forced, `probes` in flight,
+/// `successes` so far, last probe at 5 ns; no failures, no window; `period` the last open period.
+fn half_open(probes: u32, successes: u32, period: u64) -> BreakerState {
+    let bytes = [
+        &[3u8][..],
+        &7u32.to_le_bytes(),
+        &[0, 2],
+        &probes.to_le_bytes(),
+        &successes.to_le_bytes(),
+        &5u64.to_le_bytes(),
+        &0u32.to_le_bytes(),
+        &[0, 0],
+        &period.to_le_bytes(),
+        &0u64.to_le_bytes(),
+        &[0],
+    ]
+    .concat();
+    BreakerState::decode(&bytes).expect("a valid encoding")
+}
+
+#[test]
+fn a_half_open_breaker_read_with_successes_at_u32_max_closes_on_a_success_without_overflow() {
+    let cfg = BreakerConfig { successes_to_close: 1000, ..BreakerConfig::default() };
+    let mut s = half_open(1, u32::MAX, 0);
+    let step = s.record(&cfg, 10, 7, Outcome::default(), 0);
+    assert_eq!(step.transition, Some(Transition::Closed));
+}
