@@ -460,7 +460,7 @@ impl BreakerState {
     fn next_period(&self, cfg: &BreakerConfig, jitter: u64) -> u64 {
         let doubled = self.open_period_ns.max(cfg.open_for_ns).saturating_mul(2);
         let spread = doubled / 10;
-        let jittered = if spread == 0 { doubled } else { doubled - spread + jitter % (2 * spread + 1) };
+        let jittered = if spread == 0 { doubled } else { (doubled - spread).saturating_add(jitter % (2 * spread + 1)) };
         jittered.clamp(cfg.open_for_ns, cfg.max_open_for_ns.max(cfg.open_for_ns))
     }
 

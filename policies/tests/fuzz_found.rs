@@ -32,3 +32,15 @@ fn a_half_open_breaker_read_with_successes_at_u32_max_closes_on_a_success_withou
     let step = s.record(&cfg, 10, 7, Outcome::default(), 0);
     assert_eq!(step.transition, Some(Transition::Closed));
 }
+
+#[test]
+fn a_probe_failing_after_an_open_period_near_u64_max_reopens_for_max_open_for() {
+    let cfg = BreakerConfig::default();
+    // A period this long doubles to just under u64::MAX; with this jitter it went past.
+    let mut s = half_open(1, 0, 0x7af5_2159_9ffe_3067);
+    let step = s.record(&cfg, 10, 7, Outcome { failure: true, slow: false }, 2_498_699_954_375_102_278);
+    match step.transition {
+        Some(Transition::Opened { period_ns, .. }) => assert_eq!(period_ns, cfg.max_open_for_ns),
+        other => panic!("expected a re-open, got {other:?}"),
+    }
+}
