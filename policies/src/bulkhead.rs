@@ -195,11 +195,13 @@ impl BulkheadState {
     }
 
     /// Whether a request of `class` may take a permit now: below the limit, below its class's
-    /// max, and not eating into capacity the other classes reserve and do not use.
+    /// max, and not eating into capacity the other classes reserve and do not use. A class the
+    /// configuration does not have (a waiter from before a reload) has no limits of its own;
+    /// class 255 is never admitted: a holder's counts are stored for 255 classes at most.
     pub fn admissible(&self, cfg: &BulkheadConfig, class: usize) -> bool {
         let total = self.active();
         let mine = self.active_of(class);
-        if total >= cfg.max_concurrent {
+        if total >= cfg.max_concurrent || class >= usize::from(u8::MAX) {
             return false;
         }
         let limit = cfg.classes.get(class).copied().unwrap_or_default();
