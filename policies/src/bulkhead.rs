@@ -179,10 +179,11 @@ impl BulkheadState {
     }
 
     /// The size of a lease [`BulkheadState::ask`] would grant now, counting the request's own permit:
-    /// 0 unless leasing is allowed (one class, nobody waiting) and taking it keeps the bulkhead
-    /// at most half full. A quarter of the room left below half, at most [`MAX_LEASE`].
+    /// 0 unless leasing is allowed (one class without a max of its own, nobody waiting) and taking
+    /// it keeps the bulkhead at most half full. A quarter of the room left below half, at most
+    /// [`MAX_LEASE`].
     fn lease_size(&self, cfg: &BulkheadConfig) -> u32 {
-        if cfg.classes.len() > 1 || !self.waiters.is_empty() {
+        if cfg.classes.len() > 1 || cfg.classes.iter().any(|c| c.max.is_some()) || !self.waiters.is_empty() {
             return 0;
         }
         let room = (cfg.max_concurrent / 2).saturating_sub(self.active());

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use breakwater_policies::{
-    Acquire, BreakerConfig, BreakerState, BulkheadConfig, BulkheadState, Outcome, Transition, SECOND,
+    Acquire, BreakerConfig, BreakerState, BulkheadConfig, BulkheadState, ClassLimit, Outcome, Transition, SECOND,
 };
 
 /// A half-open breaker as version 3 writes it: generation 7, not forced, `probes` in flight,
@@ -85,4 +85,25 @@ fn a_waiter_of_a_class_the_configuration_no_longer_has_still_gets_a_permit() {
     assert_eq!(u.granted.iter().map(|w| (w.worker, w.ticket)).collect::<Vec<_>>(), [(2, 9)]);
     assert_eq!(s.active_of(2), 1);
     assert_eq!(BulkheadState::decode(&s.encode()), Some(s));
+}
+
+#[test]
+fn a_single_class_with_a_max_of_its_own_is_never_leased_past_it() {
+    let cfg = BulkheadConfig {
+        max_concurrent: 100,
+        classes: vec![ClassLimit { reserved: 0, max: Some(2) }],
+        ..BulkheadConfig::default()
+    };
+    let mut s = BulkheadState::default();
+    let ask = breakwater_policies::bulkhead::Ask {
+        worker: 1,
+        class: 0,
+        ticket: 1,
+        may_wait: false,
+        may_pause: false,
+        lease: true,
+    };
+    let got: Vec<Acquire> = (0..3).map(|_| s.ask(&cfg, 0, ask).value).collect();
+    assert_eq!(got, [Acquire::Admitted, Acquire::Admitted, Acquire::Full]);
+    assert_eq!(s.active_of(0), 2);
 }
