@@ -900,7 +900,14 @@ impl<'a> Obj<'a> {
         let map = v.as_object().ok_or_else(|| expected(path, what, v))?;
         if let Some(k) = map.keys().find(|k| !keys.contains(&k.as_str())) {
             let known = keys.join(", ");
-            let nearest = keys.iter().copied().filter(|c| distance(k, c) <= 2).min_by_key(|c| distance(k, c));
+            // A key more than two characters longer or shorter than a known one is no typo of it:
+            // no need for the distance, which costs O(key length) per known key.
+            let chars = k.chars().count();
+            let nearest = keys
+                .iter()
+                .copied()
+                .filter(|c| chars.abs_diff(c.len()) <= 2 && distance(k, c) <= 2)
+                .min_by_key(|c| distance(k, c));
             let why = match (k.as_str(), nearest) {
                 // kubectl and Helm read YAML 1.1, where a bare `on` key is the boolean true.
                 ("on", _) => format!("unknown key: Breakwater's key is retry_on (expected one of: {known})"),

@@ -281,3 +281,14 @@ fn only_failure_rate_means_no_consecutive_trip() {
     let c = parse_str(r#"{"policies": {"p": {"circuit_breaker": {"failure_rate": {"threshold": 50}}}}}"#).unwrap();
     assert_eq!(c.policies[0].breaker.as_ref().unwrap().machine.consecutive_failures, 0);
 }
+
+#[test]
+fn an_unknown_key_of_a_megabyte_is_refused_in_well_under_a_second() {
+    // Found by the config fuzzer: "did you mean" measured the edit distance from every known key
+    // to the whole key, O(key length × known key length) each: 2.5 s for 1 MiB (a debug build).
+    let config = alloc::format!(r#"{{"policies": {{"p": {{"{}": 1}}}}}}"#, "y".repeat(1 << 20));
+    let started = std::time::Instant::now();
+    let e = error_of(&config);
+    assert!(started.elapsed() < std::time::Duration::from_millis(500), "{:?}", started.elapsed());
+    assert!(e.contains("unknown key (expected one of:"), "{e}");
+}
