@@ -827,10 +827,21 @@ fn grpc_code(v: &Value, path: &str) -> Result<u32> {
 /// Longest value or key shown in a message, in characters.
 const SHOWN: usize = 64;
 
-/// A string quoted with every control character escaped, cut after [`SHOWN`] characters: safe
-/// in one log line whatever it holds.
+/// A string quoted with every control character escaped, cut after [`SHOWN`] characters (fewer
+/// where escapes make them long: at most twice that once escaped): safe in one log line
+/// whatever it holds.
 pub fn show_str(s: &str) -> String {
-    let cut: String = s.chars().take(SHOWN).collect();
+    let mut room = 2 * SHOWN;
+    let cut: String = s
+        .chars()
+        .take(SHOWN)
+        .take_while(|c| {
+            let escaped = c.escape_debug().count();
+            let fits = escaped <= room;
+            room = room.saturating_sub(escaped);
+            fits
+        })
+        .collect();
     if cut.len() == s.len() {
         format!("{cut:?}")
     } else {

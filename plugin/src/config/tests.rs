@@ -292,3 +292,12 @@ fn an_unknown_key_of_a_megabyte_is_refused_in_well_under_a_second() {
     assert!(started.elapsed() < std::time::Duration::from_millis(500), "{:?}", started.elapsed());
     assert!(e.contains("unknown key (expected one of:"), "{e}");
 }
+
+#[test]
+fn a_value_of_escaped_characters_is_shown_in_a_few_hundred_bytes() {
+    // Found by the config fuzzer: 64 characters shown, each escaped as up to 10 (\u{10ffff}).
+    let config = alloc::format!(r#"{{"policies": {{"p": {{"mode": "{}"}}}}}}"#, "\u{10ffff}".repeat(64));
+    let e = error_of(&config);
+    assert!(e.len() <= 256, "{} bytes: {e}", e.len());
+    assert!(e.ends_with("… (256 bytes)"), "{e}");
+}
