@@ -959,6 +959,19 @@ fn strict_json(bytes: &[u8]) -> Result<Value> {
     }
 }
 
+/// Longest path a duplicate key is reported with: nesting is the input's to choose, so below
+/// this the path stops growing and ends in "…".
+const MAX_PATH: usize = 256;
+
+/// The path one level below `path` (`next`), or `path` ended in "…" once it is long enough.
+fn deeper(path: &str, next: impl FnOnce() -> String) -> String {
+    match path.len() {
+        n if n <= MAX_PATH => next(),
+        _ if path.ends_with('…') => path.to_string(),
+        _ => format!("{path}…"),
+    }
+}
+
 struct Seed<'a> {
     path: String,
     duplicate: &'a RefCell<Option<ConfigError>>,
@@ -1000,7 +1013,7 @@ impl<'de> Visitor<'de> for Seed<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> core::result::Result<Value, A::Error> {
         let mut out = Vec::new();
         loop {
-            let path = format!("{}[{}]", self.path, out.len());
+            let path = deeper(&self.path, || format!("{}[{}]", self.path, out.len()));
             match seq.next_element_seed(Seed { path, duplicate: self.duplicate })? {
                 Some(v) => out.push(v),
                 None => return Ok(Value::Array(out)),
@@ -1010,7 +1023,7 @@ impl<'de> Visitor<'de> for Seed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> core::result::Result<Value, A::Error> {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            let path = join(&self.path, &key);
+            let path = deeper(&self.path, || join(&self.path, &key));
             if out.contains_key(&key) {
                 let message = "duplicate key: JSON readers keep only the last one, so it is refused".into();
                 if let Ok(mut d) = self.duplicate.try_borrow_mut() {
