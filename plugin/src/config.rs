@@ -943,11 +943,11 @@ impl<'a> Obj<'a> {
 }
 
 /// Parses JSON, refusing duplicate keys (serde_json keeps the last one silently) with the path
-/// of the duplicate. Nesting is bounded by serde_json's recursion limit.
+/// of the duplicate, and nesting deeper than [`MAX_DEPTH`].
 fn strict_json(bytes: &[u8]) -> Result<Value> {
     let duplicate = RefCell::new(None);
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let parsed = Seed { path: String::new(), duplicate: &duplicate }.deserialize(&mut de).and_then(|v| {
+    let parsed = Seed { path: String::new(), depth: 0, duplicate: &duplicate }.deserialize(&mut de).and_then(|v| {
         de.end()?;
         Ok(v)
     });
@@ -972,9 +972,31 @@ fn deeper(path: &str, next: impl FnOnce() -> String) -> String {
     }
 }
 
+/// Deepest nesting of arrays and objects: a configuration needs 7 levels. An error deep down
+/// costs a scan of the input so far at every level serde_json unwinds through, so its own
+/// limit (128) let a large configuration take seconds to refuse.
+const MAX_DEPTH: usize = 16;
+
 struct Seed<'a> {
     path: String,
+    /// Arrays and objects around this value.
+    depth: usize,
+    /// The refusal, when it is ours (a duplicate key, nesting too deep), not serde_json's.
     duplicate: &'a RefCell<Option<ConfigError>>,
+}
+
+impl Seed<'_> {
+    /// Refuses a container nested deeper than [`MAX_DEPTH`].
+    fn too_deep<E: serde::de::Error>(&self) -> core::result::Result<(), E> {
+        if self.depth < MAX_DEPTH {
+            return Ok(());
+        }
+        let message = format!("nested deeper than {MAX_DEPTH} levels: no configuration needs that");
+        if let Ok(mut d) = self.duplicate.try_borrow_mut() {
+            *d = Some(ConfigError { path: self.path.clone(), message });
+        }
+        Err(E::custom("nested too deep"))
+    }
 }
 
 impl<'de> DeserializeSeed<'de> for Seed<'_> {
@@ -1011,16 +1033,18 @@ impl<'de> Visitor<'de> for Seed<'_> {
         Ok(Value::Null)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> core::result::Result<Value, A::Error> {
+        self.too_deep()?;
         let mut out = Vec::new();
         loop {
             let path = deeper(&self.path, || format!("{}[{}]", self.path, out.len()));
-            match seq.next_element_seed(Seed { path, duplicate: self.duplicate })? {
+            match seq.next_element_seed(Seed { path, depth: self.depth + 1, duplicate: self.duplicate })? {
                 Some(v) => out.push(v),
                 None => return Ok(Value::Array(out)),
             }
         }
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> core::result::Result<Value, A::Error> {
+        self.too_deep()?;
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
             let path = deeper(&self.path, || join(&self.path, &key));
@@ -1031,7 +1055,7 @@ impl<'de> Visitor<'de> for Seed<'_> {
                 }
                 return Err(A::Error::custom("duplicate key"));
             }
-            let value = map.next_value_seed(Seed { path, duplicate: self.duplicate })?;
+            let value = map.next_value_seed(Seed { path, depth: self.depth + 1, duplicate: self.duplicate })?;
             out.insert(key, value);
         }
         Ok(Value::Object(out))
