@@ -1063,4 +1063,6 @@ impl<'de> Visitor<'de> for Seed<'_> {
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
