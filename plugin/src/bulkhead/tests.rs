@@ -377,3 +377,50 @@ fn a_bulkhead_request_on_the_exact_path_costs_two_cas_round_trips() {
     let n = |k: &str| calls.get(k).copied().unwrap_or(0);
     assert_eq!((n("property"), n("header"), n("shared_get"), n("shared_set")), (1, 0, 2, 2), "{calls:?}");
 }
+
+#[test]
+fn a_recall_only_waiter_whose_client_leaves_before_its_refusal_arrives_gives_back_no_permit() {
+    // Found by the request-path property test: leaving the queue, a waiter that was no longer
+    // in it was taken to have been handed a permit, and gave one back. But a waiter that only
+    // waited for a recall is also taken out when the recall frees nothing, and refused; when
+    // its client left before the refusal arrived, it gave back a permit of another request.
+    let w1 = first();
+    let w2 = second(&w1);
+    let (_, leased) = w1.send("tight", 1);
+    let (a, second_permit) = w2.send("tight", 2);
+    assert_eq!(a, Action::Continue, "the second of 2 permits");
+    let (a, recalling) = w2.send("tight", 3);
+    assert_eq!(a, Action::Stop, "waits for worker 1's lease, which is in use");
+    assert!(w1.wake().is_empty());
+    let taken = |w1: &Worker, w2: &Worker| held(w1, "tight") + held(w2, "tight");
+    assert_eq!(taken(&w1, &w2), 2);
+    w2.log(3, recalling); // its client leaves; the refusal is still on its way
+    assert_eq!(taken(&w1, &w2), 2, "both requests still hold their permits");
+    assert_eq!(w1.send("tight", 4).0, Action::Stop, "no third permit");
+    assert!(w2.wake().is_empty(), "the late refusal resumes nothing");
+    assert!(w2.host.replies.borrow().iter().all(|r| r.context != 3), "and answers no one");
+    w1.log(1, leased);
+    w2.log(2, second_permit);
+    w1.at(50 * MS).tick();
+    w2.at(50 * MS).tick();
+    assert_eq!(taken(&w1, &w2), 0);
+}
+
+#[test]
+fn a_grant_that_arrives_after_its_waiters_client_left_and_its_queue_timeout_passed_is_given_back() {
+    // Found by the request-path property test: the worker ticked before it read its queue.
+    let w = Worker::first(
+        r#"{"policies": {"one": {"bulkhead": {"max_concurrent": 1, "queue": {"max_size": 1, "timeout": "100ms"},
+            "priority": {"header": "x-p", "default": "d", "classes": {}}}}},
+            "routes": [{"match": {}, "policy": "one"}]}"#,
+    );
+    let (_, s1) = w.send("one", 1);
+    let (a, s2) = w.send("one", 2);
+    assert_eq!(a, Action::Stop, "waits");
+    w.end(1, s1, 200); // the permit goes to request 2…
+    w.log(2, s2); // …whose client leaves before the grant arrives
+    w.at(SECOND).tick();
+    assert!(w.wake().is_empty(), "the grant, late, resumes nothing");
+    assert_eq!(held(&w, "one"), 0, "and its permit is back");
+    assert_eq!(w.send("one", 3).0, Action::Continue);
+}
