@@ -159,7 +159,12 @@ pub fn finish(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, ticket: u
                 release(c, p, host, vm, class);
                 Finished::Forwarded(Some(at))
             }
-            Some(Parked { state: Wait::TimedOut | Wait::Refused | Wait::Left, .. }) => Finished::NotForwarded,
+            Some(Parked { state: Wait::TimedOut | Wait::Refused, .. }) => Finished::NotForwarded,
+            // Answered without word of its grant (see `expire`): the entry waits on for it.
+            Some(parked @ Parked { state: Wait::Left, .. }) => {
+                vm.waiters.park(ticket, parked);
+                Finished::NotForwarded
+            }
             // The client left while waiting: leave the queue. Not in it any more: it was handed
             // a permit or refused, and word of which is on its way (see `Wait::Left`).
             Some(parked @ Parked { state: Wait::Waiting, .. }) => {
@@ -376,19 +381,27 @@ pub fn expire(host: &impl Host, vm: &Vm, now: u64) {
         let Some(p) = c.policy(parked.policy) else { continue };
         let Some(b) = &p.cfg.bulkhead else { continue };
         let left = store::bulkhead(host, &p.bulkhead_key, |s| s.withdraw(&b.machine, now, worker, ticket));
-        let Some(u) = left.filter(|u| u.value) else {
-            // Not in the queue: it was just handed a permit; its wake-up is on the way.
+        let withdrawn = left.as_ref().is_some_and(|u| u.value);
+        if let Some(u) = left {
+            notify(p, host, vm, u.granted, u.refused);
+        }
+        // Not in the queue: it was just handed a permit, and its wake-up is on the way. Unless
+        // none came within a cross-worker hop of its deadline: then the shared state lost it
+        // (another writer rewrote it), and it is answered now; a grant that still arrives is
+        // given back (see `Wait::Left`).
+        if !withdrawn && now < parked.deadline().saturating_add(b.machine.recall_timeout_ns) {
             vm.waiters.park(ticket, parked);
             continue;
-        };
+        }
         let (why, state) = if parked.recall_only {
             (Refusal::BulkheadFull, Wait::Refused)
         } else {
             (Refusal::QueueTimeout, Wait::TimedOut)
         };
         let since = parked.since;
-        vm.waiters.park(ticket, Parked { state, ..parked });
-        notify(p, host, vm, u.granted, u.refused);
+        let parked =
+            if withdrawn { Parked { state, ..parked } } else { Parked { state: Wait::Left, since: now, ..parked } };
+        vm.waiters.park(ticket, parked);
         ended_waiting(&c, p, host, vm, why, now.saturating_sub(since));
         if host.enter(ticket) {
             reject(host, p, why, RETRY_AFTER_NS);

@@ -23,9 +23,10 @@ pub enum Wait {
     TimedOut,
     /// Waited only for a recall that freed nothing: answered with `bulkhead-full`.
     Refused,
-    /// Its client left after it was taken out of the queue (handed a permit, or refused when a
-    /// recall freed nothing) but before word of which reached this worker: a grant that
-    /// arrives is given back, a refusal dropped.
+    /// Out of the queue (handed a permit, or refused when a recall freed nothing), but word of
+    /// which has not reached this worker, and the request is done with: its client left, or
+    /// it was answered when no word came (the shared state lost it). A grant that arrives is
+    /// given back, a refusal dropped.
     Left,
 }
 

@@ -424,3 +424,27 @@ fn a_grant_that_arrives_after_its_waiters_client_left_and_its_queue_timeout_pass
     assert_eq!(held(&w, "one"), 0, "and its permit is back");
     assert_eq!(w.send("one", 3).0, Action::Continue);
 }
+
+#[test]
+fn a_waiter_the_shared_state_lost_is_answered_with_queue_timeout_soon_after_its_deadline() {
+    // Found by the request-path property test: garbage under the bulkhead's key (another
+    // version's state, a stray writer) loses the queue. A waiter that is not in the queue any
+    // more was taken to have been handed a permit whose wake-up is on its way, and it waited
+    // for it until its client gave up.
+    let w = first();
+    let (_, _s1) = w.send("plain", 1);
+    let (_, _s2) = w.send("orders", 2);
+    let (_, _s3) = w.send("orders", 3);
+    let (a, s4) = w.send("orders", 4);
+    assert_eq!(a, Action::Stop, "waits");
+    use crate::host::Host;
+    w.host.shared_set("breakwater/v1/test/bulkhead/orders", b"", 0).unwrap();
+    w.at(SECOND).tick(); // its timeout: not in the queue; its wake-up may be on the way
+    assert!(w.host.replies.borrow().iter().all(|r| r.context != 4));
+    w.at(SECOND + 100 * MS).tick(); // none came
+    refused_with(&w, "queue-timeout");
+    assert_eq!(w.host.last_reply().map(|r| r.context), Some(4));
+    assert_eq!(w.stat("bulkhead_queued.policy.orders"), 0);
+    w.log(4, s4);
+    assert!(w.wake().is_empty());
+}
