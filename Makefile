@@ -69,8 +69,9 @@ run: build upstream envoy
 
 test: unit wasm-test lint ops yaml-contract istio-crds integration
 
+# --no-fail-fast: a failing suite must not keep the others (the fuzzers among them) from running.
 unit:
-	cargo test -p breakwater-policies -p breakwater
+	cargo test -p breakwater-policies -p breakwater --no-fail-fast
 
 wasm-test: wasm-target venv
 	CARGO_TARGET_WASM32_WASIP1_RUNNER="$(WASI_RUNNER)" cargo test -p breakwater-policies --target wasm32-wasip1

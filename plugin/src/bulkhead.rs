@@ -16,7 +16,7 @@ use crate::waiters::{Parked, Wait};
 use crate::{metrics, store, Compiled, Policy};
 use alloc::rc::Rc;
 use alloc::vec::Vec;
-use breakwater_policies::bulkhead::{Ask, Update, Waiter};
+use breakwater_policies::bulkhead::{Ask, Waiter};
 use breakwater_policies::{Acquire, MS, SECOND};
 
 /// Where a stream stands with the bulkhead.
@@ -164,11 +164,19 @@ pub fn finish(p: &Policy, host: &impl Host, vm: &Vm, ticket: u32, permit: Permit
                 Finished::Forwarded(Some(at))
             }
             Some(Parked { state: Wait::TimedOut | Wait::Refused, .. }) => Finished::NotForwarded,
-            // The client left while waiting: leave the queue, or, if a permit was handed over
-            // in the meantime (its wake-up still on the way), give that back.
-            Some(Parked { state: Wait::Waiting, since, .. }) => {
+            // Answered without word of its grant (see `expire`): the entry waits on for it.
+            Some(parked @ Parked { state: Wait::Left, .. }) => {
+                vm.waiters.park(ticket, parked);
+                Finished::NotForwarded
+            }
+            // The client left while waiting: leave the queue. Not in it any more: it was handed
+            // a permit or refused, and word of which is on its way (see `Wait::Left`).
+            Some(parked @ Parked { state: Wait::Waiting, .. }) => {
                 let now = vm.clock(host);
-                leave(p, host, vm, class, ticket, now);
+                let since = parked.since;
+                if !leave(p, host, vm, ticket, now) {
+                    vm.waiters.park(ticket, Parked { state: Wait::Left, since: now, ..parked });
+                }
                 metrics::set(host, p.metrics(host).bulkhead.queue_ms, now.saturating_sub(since) / MS);
                 Finished::NotForwarded
             }
@@ -193,33 +201,31 @@ fn release(p: &Policy, host: &impl Host, vm: &Vm, class: u8) {
     if let Some(h) = holding(vm, p) {
         h.exact.set(h.exact.get().saturating_sub(1));
     }
+    give_back(p, host, vm, class, vm.clock(host));
+}
+
+/// Returns one of this worker's permits of `class` to the shared state.
+fn give_back(p: &Policy, host: &impl Host, vm: &Vm, class: u8, now: u64) {
     let Some(b) = &p.cfg.bulkhead else { return };
-    let (worker, now) = (vm.worker.get(), vm.clock(host));
+    let worker = vm.worker.get();
     if let Some((u, taken)) = store::bulkhead(host, &p.bulkhead_key, |s| s.release(&b.machine, now, worker, class)) {
         gauges(p, host, taken);
         notify(p, host, vm, u.granted, u.refused);
     }
 }
 
-/// A waiter leaves the queue (its client left); if it was handed a permit meanwhile, the
-/// permit goes back.
-fn leave(p: &Policy, host: &impl Host, vm: &Vm, class: u8, ticket: u32, now: u64) {
-    let Some(b) = &p.cfg.bulkhead else { return };
+/// A waiter leaves the queue (its client left). False if it was not in it any more.
+fn leave(p: &Policy, host: &impl Host, vm: &Vm, ticket: u32, now: u64) -> bool {
+    let Some(b) = &p.cfg.bulkhead else { return true };
     let worker = vm.worker.get();
-    let u = store::bulkhead(host, &p.bulkhead_key, |s| {
-        let mut left = s.withdraw(&b.machine, now, worker, ticket);
-        if left.value {
-            return left;
+    match store::bulkhead(host, &p.bulkhead_key, |s| s.withdraw(&b.machine, now, worker, ticket)) {
+        Some((u, taken)) => {
+            gauges(p, host, taken);
+            notify(p, host, vm, u.granted, u.refused);
+            u.value
         }
-        // Granted meanwhile: give the permit back. Whatever either step granted is woken.
-        let u = s.release(&b.machine, now, worker, class);
-        left.granted.extend(u.granted);
-        left.refused.extend(u.refused);
-        Update { value: false, changed: left.changed || u.changed, ..left }
-    });
-    if let Some((u, taken)) = u {
-        gauges(p, host, taken);
-        notify(p, host, vm, u.granted, u.refused);
+        // Shared data failing us entirely: there is nothing to wait for.
+        None => true,
     }
 }
 
@@ -286,7 +292,14 @@ pub fn on_message(host: &impl Host, vm: &Vm, queue: u32) {
 /// Resumes a waiter that was handed a permit.
 fn wake(host: &impl Host, vm: &Vm, ticket: u32) {
     let now = vm.clock(host);
-    // Not waiting any more: its stream ended, and its on_log gave the permit back.
+    // Its client left before this grant arrived: the permit goes back.
+    if let Some(gone) = vm.waiters.take_left(ticket) {
+        if let Some(p) = gone.compiled.policy(gone.policy) {
+            give_back(p, host, vm, gone.class, now);
+        }
+        return;
+    }
+    // Not waiting any more: it timed out first, or its stream left the queue and is over.
     let Some(s) = vm.waiters.settle(ticket, Wait::Granted { at: now }) else { return };
     let Some(p) = s.compiled.policy(s.policy) else { return };
     if let Some(h) = holding(vm, p) {
@@ -304,6 +317,10 @@ fn wake(host: &impl Host, vm: &Vm, ticket: u32) {
 /// Refuses a waiter whose recall freed nothing.
 fn refuse(host: &impl Host, vm: &Vm, ticket: u32) {
     let now = vm.clock(host);
+    // Its client left before this refusal arrived: there is no one to answer.
+    if vm.waiters.take_left(ticket).is_some() {
+        return;
+    }
     let Some(s) = vm.waiters.settle(ticket, Wait::Refused) else { return };
     let Some(p) = s.compiled.policy(s.policy) else { return };
     ended_waiting(&s.compiled, p, host, vm, Refusal::BulkheadFull, now.saturating_sub(s.since));
@@ -353,28 +370,31 @@ pub fn maintain(host: &impl Host, vm: &Vm, now: u64) {
 }
 
 /// On every tick: answers the waiters whose time is up: `queue-timeout`, or `bulkhead-full`
-/// for those that waited only for a recall.
+/// for those that waited only for a recall; forgets those whose client left and whose grant or
+/// refusal never came.
 pub fn expire(host: &impl Host, vm: &Vm, now: u64) {
     if vm.waiters.is_empty() {
         return;
     }
+    vm.waiters.drop_left(now);
     let worker = vm.worker.get();
     for ticket in vm.waiters.overdue(now) {
         let Some(parked) = vm.waiters.take(ticket) else { continue };
         let c = parked.compiled.clone();
         let Some(p) = c.policy(parked.policy) else { continue };
         let Some(b) = &p.cfg.bulkhead else { continue };
-        let Some((u, taken)) = store::bulkhead(host, &p.bulkhead_key, |s| s.withdraw(&b.machine, now, worker, ticket))
-        else {
-            vm.waiters.park(ticket, parked);
-            continue;
-        };
-        gauges(p, host, taken);
-        if !u.value {
-            // Not in the queue: it was just handed a permit (maybe by this very call, freed
-            // from a dead worker); its wake-up is on the way.
-            vm.waiters.park(ticket, parked);
+        let left = store::bulkhead(host, &p.bulkhead_key, |s| s.withdraw(&b.machine, now, worker, ticket));
+        let withdrawn = left.as_ref().is_some_and(|(u, _)| u.value);
+        if let Some((u, taken)) = left {
+            gauges(p, host, taken);
             notify(p, host, vm, u.granted, u.refused);
+        }
+        // Not in the queue: it was just handed a permit, and its wake-up is on the way. Unless
+        // none came within a cross-worker hop of its deadline: then the shared state lost it
+        // (another writer rewrote it), and it is answered now; a grant that still arrives is
+        // given back (see `Wait::Left`).
+        if !withdrawn && now < parked.deadline().saturating_add(b.machine.recall_timeout_ns) {
+            vm.waiters.park(ticket, parked);
             continue;
         }
         let (why, state) = if parked.recall_only {
@@ -383,8 +403,9 @@ pub fn expire(host: &impl Host, vm: &Vm, now: u64) {
             (Refusal::QueueTimeout, Wait::TimedOut)
         };
         let since = parked.since;
-        vm.waiters.park(ticket, Parked { state, ..parked });
-        notify(p, host, vm, u.granted, u.refused);
+        let parked =
+            if withdrawn { Parked { state, ..parked } } else { Parked { state: Wait::Left, since: now, ..parked } };
+        vm.waiters.park(ticket, parked);
         ended_waiting(&c, p, host, vm, why, now.saturating_sub(since));
         if host.enter(ticket) {
             reject(host, p, why, RETRY_AFTER_NS);

@@ -906,10 +906,21 @@ fn grpc_code(v: &Value, path: &str) -> Result<u32> {
 /// Longest value or key shown in a message, in characters.
 const SHOWN: usize = 64;
 
-/// A string quoted with every control character escaped, cut after 64 characters: safe
-/// in one log line whatever it holds.
+/// A string quoted with every control character escaped, cut after 64 characters (fewer
+/// where escapes make them long: at most twice that once escaped): safe in one log line
+/// whatever it holds.
 pub fn show_str(s: &str) -> String {
-    let cut: String = s.chars().take(SHOWN).collect();
+    let mut room = 2 * SHOWN;
+    let cut: String = s
+        .chars()
+        .take(SHOWN)
+        .take_while(|c| {
+            let escaped = c.escape_debug().count();
+            let fits = escaped <= room;
+            room = room.saturating_sub(escaped);
+            fits
+        })
+        .collect();
     if cut.len() == s.len() {
         format!("{cut:?}")
     } else {
@@ -987,7 +998,14 @@ impl<'a> Obj<'a> {
         let map = v.as_object().ok_or_else(|| expected(path, what, v))?;
         if let Some(k) = map.keys().find(|k| !keys.contains(&k.as_str())) {
             let known = keys.join(", ");
-            let nearest = keys.iter().copied().filter(|c| distance(k, c) <= 2).min_by_key(|c| distance(k, c));
+            // A key more than two characters longer or shorter than a known one is no typo of it:
+            // no need for the distance, which costs O(key length) per known key.
+            let chars = k.chars().count();
+            let nearest = keys
+                .iter()
+                .copied()
+                .filter(|c| chars.abs_diff(c.len()) <= 2 && distance(k, c) <= 2)
+                .min_by_key(|c| distance(k, c));
             let why = match (k.as_str(), nearest) {
                 // kubectl and Helm read YAML 1.1, where a bare `on` key is the boolean true.
                 ("on", _) => format!("unknown key: Breakwater's key is retry_on (expected one of: {known})"),
@@ -1012,11 +1030,11 @@ impl<'a> Obj<'a> {
 }
 
 /// Parses JSON, refusing duplicate keys (serde_json keeps the last one silently) with the path
-/// of the duplicate. Nesting is bounded by serde_json's recursion limit.
+/// of the duplicate, and nesting deeper than [`MAX_DEPTH`].
 fn strict_json(bytes: &[u8]) -> Result<Value> {
     let duplicate = RefCell::new(None);
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let parsed = Seed { path: String::new(), duplicate: &duplicate }.deserialize(&mut de).and_then(|v| {
+    let parsed = Seed { path: String::new(), depth: 0, duplicate: &duplicate }.deserialize(&mut de).and_then(|v| {
         de.end()?;
         Ok(v)
     });
@@ -1028,9 +1046,44 @@ fn strict_json(bytes: &[u8]) -> Result<Value> {
     }
 }
 
+/// Longest path a duplicate key is reported with: nesting is the input's to choose, so below
+/// this the path stops growing and ends in "…".
+const MAX_PATH: usize = 256;
+
+/// The path one level below `path` (`next`), or `path` ended in "…" once it is long enough.
+fn deeper(path: &str, next: impl FnOnce() -> String) -> String {
+    match path.len() {
+        n if n <= MAX_PATH => next(),
+        _ if path.ends_with('…') => path.to_string(),
+        _ => format!("{path}…"),
+    }
+}
+
+/// Deepest nesting of arrays and objects: a configuration needs 7 levels. An error deep down
+/// costs a scan of the input so far at every level serde_json unwinds through, so its own
+/// limit (128) let a large configuration take seconds to refuse.
+const MAX_DEPTH: usize = 16;
+
 struct Seed<'a> {
     path: String,
+    /// Arrays and objects around this value.
+    depth: usize,
+    /// The refusal, when it is ours (a duplicate key, nesting too deep), not serde_json's.
     duplicate: &'a RefCell<Option<ConfigError>>,
+}
+
+impl Seed<'_> {
+    /// Refuses a container nested deeper than [`MAX_DEPTH`].
+    fn too_deep<E: serde::de::Error>(&self) -> core::result::Result<(), E> {
+        if self.depth < MAX_DEPTH {
+            return Ok(());
+        }
+        let message = format!("nested deeper than {MAX_DEPTH} levels: no configuration needs that");
+        if let Ok(mut d) = self.duplicate.try_borrow_mut() {
+            *d = Some(ConfigError { path: self.path.clone(), message });
+        }
+        Err(E::custom("nested too deep"))
+    }
 }
 
 impl<'de> DeserializeSeed<'de> for Seed<'_> {
@@ -1067,19 +1120,21 @@ impl<'de> Visitor<'de> for Seed<'_> {
         Ok(Value::Null)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> core::result::Result<Value, A::Error> {
+        self.too_deep()?;
         let mut out = Vec::new();
         loop {
-            let path = format!("{}[{}]", self.path, out.len());
-            match seq.next_element_seed(Seed { path, duplicate: self.duplicate })? {
+            let path = deeper(&self.path, || format!("{}[{}]", self.path, out.len()));
+            match seq.next_element_seed(Seed { path, depth: self.depth + 1, duplicate: self.duplicate })? {
                 Some(v) => out.push(v),
                 None => return Ok(Value::Array(out)),
             }
         }
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> core::result::Result<Value, A::Error> {
+        self.too_deep()?;
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            let path = join(&self.path, &key);
+            let path = deeper(&self.path, || join(&self.path, &key));
             if out.contains_key(&key) {
                 let message = "duplicate key: JSON readers keep only the last one, so it is refused".into();
                 if let Ok(mut d) = self.duplicate.try_borrow_mut() {
@@ -1087,12 +1142,14 @@ impl<'de> Visitor<'de> for Seed<'_> {
                 }
                 return Err(A::Error::custom("duplicate key"));
             }
-            let value = map.next_value_seed(Seed { path, duplicate: self.duplicate })?;
+            let value = map.next_value_seed(Seed { path, depth: self.depth + 1, duplicate: self.duplicate })?;
             out.insert(key, value);
         }
         Ok(Value::Object(out))
     }
 }
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

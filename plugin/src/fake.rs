@@ -47,6 +47,9 @@ pub struct FakeHost {
     pub headers: RefCell<HashMap<String, Vec<u8>>>,
     /// In order, as Envoy keeps them.
     pub response_headers: RefCell<Vec<(String, Vec<u8>)>>,
+    /// When set, what `response_headers()` returns instead of serializing the above: a map as
+    /// malformed as a test likes.
+    pub raw_response_headers: RefCell<Option<Vec<u8>>>,
     pub response_trailers: RefCell<HashMap<String, Vec<u8>>>,
     pub replies: RefCell<Vec<Reply>>,
     /// Host calls made, by kind ("property", "header", "shared_get", …): what a request costs.
@@ -94,6 +97,7 @@ impl FakeHost {
         self.props.borrow_mut().clear();
         self.headers.borrow_mut().clear();
         self.response_headers.borrow_mut().clear();
+        *self.raw_response_headers.borrow_mut() = None;
         self.response_trailers.borrow_mut().clear();
     }
     fn count(&self, kind: &'static str) {
@@ -142,6 +146,9 @@ impl Host for FakeHost {
     }
     fn response_headers(&self) -> Option<Vec<u8>> {
         self.count("response_headers");
+        if let Some(raw) = self.raw_response_headers.borrow().clone() {
+            return Some(raw);
+        }
         let h = self.response_headers.borrow();
         let pairs: Vec<(&str, &[u8])> = h.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
         Some(crate::headers::serialize(&pairs))

@@ -143,4 +143,6 @@ pub fn on_log(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, ticket: u32, stream: 
 }
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;

@@ -23,6 +23,11 @@ pub enum Wait {
     TimedOut,
     /// Waited only for a recall that freed nothing: answered with `bulkhead-full`.
     Refused,
+    /// Out of the queue (handed a permit, or refused when a recall freed nothing), but word of
+    /// which has not reached this worker, and the request is done with: its client left, or
+    /// it was answered when no word came (the shared state lost it). A grant that arrives is
+    /// given back, a refusal dropped.
+    Left,
 }
 
 #[derive(Debug)]
@@ -37,13 +42,14 @@ pub struct Parked {
 }
 
 impl Parked {
-    /// When its wait ends: its queue timeout, or the recall timeout.
+    /// When its wait ends: its queue timeout, or the recall timeout. An entry whose client left
+    /// waits for word up to `stale_after`, as long as a live worker can take to send it.
     pub fn deadline(&self) -> u64 {
         let timeout = self.compiled.policy(self.policy).and_then(|p| p.cfg.bulkhead.as_ref()).map_or(0, |b| {
-            if self.recall_only {
-                b.machine.recall_timeout_ns
-            } else {
-                b.machine.queue_timeout_ns
+            match (self.state, self.recall_only) {
+                (Wait::Left, _) => b.machine.stale_after_ns,
+                (_, true) => b.machine.recall_timeout_ns,
+                _ => b.machine.queue_timeout_ns,
             }
         });
         self.since.saturating_add(timeout)
@@ -74,6 +80,22 @@ impl Waiters {
         let p = m.get_mut(&ticket).filter(|p| p.state == Wait::Waiting)?;
         p.state = state;
         Some(Settled { compiled: p.compiled.clone(), policy: p.policy, since: p.since })
+    }
+
+    /// Removes and returns the entry if its client left (see [`Wait::Left`]).
+    pub fn take_left(&self, ticket: u32) -> Option<Parked> {
+        let mut m = self.parked.try_borrow_mut().ok()?;
+        if m.get(&ticket)?.state != Wait::Left {
+            return None;
+        }
+        m.remove(&ticket)
+    }
+
+    /// Forgets the entries whose client left and whose word never came by their deadline.
+    pub fn drop_left(&self, now: u64) {
+        if let Ok(mut m) = self.parked.try_borrow_mut() {
+            m.retain(|_, p| p.state != Wait::Left || p.deadline() > now);
+        }
     }
 
     /// Tickets still waiting whose deadline has passed.

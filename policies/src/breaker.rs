@@ -299,7 +299,7 @@ impl BreakerState {
                     let t = Transition::Opened { reason, period_ns: period };
                     return step(Recorded::Counted, true, Some(t));
                 }
-                let successes = successes + 1;
+                let successes = successes.saturating_add(1);
                 if successes >= cfg.successes_to_close {
                     self.close();
                     return step(Recorded::Counted, true, Some(Transition::Closed));
@@ -483,7 +483,7 @@ impl BreakerState {
     fn next_period(&self, cfg: &BreakerConfig, jitter: u64) -> u64 {
         let doubled = self.open_period_ns.max(cfg.open_for_ns).saturating_mul(2);
         let spread = doubled / 10;
-        let jittered = if spread == 0 { doubled } else { doubled - spread + jitter % (2 * spread + 1) };
+        let jittered = if spread == 0 { doubled } else { (doubled - spread).saturating_add(jitter % (2 * spread + 1)) };
         jittered.clamp(cfg.open_for_ns, cfg.max_open_for_ns.max(cfg.open_for_ns))
     }
 

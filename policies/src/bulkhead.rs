@@ -179,10 +179,11 @@ impl BulkheadState {
     }
 
     /// The size of a lease [`BulkheadState::ask`] would grant now, counting the request's own permit:
-    /// 0 unless leasing is allowed (one class, nobody waiting) and taking it keeps the bulkhead
-    /// at most half full. A quarter of the room left below half, at most [`MAX_LEASE`].
+    /// 0 unless leasing is allowed (one class without a max of its own, nobody waiting) and taking
+    /// it keeps the bulkhead at most half full. A quarter of the room left below half, at most
+    /// [`MAX_LEASE`].
     fn lease_size(&self, cfg: &BulkheadConfig) -> u32 {
-        if cfg.classes.len() > 1 || !self.waiters.is_empty() {
+        if cfg.classes.len() > 1 || cfg.classes.iter().any(|c| c.max.is_some()) || !self.waiters.is_empty() {
             return 0;
         }
         let room = (cfg.max_concurrent / 2).saturating_sub(self.active());
@@ -195,11 +196,13 @@ impl BulkheadState {
     }
 
     /// Whether a request of `class` may take a permit now: below the limit, below its class's
-    /// max, and not eating into capacity the other classes reserve and do not use.
+    /// max, and not eating into capacity the other classes reserve and do not use. A class the
+    /// configuration does not have (a waiter from before a reload) has no limits of its own;
+    /// class 255 is never admitted: a holder's counts are stored for 255 classes at most.
     pub fn admissible(&self, cfg: &BulkheadConfig, class: usize) -> bool {
         let total = self.active();
         let mine = self.active_of(class);
-        if total >= cfg.max_concurrent {
+        if total >= cfg.max_concurrent || class >= usize::from(u8::MAX) {
             return false;
         }
         let limit = cfg.classes.get(class).copied().unwrap_or_default();

@@ -397,3 +397,74 @@ fn a_permit_reclaimed_from_a_dead_worker_at_a_waiters_timeout_goes_to_that_waite
     assert!(w2.host.last_reply().is_none(), "not timed out: it got the permit");
     assert_eq!(w2.wake(), [2]);
 }
+
+#[test]
+fn a_recall_only_waiter_whose_client_leaves_before_its_refusal_arrives_gives_back_no_permit() {
+    // Found by the request-path property test: leaving the queue, a waiter that was no longer
+    // in it was taken to have been handed a permit, and gave one back. But a waiter that only
+    // waited for a recall is also taken out when the recall frees nothing, and refused; when
+    // its client left before the refusal arrived, it gave back a permit of another request.
+    let w1 = first();
+    let w2 = second(&w1);
+    let (_, leased) = w1.send("tight", 1);
+    let (a, second_permit) = w2.send("tight", 2);
+    assert_eq!(a, Action::Continue, "the second of 2 permits");
+    let (a, recalling) = w2.send("tight", 3);
+    assert_eq!(a, Action::Stop, "waits for worker 1's lease, which is in use");
+    assert!(w1.wake().is_empty());
+    let taken = |w1: &Worker, w2: &Worker| held(w1, "tight") + held(w2, "tight");
+    assert_eq!(taken(&w1, &w2), 2);
+    w2.log(3, recalling); // its client leaves; the refusal is still on its way
+    assert_eq!(taken(&w1, &w2), 2, "both requests still hold their permits");
+    assert_eq!(w1.send("tight", 4).0, Action::Stop, "no third permit");
+    assert!(w2.wake().is_empty(), "the late refusal resumes nothing");
+    assert!(w2.host.replies.borrow().iter().all(|r| r.context != 3), "and answers no one");
+    w1.log(1, leased);
+    w2.log(2, second_permit);
+    w1.at(50 * MS).tick();
+    w2.at(50 * MS).tick();
+    assert_eq!(taken(&w1, &w2), 0);
+}
+
+#[test]
+fn a_grant_that_arrives_after_its_waiters_client_left_and_its_queue_timeout_passed_is_given_back() {
+    // Found by the request-path property test: the worker ticked before it read its queue.
+    let w = Worker::first(
+        r#"{"policies": {"one": {"bulkhead": {"max_concurrent": 1, "queue": {"max_size": 1, "timeout": "100ms"},
+            "priority": {"header": "x-p", "default": "d", "classes": {}}}}},
+            "routes": [{"match": {}, "policy": "one"}]}"#,
+    );
+    let (_, s1) = w.send("one", 1);
+    let (a, s2) = w.send("one", 2);
+    assert_eq!(a, Action::Stop, "waits");
+    w.end(1, s1, 200); // the permit goes to request 2…
+    w.log(2, s2); // …whose client leaves before the grant arrives
+    w.at(SECOND).tick();
+    assert!(w.wake().is_empty(), "the grant, late, resumes nothing");
+    assert_eq!(held(&w, "one"), 0, "and its permit is back");
+    assert_eq!(w.send("one", 3).0, Action::Continue);
+}
+
+#[test]
+fn a_waiter_the_shared_state_lost_is_answered_with_queue_timeout_soon_after_its_deadline() {
+    // Found by the request-path property test: garbage under the bulkhead's key (another
+    // version's state, a stray writer) loses the queue. A waiter that is not in the queue any
+    // more was taken to have been handed a permit whose wake-up is on its way, and it waited
+    // for it until its client gave up.
+    let w = first();
+    let (_, _s1) = w.send("plain", 1);
+    let (_, _s2) = w.send("orders", 2);
+    let (_, _s3) = w.send("orders", 3);
+    let (a, s4) = w.send("orders", 4);
+    assert_eq!(a, Action::Stop, "waits");
+    use crate::host::Host;
+    w.host.shared_set("breakwater/v1/test/bulkhead/orders", b"", 0).unwrap();
+    w.at(SECOND).tick(); // its timeout: not in the queue; its wake-up may be on the way
+    assert!(w.host.replies.borrow().iter().all(|r| r.context != 4));
+    w.at(SECOND + 100 * MS).tick(); // none came
+    refused_with(&w, "queue-timeout");
+    assert_eq!(w.host.last_reply().map(|r| r.context), Some(4));
+    assert_eq!(w.stat("bulkhead_queued.policy.orders"), 0);
+    w.log(4, s4);
+    assert!(w.wake().is_empty());
+}

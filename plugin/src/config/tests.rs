@@ -345,6 +345,31 @@ fn a_control_instance_is_nothing_else() {
 }
 
 #[test]
+fn an_unknown_key_of_a_megabyte_is_refused_in_well_under_a_second() {
+    // Found by the config fuzzer: "did you mean" measured the edit distance from every known key
+    // to the whole key, O(key length × known key length) each: 2.5 s for 1 MiB (a debug build).
+    let config = alloc::format!(r#"{{"policies": {{"p": {{"{}": 1}}}}}}"#, "y".repeat(1 << 20));
+    let started = std::time::Instant::now();
+    let e = error_of(&config);
+    assert!(started.elapsed() < std::time::Duration::from_millis(500), "{:?}", started.elapsed());
+    assert!(e.contains("unknown key (expected one of:"), "{e}");
+}
+
+#[test]
+fn a_duplicate_key_deep_in_nested_objects_is_reported_in_one_short_line() {
+    // Found by the config fuzzer: the duplicate's path named every level above it, so 120
+    // levels of keys made a 7.9 KB log line, 77 KB with keys of escaped characters. Nesting is
+    // now refused below 16 levels, and 15 still made 1 KB, 2.3 KB escaped.
+    for key in ["k".repeat(64), "\u{10ffff}".repeat(64)] {
+        let config =
+            alloc::format!("{}{{\"a\": 1, \"a\": 2}}{}", alloc::format!("{{\"{key}\": ").repeat(15), "}".repeat(15));
+        let e = error_of(&config);
+        assert!(e.len() <= 512, "{} bytes: {e}", e.len());
+        assert!(e.contains("…: duplicate key"), "{e}");
+    }
+}
+
+#[test]
 fn a_large_configuration_defines_a_policys_stats_on_first_use() {
     let host = crate::fake::FakeHost::new();
     let small = crate::Compiled::new(parse_str(&many(crate::EAGER_METRICS)).unwrap(), "small");
@@ -357,4 +382,36 @@ fn a_large_configuration_defines_a_policys_stats_on_first_use() {
     large.policies.iter().find(|p| p.name() == "p1000").unwrap().metrics(&host);
     assert!(host.has_metric("circuit_state.policy.p1000.state.closed"), "on first use");
     assert_eq!(host.metric("circuit_state.policy.p1000.state.closed"), 1);
+}
+
+#[test]
+fn a_value_of_escaped_characters_is_shown_in_a_few_hundred_bytes() {
+    // Found by the config fuzzer: 64 characters shown, each escaped as up to 10 (\u{10ffff}).
+    let config = alloc::format!(r#"{{"policies": {{"p": {{"mode": "{}"}}}}}}"#, "\u{10ffff}".repeat(64));
+    let e = error_of(&config);
+    assert!(e.len() <= 256, "{} bytes: {e}", e.len());
+    assert!(e.ends_with("… (256 bytes)"), "{e}");
+}
+
+#[test]
+fn a_large_configuration_nested_deep_is_refused_in_well_under_a_second() {
+    // Found by profiling the config fuzzer's slowest input: serde_json works out the position
+    // of an error again at every level it unwinds through, each a scan of the input so far, so
+    // an 8 MB configuration with a mistake 120 levels down took 2 s to refuse (a test build).
+    let config = alloc::format!(
+        r#"{{"policies": {{}}, "pad": "{}", "deep": {}{{"a": 1, "a": 2}}{}}}"#,
+        "x".repeat(8 << 20),
+        "[".repeat(120),
+        "]".repeat(120)
+    );
+    let refuse = || {
+        let started = std::time::Instant::now();
+        let e = parse(config.as_bytes()).unwrap_err();
+        assert!(e.message.contains("nested deeper than 16 levels"), "{e}");
+        started.elapsed()
+    };
+    // The machine is shared: a slow run is timed twice more, and the best time counts.
+    let second = std::time::Duration::from_secs(1);
+    let fastest = (0..2).fold(refuse(), |best, _| if best < second { best } else { best.min(refuse()) });
+    assert!(fastest < second, "{fastest:?}");
 }
