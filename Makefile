@@ -24,7 +24,7 @@ help:
 	@echo "make ops           the alert rules (promtool) and the breakwater CLI's tests (dashboard and alert queries included)"
 	@echo "make yaml-contract every shipped YAML read by YAML 1.1 (kubectl) and 1.2 readers: same configuration, and the plugin accepts it"
 	@echo "make istio-crds    the Istio manifests in envoy/istio/ validated strictly against Istio's CRDs (envoy/istio/crds/)"
-	@echo "make integration   real Envoy $(ENVOY_VERSION) tests, the Istio-shaped and the VM-trap ones included"
+	@echo "make integration   real Envoy $(ENVOY_VERSION) tests: Istio-shaped, VM traps, and Prometheus on the dashboard and alerts"
 	@echo "make image         the OCI Wasm image for Istio (IMAGE=$(IMAGE)), with docker, podman or buildah"
 	@echo "make compose-test  the docker-compose demo up, the README walk-through against it, and down (podman or docker)"
 	@echo "make bench         Breakwater vs plain Envoy, a no-op Wasm filter and Envoy's native resilience -> results/"
@@ -113,10 +113,11 @@ trap-build: wasm-target
 	cargo build -p breakwater --release --target wasm32-wasip1 --features test-trap --target-dir target/trap
 
 # The tests' temporary folders go into one folder of their own, removed however the run ends
-# (Ctrl-C included), once the Envoys started from it have exited (Ctrl-C reaches them too);
-# KEEP_TMP=1 keeps it, with the logs of failed tests.
-# tests/simulate.rs runs the breakwater CLI on the access log a real Envoy wrote.
-integration: build trap-build envoy mesh-tools
+# (Ctrl-C included), once the Envoys and the Prometheus started from it have exited (Ctrl-C
+# reaches them too); KEEP_TMP=1 keeps it, with the logs of failed tests. The Prometheus test
+# (integration/tests/prometheus.rs) needs Debian's prometheus and promtool: prometheus-tools.
+# tests/simulate.rs and tests/control.rs run the breakwater CLI against a real Envoy.
+integration: build trap-build envoy mesh-tools prometheus-tools
 	cargo build -p breakwater-cli
 	@tmp=$$(mktemp -d -t breakwater-test.XXXXXX); \
 	trap 'for i in $$(seq 100); do pgrep -f "$$tmp/" >/dev/null || break; sleep 0.1; done; \

@@ -886,7 +886,7 @@ impl Envoy {
         self.settled(|| self.bulkhead(policy)).await
     }
 
-    /// Reads `read` until it stops changing for [`SETTLE`]: the gauges move at once, but
+    /// Reads `read` until it stops changing for [`SETTLE`] (or 5s pass): the gauges move at once, but
     /// counters reach Envoy on each worker's tick, a quarter second later at most.
     pub async fn settled<T: PartialEq, F: std::future::Future<Output = T>>(&self, mut read: impl FnMut() -> F) -> T {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -897,7 +897,9 @@ impl Envoy {
             let now = read().await;
             if now != last {
                 (last, since) = (now, Instant::now());
-            } else if since.elapsed() >= SETTLE || Instant::now() > deadline {
+            }
+            // The deadline holds for readings that never stop changing too.
+            if since.elapsed() >= SETTLE || Instant::now() > deadline {
                 return last;
             }
         }
