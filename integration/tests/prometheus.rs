@@ -775,7 +775,7 @@ async fn the_dashboard_and_the_alerts_show_a_real_envoy_under_a_real_scenario() 
     };
     let (shipped, for_0s) = (group(SHIPPED_GROUP), group(FOR_0S_GROUP));
     assert_eq!(groups.len(), 2, "{rules}");
-    assert_eq!(shipped.len(), 7, "the shipped alert rules");
+    assert_eq!(shipped.len(), 8, "the shipped alert rules");
     for rule in &shipped {
         for sel in selectors(rule["query"].as_str().expect("query")) {
             let n = prom.query(&sel).await.len();
@@ -786,7 +786,7 @@ async fn the_dashboard_and_the_alerts_show_a_real_envoy_under_a_real_scenario() 
     }
     // The copy: the same rules and expressions, every `for` 0s.
     let with_for = shipped.iter().filter(|r| r["duration"].as_f64() != Some(0.0)).count();
-    assert_eq!((for_lines, with_for), (4, 4), "the shipped rules' `for:` lines, and the rules with a duration");
+    assert_eq!((for_lines, with_for), (5, 5), "the shipped rules' `for:` lines, and the rules with a duration");
     for (s, c) in shipped.iter().zip(&for_0s) {
         assert_eq!((&s["name"], &s["query"], &c["duration"]), (&c["name"], &c["query"], &json!(0)), "{c}");
     }

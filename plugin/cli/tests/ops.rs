@@ -412,7 +412,7 @@ fn the_readme_prometheus_configuration_loads_the_rules() {
         Command::new("promtool").args(["check", "config", "prometheus.yml"]).current_dir(dir.path()).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("SUCCESS: 7 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 8 rules found"), "{text}");
 }
 
 /// The alert rules' unit tests bite: each threshold or duration moved just past its edge, or a
@@ -435,6 +435,7 @@ fn the_alert_tests_fail_on_a_rule_moved_past_its_edge() {
     assert!(run(&rules), "the shipped rules pass their tests");
     for (alert, from, to) in [
         ("BreakwaterCircuitOpen", "for: 5m", "for: 4m"),
+        ("BreakwaterCircuitForced", "for: 1h", "for: 59m"),
         ("BreakwaterCircuitFlapping", ">= 3", ">= 2"),
         ("BreakwaterCircuitFlapping", "max by (policy) (increase", "sum by (policy) (increase"),
         ("BreakwaterBulkheadSaturated", ">= 0.9", ">= 0.89"),
