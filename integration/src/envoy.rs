@@ -612,6 +612,8 @@ pub struct Envoy {
     dir: PathBuf,
     admin: SocketAddr,
     listener: SocketAddr,
+    /// The folder of a [`Spec::reloadable`] Envoy's LDS file, removed with the rest.
+    lds_dir: Option<PathBuf>,
 }
 
 impl Envoy {
@@ -623,7 +625,11 @@ impl Envoy {
     /// Starts Envoy with a generated bootstrap, reporting a failed start instead of panicking.
     pub async fn try_start(spec: &Spec) -> Result<Envoy, StartError> {
         spec.write_lds();
-        Self::try_start_yaml(&spec.yaml(), spec.concurrency).await
+        let mut envoy = Self::try_start_yaml(&spec.yaml(), spec.concurrency).await;
+        if let (Ok(e), Some((path, _))) = (&mut envoy, &spec.lds) {
+            e.lds_dir = path.parent().map(PathBuf::from);
+        }
+        envoy
     }
 
     /// Hands the running Envoy `spec`'s listener (a [`Spec::reloadable`] one, with a new plugin
@@ -715,7 +721,13 @@ impl Envoy {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {} (set ENVOY_BIN): {e}", envoy_bin()));
         // From here on, Drop kills the child whatever happens.
-        let mut envoy = Envoy { child, dir, admin: ([127, 0, 0, 1], 0).into(), listener: ([127, 0, 0, 1], 0).into() };
+        let mut envoy = Envoy {
+            child,
+            dir,
+            admin: ([127, 0, 0, 1], 0).into(),
+            listener: ([127, 0, 0, 1], 0).into(),
+            lds_dir: None,
+        };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(Some(status)) = envoy.child.try_wait() {
@@ -1155,6 +1167,9 @@ impl Drop for Envoy {
             );
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
+            if let Some(lds) = &self.lds_dir {
+                let _ = std::fs::remove_dir_all(lds);
+            }
         }
     }
 }
