@@ -286,10 +286,8 @@ fn main() -> ExitCode {
                 Output::Text => {
                     reports.iter().for_each(print_text);
                     if !found && reports.iter().all(|r| r.error.is_none()) {
-                        println!(
-                            "error: no Breakwater configuration in {}",
-                            if files.len() == 1 { "this file" } else { "these files" }
-                        );
+                        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+                        println!("error: no Breakwater configuration in {}", names.join(", "));
                     }
                 }
             }
@@ -321,6 +319,11 @@ fn check_file(path: &PathBuf, opts: &Options) -> FileReport {
             skipped: Vec::new(),
         },
     }
+}
+
+/// "1 policy", "2 policies".
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// `file:line:column`, as compilers print it, so editors and terminals can jump there.
@@ -362,7 +365,13 @@ fn print_text(r: &FileReport) {
                 ),
                 (Some(p), None) => println!("{}: ok: {} (per-route instance of policy {p})", r.file, describe(c)),
                 (None, None) => {
-                    println!("{}: ok: {} ({} policies, {} routes)", r.file, describe(c), c.policies, c.routes)
+                    println!(
+                        "{}: ok: {} ({}, {})",
+                        r.file,
+                        describe(c),
+                        count(c.policies, "policy", "policies"),
+                        count(c.routes, "route", "routes")
+                    )
                 }
             },
             Some(e) => println!("{}: error: {}\n    in {}", place(&r.file, e), message(e), describe(c)),

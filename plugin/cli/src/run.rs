@@ -13,6 +13,13 @@ use std::process::ExitCode;
 pub fn read_config(path: &Path) -> Result<Config, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let value = per_route::read(&text).map_err(|e| format!("{}: error: {e}", path.display()))?;
+    if ["static_resources", "apiVersion", "resources"].iter().any(|k| value.get(k).is_some()) {
+        return Err(format!(
+            "{}: error: an Envoy or Kubernetes file, not a plugin configuration: give the plugin configuration itself \
+             (a Wasm filter's configuration value, a WasmPlugin's pluginConfig, or e.g. envoy/demo-policies.yaml)",
+            path.display()
+        ));
+    }
     config::parse(value.to_string().as_bytes()).map_err(|e| format!("{}: error: {e}", path.display()))
 }
 

@@ -29,8 +29,8 @@ use breakwater::routes::Attributes;
 use breakwater_policies::breaker::Phase;
 use breakwater_policies::bulkhead::Ask;
 use breakwater_policies::{
-    Acquire, Admission, BreakerState, BudgetState, BulkheadConfig, BulkheadState, Outcome, Recorded, Transition,
-    TripReason,
+    Acquire, Admission, BreakerState, BudgetState, BulkheadConfig, BulkheadState, Forced, Outcome, Recorded,
+    Transition, TripReason,
 };
 use serde::Serialize;
 use std::cmp::Reverse;
@@ -774,10 +774,20 @@ impl<'c, 'r> Replay<'c, 'r> {
         // The breaker first: a request it refuses never takes a permit.
         let mut call = None;
         if let Some(b) = s.cfg.breaker.as_ref() {
-            let step = s.breaker.admit(&b.machine, now);
-            let admission = step.value;
-            self.transitioned(p, now, step.transition);
+            // As the plugin: a breaker the configuration forces (`circuit_breaker.force`) refuses
+            // every call, or lets every call through and records none.
+            let admission = match b.force {
+                Some(Forced::Open) => Admission::Reject { retry_after_ns: b.machine.open_for_ns },
+                Some(Forced::Closed) => Admission::Allow { generation: u32::MAX },
+                None => {
+                    let step = s.breaker.admit(&b.machine, now);
+                    self.transitioned(p, now, step.transition);
+                    step.value
+                }
+            };
+            let forced_closed = b.force == Some(Forced::Closed);
             match admission {
+                Admission::Allow { .. } if forced_closed => {}
                 Admission::Allow { generation } => call = Some((generation, false)),
                 Admission::Probe { generation } => call = Some((generation, true)),
                 Admission::Reject { .. } => {

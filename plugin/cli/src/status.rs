@@ -49,7 +49,7 @@ impl Endpoint {
         let status = response.status().as_u16();
         let body = response.body_mut().read_to_string().map_err(|e| format!("{method} {url}: {e}"))?;
         let json: Value = serde_json::from_str(&body).map_err(|_| {
-            format!("{method} {url}: HTTP {status}, not Breakwater's control endpoint: {}", body.trim())
+            format!("{method} {url}: HTTP {status}, not Breakwater's control endpoint: {}", short(body.trim()))
         })?;
         if status == 200 {
             Ok(json)
@@ -57,6 +57,17 @@ impl Endpoint {
             let why = json.get("error").and_then(Value::as_str).unwrap_or("no reason given");
             Err(format!("{method} {url}: HTTP {status}: {why}"))
         }
+    }
+}
+
+/// The first line of `text`, cut at 120 characters: what another server answered, in brief.
+fn short(text: &str) -> String {
+    let first = text.lines().next().unwrap_or("");
+    let cut: String = first.chars().take(120).collect();
+    if cut.len() < text.len() {
+        format!("{cut} …")
+    } else {
+        cut
     }
 }
 
@@ -110,7 +121,8 @@ fn breaker_line(cb: &Value) -> String {
     }
     let w = &cb["window"];
     let calls = w["calls"].as_u64().unwrap_or(0);
-    let _ = write!(line, "; {} consecutive failures", cb["consecutive_failures"]);
+    let failures = cb["consecutive_failures"].as_u64().unwrap_or(0);
+    let _ = write!(line, "; {failures} consecutive failure{}", if failures == 1 { "" } else { "s" });
     if calls > 0 {
         let _ = write!(
             line,

@@ -133,6 +133,9 @@ fn a_log_of_another_format_is_an_error_and_a_bad_configuration_names_its_path() 
     let run = breakwater(&["simulate", "--config", CONFIG, "--access-log", "no/such.log"]);
     assert_eq!(run.code, 1);
     assert!(run.stderr.starts_with("no/such.log: "), "{}", run.stderr);
+    let run = breakwater(&["simulate", "--config", "envoy/envoy.yaml", "--access-log", LOG]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("an Envoy or Kubernetes file, not a plugin configuration"), "{}", run.stderr);
 }
 
 #[test]

@@ -31,7 +31,7 @@ fn the_shipped_envoy_and_istio_files_are_valid() {
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let lines: Vec<&str> = run.stdout.lines().collect();
     assert!(lines.contains(&"envoy/envoy.yaml: ok: Wasm filter \"breakwater\" at static_resources.listeners[0].filter_chains[0].filters[0].typed_config.http_filters[0].typed_config (per-route instance of policy checkout)"), "{}", run.stdout);
-    assert!(lines.contains(&"envoy/envoy.yaml: ok: Wasm filter \"breakwater\" at static_resources.listeners[0].filter_chains[0].filters[0].typed_config.http_filters[3].typed_config (1 policies, 1 routes)"), "{}", run.stdout);
+    assert!(lines.contains(&"envoy/envoy.yaml: ok: Wasm filter \"breakwater\" at static_resources.listeners[0].filter_chains[0].filters[0].typed_config.http_filters[3].typed_config (1 policy, 1 route)"), "{}", run.stdout);
     for ok in [
         "envoy/istio/gateway.yaml: ok: WasmPlugin istio-system/breakwater-gateway (spec.pluginConfig) (2 policies, 2 routes)",
         "envoy/istio/client-sidecars.yaml: ok: WasmPlugin shop/breakwater-callers (spec.pluginConfig) (2 policies, 2 routes)",
@@ -182,7 +182,7 @@ fn envoy_lds_ecds_and_json_bootstraps_are_searched_for_breakwater_filters() {
     let lds = write(&dir, "lds.json", &serde_json::to_string_pretty(&lds).unwrap());
     let run = breakwater(&["validate", &lds]);
     assert_eq!(run.code, 0, "{}", run.stdout);
-    assert!(run.stdout.contains("ok: Wasm filter \"breakwater\" at resources[0].filter_chains[0].filters[0].typed_config.http_filters[1].typed_config (1 policies, 0 routes)"), "{}", run.stdout);
+    assert!(run.stdout.contains("ok: Wasm filter \"breakwater\" at resources[0].filter_chains[0].filters[0].typed_config.http_filters[1].typed_config (1 policy, 0 routes)"), "{}", run.stdout);
     assert!(run.stdout.contains("skipped Wasm filter \"ratelimit\""), "{}", run.stdout);
     // --any-wasm checks the other filter too, and its configuration is no Breakwater one.
     let run = breakwater(&["validate", "--any-wasm", &lds]);
@@ -233,7 +233,7 @@ fn files_that_are_not_configurations_fail_and_the_exit_code_covers_all_files() {
     // Nothing to check at all is a failure too.
     let run = breakwater(&["validate", "envoy/istio/telemetry-stats-tags.yaml"]);
     assert_eq!(run.code, 1);
-    assert!(run.stdout.contains("error: no Breakwater configuration in this file"), "{}", run.stdout);
+    assert!(run.stdout.contains("error: no Breakwater configuration in envoy/istio/telemetry-stats-tags.yaml"), "{}", run.stdout);
 }
 
 #[test]
@@ -250,7 +250,7 @@ fn plugin_configurations_in_yaml_json_and_on_stdin() {
     let run =
         breakwater_in(&root(), &["validate", "-"], Some("{\"policies\": {\"a\": {\"retry\": {\"max_retries\": 2}}}}"));
     assert_eq!(run.code, 0, "{}", run.stdout);
-    assert_eq!(run.stdout, "-: ok: plugin configuration (1 policies, 0 routes)\n");
+    assert_eq!(run.stdout, "-: ok: plugin configuration (1 policy, 0 routes)\n");
     // An empty configuration is no policy at all, as in the plugin: valid, with a warning.
     let run = breakwater_in(&root(), &["validate", "-"], Some("{}"));
     assert_eq!(run.code, 0);

@@ -324,3 +324,20 @@ fn the_warnings_name_what_the_log_lacks() {
     let full = run(&c, &[line("s", 0, 1, 200, json!({ "request_headers": { "x-priority": "critical" } }))]);
     assert_eq!(full.warnings, Vec::<String>::new());
 }
+
+#[test]
+fn a_breaker_the_configuration_forces_refuses_every_call_or_judges_none() {
+    let lines: Vec<String> = (0..8).map(|i| line("p", i * 100, 20, 500, json!({}))).collect();
+    let open = run(&one("p", json!({ "circuit_breaker": { "consecutive_failures": 2, "force": "open" } })), &lines);
+    let p = &open.policies[0];
+    assert_eq!(p.refused.circuit_open, 8, "forced open: all 8 refused");
+    assert_eq!(p.breaker.as_ref().unwrap().opened, 0, "and no transition: it never ran");
+    let closed = run(&one("p", json!({ "circuit_breaker": { "consecutive_failures": 2, "force": "closed" } })), &lines);
+    let p = &closed.policies[0];
+    let b = p.breaker.as_ref().unwrap();
+    assert_eq!(
+        (p.refused.circuit_open, b.opened, b.calls.failure),
+        (0, 0, 0),
+        "forced closed: all through, none judged"
+    );
+}
