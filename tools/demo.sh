@@ -46,7 +46,9 @@ trap 'cleanup; echo; echo "Stopped."; exit 0' INT TERM
 
 "$upstream_bin" --listen 127.0.0.1:8081 >"$logdir/upstream.log" 2>&1 &
 pids+=($!)
-"$envoy_bin" -c envoy/envoy.yaml --concurrency 2 --disable-hot-restart --log-path "$logdir/envoy.log" &
+# The log is written out every 100ms (Envoy's default: 10s), so `grep circuit` shows what just happened.
+"$envoy_bin" -c envoy/envoy.yaml --concurrency 2 --disable-hot-restart --log-path "$logdir/envoy.log" \
+  --file-flush-interval-msec 100 &
 pids+=($!)
 
 for _ in $(seq 100); do
@@ -55,6 +57,15 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 curl -fs localhost:9901/ready >/dev/null || { echo "Envoy did not become ready:"; tail -20 "$logdir/envoy.log"; exit 1; }
+# The upstream too (a port already taken makes it exit at once).
+for _ in $(seq 50); do
+  curl -s -o /dev/null localhost:8081/ && break
+  kill -0 "${pids[0]}" 2>/dev/null || break
+  sleep 0.1
+done
+if ! kill -0 "${pids[0]}" 2>/dev/null || ! curl -s -o /dev/null localhost:8081/; then
+  echo "The demo upstream is not serving on :8081:"; tail -20 "$logdir/upstream.log"; exit 1
+fi
 
 cat <<MSG
 
@@ -68,3 +79,6 @@ MSG
 commands
 printf "  grep circuit %s/envoy.log\n\nCtrl-C stops Envoy and the upstream.\n" "$logdir"
 wait -n "${pids[@]}"
+echo "Envoy or the upstream exited:"
+tail -20 "$logdir"/*.log
+exit 1

@@ -529,7 +529,7 @@ impl Spec {
                 "name": "envoy.filters.network.http_connection_manager",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                    "stat_prefix": "breakwater_control",
+                    "stat_prefix": "control_endpoint",
                     "route_config": {
                         "name": "control",
                         "virtual_hosts": [{ "name": "control", "domains": ["*"], "routes": [{
