@@ -233,7 +233,11 @@ fn files_that_are_not_configurations_fail_and_the_exit_code_covers_all_files() {
     // Nothing to check at all is a failure too.
     let run = breakwater(&["validate", "envoy/istio/telemetry-stats-tags.yaml"]);
     assert_eq!(run.code, 1);
-    assert!(run.stdout.contains("error: no Breakwater configuration in envoy/istio/telemetry-stats-tags.yaml"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("error: no Breakwater configuration in envoy/istio/telemetry-stats-tags.yaml"),
+        "{}",
+        run.stdout
+    );
 }
 
 #[test]
