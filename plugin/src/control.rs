@@ -227,20 +227,17 @@ fn policy_status(host: &impl Host, p: &Policy, namespace: &str, now: u64) -> Str
         o.num("remaining", s.available(&budget, now));
         v.raw("retry_budget", &o.end());
     }
-    if let Some(f) = &p.cfg.fallback {
+    if p.cfg.fallback.is_some() {
+        // Envoy's counters, as the workers last flushed them (a quarter second behind at most).
+        let ids = p.metrics(host).fallback;
         let mut o = Json::object();
-        o.raw("static", if f.fixed.is_some() { "true" } else { "false" });
-        o.opt_str("cluster", f.cluster.as_deref());
-        if let Some(cache) = &f.cache {
-            let mut c = Json::object();
-            c.num("max_entries", cache.max_entries);
-            c.num("max_bytes", cache.bound());
-            // Read slot by slot, unless the cache is too large to copy on a request.
-            if let Some((entries, bytes)) = crate::fallback::usage(host, p, cache) {
-                c.num("entries", entries);
-                c.num("bytes", bytes);
+        for (kind, pair) in crate::fallback::KINDS.iter().zip(ids.chunks(2)) {
+            if let [Some(served), Some(missed)] = *pair {
+                let mut k = Json::object();
+                k.num("served", host.metric_get(served).unwrap_or(0));
+                k.num("missed", host.metric_get(missed).unwrap_or(0));
+                o.raw(kind, &k.end());
             }
-            o.raw("cache", &c.end());
         }
         v.raw("fallback", &o.end());
     }

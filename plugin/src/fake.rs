@@ -240,6 +240,9 @@ impl Host for FakeHost {
             *v += delta;
         }
     }
+    fn metric_get(&self, id: u32) -> Option<u64> {
+        self.process.metrics.borrow().get(id as usize).map(|(_, v)| *v as u64)
+    }
     fn metric_set(&self, id: u32, value: u64) {
         if let Some((_, v)) = self.process.metrics.borrow_mut().get_mut(id as usize) {
             *v = value as i64;

@@ -431,21 +431,5 @@ impl<'a> Entry<'a> {
     }
 }
 
-/// Entries in a policy's cache and their bytes, read slot by slot (the status view); None when
-/// that would copy more than 64 MiB.
-pub fn usage(host: &impl Host, p: &Policy, cache: &Cache) -> Option<(u32, u64)> {
-    if cache.bound() > 64 << 20 {
-        return None;
-    }
-    let (mut entries, mut bytes) = (0, 0);
-    for i in 0..u64::from(cache.max_entries) {
-        if let Some((v, _)) = host.shared_get(&slot_key(p, i)).filter(|(v, _)| Entry::decode(v).is_some()) {
-            entries += 1;
-            bytes += v.len() as u64;
-        }
-    }
-    Some((entries, bytes))
-}
-
 #[cfg(test)]
 mod tests;

@@ -58,6 +58,8 @@ pub trait Host {
     fn send_http_reply(&self, status: u32, headers: &[(&str, &[u8])], body: &[u8]);
     fn define_metric(&self, kind: MetricKind, name: &str) -> Option<u32>;
     fn metric_add(&self, id: u32, delta: i64);
+    /// A metric's value (all workers'), None if the host cannot say.
+    fn metric_get(&self, id: u32) -> Option<u64>;
     /// Sets a gauge, or records a value into a histogram.
     fn metric_set(&self, id: u32, value: u64);
 

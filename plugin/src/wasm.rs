@@ -175,6 +175,7 @@ mod abi {
         ) -> u32;
         fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
         fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+        fn proxy_get_metric(metric_id: u32, return_value: *mut u64) -> u32;
         fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
         fn proxy_set_effective_context(context_id: u32) -> u32;
         fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> u32;
@@ -409,6 +410,12 @@ mod abi {
         unsafe { proxy_increment_metric(id, delta) };
     }
 
+    pub fn get_metric(id: u32) -> Option<u64> {
+        let mut value = 0u64;
+        // SAFETY: the host writes a u64 into a live local.
+        (unsafe { proxy_get_metric(id, &mut value) } == OK).then_some(value)
+    }
+
     pub fn record_metric(id: u32, value: u64) {
         // SAFETY: plain integers.
         unsafe { proxy_record_metric(id, value) };
@@ -494,6 +501,9 @@ impl Host for WasmHost {
     }
     fn metric_set(&self, id: u32, value: u64) {
         abi::record_metric(id, value);
+    }
+    fn metric_get(&self, id: u32) -> Option<u64> {
+        abi::get_metric(id)
     }
     fn enter(&self, context_id: u32) -> bool {
         abi::enter(context_id)

@@ -69,12 +69,13 @@ pub fn fallback(v: &Value, path: &str, makes: Makes) -> Result<Fallback> {
         };
         when = [false; Refusal::ALL.len()];
         for (i, v) in list.iter().enumerate() {
-            let Some(r) = Refusal::ALL.into_iter().find(|r| v.as_str() == Some(r.label())) else {
-                return Err(expected(&item(&p, i), "circuit_open, bulkhead_full or queue_timeout", v));
-            };
-            match (makes.get(r.index()), when.get_mut(r.index())) {
-                (Some(true), Some(slot)) => *slot = true,
-                _ => return err(&item(&p, i), "has no effect: the policy never refuses for this reason"),
+            let r = Refusal::ALL.into_iter().position(|r| v.as_str() == Some(r.label()));
+            match r.filter(|r| makes.get(*r) == Some(&true)).and_then(|r| when.get_mut(r)) {
+                Some(slot) => *slot = true,
+                None => {
+                    let what = "a refusal this policy makes: circuit_open, bulkhead_full or queue_timeout";
+                    return Err(expected(&item(&p, i), what, v));
+                }
             }
         }
     }

@@ -421,9 +421,9 @@ fn a_bad_fallback_is_refused_at_its_path() {
         (r#"{"static": {}, "on": ["circuit_open"]}"#, "policies.p.fallback.on: unknown key"),
         (
             r#"{"static": {}, "when": ["circuit-open"]}"#,
-            "policies.p.fallback.when[0]: expected circuit_open, bulkhead_full or queue_timeout",
+            "policies.p.fallback.when[0]: expected a refusal this policy makes: circuit_open, bulkhead_full or queue_timeout",
         ),
-        (r#"{"static": {}, "when": ["queue_timeout"]}"#, "policies.p.fallback.when[0]: has no effect"),
+        (r#"{"static": {}, "when": ["queue_timeout"]}"#, "policies.p.fallback.when[0]: expected a refusal this policy makes"),
         (r#"{"static": {}, "when": []}"#, "policies.p.fallback.when: expected a list of refusals"),
         (
             r#"{"static": {"status": 101}}"#,
@@ -474,4 +474,26 @@ fn the_defaults_answer_every_refusal_the_policy_makes() {
     assert_eq!(f.when, [true, true, false], "no queue: no queue timeouts");
     let cache = f.cache.as_ref().unwrap();
     assert_eq!((cache.max_entries, cache.max_body, cache.ttl_ns), (1000, 64 << 10, 300 * SECOND));
+}
+
+#[test]
+fn the_status_view_shows_each_kinds_served_and_missed_as_envoy_counted_them() {
+    let w = worker(CACHE_THEN_STATIC);
+    get_ok(&w, "/a", &[], "a");
+    trip(&w);
+    refused(&w, "GET", "/a", &[]);
+    refused(&w, "GET", "/b", &[]);
+    w.at(SECOND).tick(); // the worker's counts reach Envoy's counters
+    let control = crate::config::parse(br#"{"control": {}}"#).unwrap().control.unwrap();
+    w.host.new_stream();
+    w.host.set_header(":method", "GET");
+    w.host.set_header(":path", "/breakwater/status/p");
+    w.host.set_prop("destination.address", b"127.0.0.1:9902");
+    let reply = crate::control::handle(&control, &w.host, &w.vm).unwrap();
+    let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(
+        body["policies"]["p"]["fallback"],
+        serde_json::json!({ "static": { "served": 1, "missed": 0 }, "cache": { "served": 1, "missed": 1 } }),
+        "{body}"
+    );
 }
