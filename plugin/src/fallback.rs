@@ -179,7 +179,7 @@ fn serve_cached(host: &impl Host, vm: &Vm, p: &Policy, cache: &Cache, request: &
         return false;
     }
     let Some(key) = key(cache, request) else { return false };
-    let Some((bytes, _)) = host.shared_get(&slot(p, cache, &key).1) else { return false };
+    let Some((bytes, _)) = host.shared_get(&slot_key(p, cache, hash(p, &key))) else { return false };
     let Some(e) = Entry::decode(&bytes).filter(|e| e.key == key.as_slice()) else { return false };
     let age = vm.clock(host).saturating_sub(e.stored_at);
     if age > cache.ttl_ns {
@@ -222,22 +222,18 @@ fn key(cache: &Cache, request: &HeaderMap) -> Option<Vec<u8>> {
     (key.len() <= MAX_KEY).then_some(key)
 }
 
-/// FNV-1a, 64 bits.
-fn hash(parts: &[&[u8]]) -> u64 {
-    parts
+/// FNV-1a (64 bits) of the policy's cache and the key.
+fn hash(p: &Policy, key: &[u8]) -> u64 {
+    p.cache_key
+        .as_bytes()
         .iter()
-        .flat_map(|p| p.iter())
+        .chain(key)
         .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
 }
 
-/// The key's hash (with the policy's) and its slot's shared-data key.
-fn slot(p: &Policy, cache: &Cache, key: &[u8]) -> (u64, String) {
-    let h = hash(&[p.cache_key.as_bytes(), key]);
-    (h, slot_key(p, h % u64::from(cache.max_entries.max(1))))
-}
-
-fn slot_key(p: &Policy, slot: u64) -> String {
-    alloc::format!("{}{slot}", p.cache_key)
+/// The shared-data key of the slot of the key hashed `hash`.
+fn slot_key(p: &Policy, cache: &Cache, hash: u64) -> String {
+    alloc::format!("{}{}", p.cache_key, hash % u64::from(cache.max_entries.max(1)))
 }
 
 /// A GET whose answer the cache may store: its key, read with its headers (Envoy lets a filter
@@ -245,7 +241,6 @@ fn slot_key(p: &Policy, slot: u64) -> String {
 #[derive(Debug)]
 pub struct Pending {
     hash: u64,
-    slot: String,
     key: Vec<u8>,
 }
 
@@ -274,8 +269,8 @@ pub fn on_request_headers(c: &Compiled, host: &impl Host, vm: &Vm, stream: &Stre
         return None;
     }
     let key = key(cache, &request)?;
-    let (hash, slot) = slot(p, cache, &key);
-    (!vm.fallback.stored_lately(hash, vm.coarse_now(), false)).then_some(Pending { hash, slot, key })
+    let hash = hash(p, &key);
+    (!vm.fallback.stored_lately(hash, vm.coarse_now(), false)).then_some(Pending { hash, key })
 }
 
 /// Response headers that are not stored: they describe this hop or this moment, or Envoy and
@@ -326,7 +321,8 @@ pub fn on_response_headers(
         return None;
     }
     let (Stream::Tracked(t), Some(response), Some(pending)) = (stream, response, pending) else { return None };
-    let cache = c.policy(t.policy)?.cfg.fallback.as_ref()?.cache.as_ref()?;
+    let p = c.policy(t.policy)?;
+    let cache = p.cfg.fallback.as_ref()?.cache.as_ref()?;
     let r = &t.response;
     if !(200..300).contains(&r.status) || r.status == 206 || r.grpc || !r.from_upstream() {
         return None;
@@ -347,8 +343,9 @@ pub fn on_response_headers(
     if response.len() > MAX_HEADERS || vm.fallback.stored_lately(pending.hash, vm.coarse_now(), true) {
         return None;
     }
-    let Pending { slot, key, .. } = pending;
-    let capture = Capture { slot, key, status: r.status, headers: response.to_vec(), body: Vec::new(), max_body };
+    let slot = slot_key(p, cache, pending.hash);
+    let capture =
+        Capture { slot, key: pending.key, status: r.status, headers: response.to_vec(), body: Vec::new(), max_body };
     if end_of_stream {
         store(host, capture);
         return None;
