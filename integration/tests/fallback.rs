@@ -1,16 +1,31 @@
 //! Fallbacks in Envoy 1.40 (2 workers): what a request the open breaker refuses gets instead of
 //! the reject reply — the last good response from the cache, a static answer, or the answer of
-//! another cluster — and the cache's bounds.
+//! another cluster — and the cache's bounds. The policies are the README's example.
 
 use bytes::Bytes;
 use hyper::Method;
-use integration::envoy::{admin_get, Envoy, Spec};
+use integration::envoy::{admin_get, repo_root, Envoy, Spec};
 use integration::start_upstream;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::time::Duration;
 
 /// `cache-control: no-store` on the upstream's answer (the upstream's `raw_header=name:hex`).
 const NO_STORE: &str = "raw_header=cache-control:6e6f2d73746f7265";
+
+/// The policies of the README's Fallbacks example (its first YAML block).
+fn readme_policies() -> Value {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let section = &readme[readme.find("\n## Fallbacks\n").expect("a Fallbacks section")..];
+    let block = section.split("```yaml\n").nth(1).and_then(|b| b.split("```").next()).expect("a YAML block");
+    let config: Value = serde_yaml::from_str(block).expect("the example is YAML");
+    assert!(breakwater::config::parse(config.to_string().as_bytes()).is_ok(), "the plugin takes the example");
+    config["policies"].clone()
+}
+
+/// Failures that trip `policy`'s breaker.
+fn trip_after(policy: &Value) -> u64 {
+    policy["circuit_breaker"]["consecutive_failures"].as_u64().expect("consecutive_failures")
+}
 
 fn fallback_stat(policy: &str, kind: &str, result: &str) -> String {
     format!("wasmcustom.breakwater_fallback_total.policy.{policy}.kind.{kind}.result.{result}")
@@ -19,19 +34,17 @@ fn fallback_stat(policy: &str, kind: &str, result: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn while_open_a_cached_answer_is_served_a_miss_gets_the_static_one_and_no_store_is_never_cached() {
     let up = start_upstream().await;
-    let policy = json!({ "catalog": {
-        "circuit_breaker": { "consecutive_failures": 1, "open_for": "30s" },
-        "fallback": {
-            "static": { "status": 200, "headers": { "content-type": "application/json" }, "body": "{\"items\":[],\"degraded\":true}" },
-            "cache": { "max_entries": 1000, "max_body": "64KiB", "ttl": "5m" }
-        }
-    }});
-    let envoy = Envoy::start(&Spec::one_route_per_policy(up.addr(), policy).control(json!({ "control": {} }))).await;
+    let catalog = readme_policies()["catalog"].clone();
+    let failures = trip_after(&catalog);
+    let spec = Spec::one_route_per_policy(up.addr(), json!({ "catalog": catalog }));
+    let envoy = Envoy::start(&spec.control(json!({ "control": {} }))).await;
     let good = envoy.get("/catalog/items?page=2").await;
     assert_eq!((good.status, good.from_upstream()), (200, true));
     let private = envoy.get(&format!("/catalog/private?{NO_STORE}")).await;
     assert_eq!(private.header("cache-control"), Some("no-store"));
-    assert_eq!(envoy.get("/catalog/boom?status=500").await.status, 500);
+    for _ in 0..failures {
+        assert_eq!(envoy.get("/catalog/boom?status=500").await.status, 500);
+    }
     envoy.wait_tripped("catalog", 1).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let before = up.stats().requests;
@@ -124,9 +137,10 @@ async fn ten_thousand_distinct_keys_keep_the_cache_within_max_entries() {
 async fn while_open_a_post_goes_to_the_fallback_cluster_with_its_body_intact() {
     let up = start_upstream().await;
     let backup = start_upstream().await;
+    let payments = readme_policies()["payments"].clone();
+    let failures = trip_after(&payments);
     let policies = json!({
-        "payments": { "circuit_breaker": { "consecutive_failures": 1, "open_for": "1h" },
-                      "fallback": { "cluster": "payments-backup" } },
+        "payments": payments,
         "unrouted": { "circuit_breaker": { "consecutive_failures": 1, "open_for": "1h" },
                       "fallback": { "cluster": "no-such-route" } }
     });
@@ -134,7 +148,9 @@ async fn while_open_a_post_goes_to_the_fallback_cluster_with_its_body_intact() {
         .cluster("payments-backup", backup.addr())
         .fallback_route("payments-backup");
     let envoy = Envoy::start(&spec).await;
-    assert_eq!(envoy.get("/payments/charge?status=503").await.status, 503);
+    for _ in 0..failures {
+        assert_eq!(envoy.get("/payments/charge?status=503").await.status, 503);
+    }
     envoy.wait_tripped("payments", 1).await;
     let primary = up.stats().requests;
 
@@ -151,6 +167,7 @@ async fn while_open_a_post_goes_to_the_fallback_cluster_with_its_body_intact() {
     assert_eq!((r.status, r.header("x-breakwater")), (200, Some("fallback-cluster")), "{:?}", r.headers);
     assert!(r.body == body, "the backup echoed the body unchanged ({} of {} bytes back)", r.body.len(), body.len());
     assert_eq!(backup.stats().by_path.get("/payments/charge"), Some(&1), "the backup got it");
+    assert_eq!(up.stats().by_path.get("/payments/charge"), Some(&failures), "only the failures that tripped it");
     assert_eq!(up.stats().requests, primary, "the failing upstream was not contacted");
     let served = envoy.wait_stat(&fallback_stat("payments", "cluster", "served"), 1).await;
     assert_eq!(served, 1);

@@ -133,7 +133,10 @@ fn cache(v: &Value, path: &str) -> Result<Cache> {
 fn size(v: &Value) -> Option<u32> {
     let n = match v.as_str() {
         None => u32::try_from(v.as_u64()?).ok()?,
-        Some(s) => s.strip_suffix("KiB")?.parse::<u32>().ok()?.checked_mul(1 << 10)?,
+        Some(s) => {
+            let digits = s.strip_suffix("KiB").filter(|d| d.bytes().all(|b| b.is_ascii_digit()))?;
+            digits.parse::<u32>().ok()?.checked_mul(1 << 10)?
+        }
     };
     (1..=MAX_CACHE_BODY).contains(&n).then_some(n)
 }
