@@ -37,6 +37,15 @@ pub const FILTER_STATE: &str = "breakwater_fallback";
 /// Fallback kinds, as the `kind` label names them; with `result` (`served`, `missed`) they index
 /// the counts: `2 * kind + missed`.
 pub const KINDS: [&str; 3] = ["static", "cache", "cluster"];
+/// The labels of `fallback_total`, in that order.
+pub const LABELS: [&str; 6] = [
+    ".kind.static.result.served",
+    ".kind.static.result.missed",
+    ".kind.cache.result.served",
+    ".kind.cache.result.missed",
+    ".kind.cluster.result.served",
+    ".kind.cluster.result.missed",
+];
 const STATIC: usize = 0;
 const CACHE: usize = 1;
 const CLUSTER: usize = 2;
@@ -45,14 +54,20 @@ const CLUSTER: usize = 2;
 const RECENT: usize = 256;
 
 /// One worker's fallback state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Worker {
     /// Streams sent to a fallback cluster, until they end: their responses are marked.
     rerouted: RefCell<Vec<u32>>,
     /// The request whose headers are being decided was just sent to a fallback cluster.
     pending: Cell<bool>,
     /// (key hash, when) of recent stores, direct-mapped: a worker stores a key at most once a second.
-    recent: RefCell<Vec<(u64, u64)>>,
+    recent: RefCell<[(u64, u64); RECENT]>,
+}
+
+impl Default for Worker {
+    fn default() -> Self {
+        Worker { rerouted: RefCell::default(), pending: Cell::default(), recent: RefCell::new([(0, 0); RECENT]) }
+    }
 }
 
 impl Worker {
@@ -80,7 +95,9 @@ impl Worker {
     /// The stream is over.
     pub fn done(&self, ticket: u32) {
         if let Ok(mut r) = self.rerouted.try_borrow_mut() {
-            r.retain(|t| *t != ticket);
+            if let Some(i) = r.iter().position(|t| *t == ticket) {
+                r.swap_remove(i);
+            }
         }
     }
 
@@ -88,9 +105,6 @@ impl Worker {
     /// about to (noted now).
     fn stored_lately(&self, hash: u64, now: u64, store: bool) -> bool {
         let Ok(mut recent) = self.recent.try_borrow_mut() else { return true };
-        if recent.is_empty() {
-            recent.resize(RECENT, (0, 0));
-        }
         let Some(slot) = recent.get_mut(hash as usize % RECENT) else { return true };
         if slot.0 == hash && now.saturating_sub(slot.1) < SECOND {
             return true;
@@ -264,7 +278,7 @@ pub fn on_request_headers(c: &Compiled, host: &impl Host, vm: &Vm, stream: &Stre
     let cache = p.cfg.fallback.as_ref()?.cache.as_ref()?;
     let request = host.request_headers()?;
     let request = HeaderMap::new(&request);
-    let no_store = request.get(b"cache-control").is_some_and(|v| any_token(v, &["no-store"], true));
+    let no_store = request.get(b"cache-control").is_some_and(|v| any_token(v, &[b"no-store"], true));
     if request.get(b":method") != Some(b"GET") || request.get(b"authorization").is_some() || no_store {
         return None;
     }
@@ -291,14 +305,20 @@ const NOT_STORED: [&[u8]; 11] = [
 
 /// Whether a token of a comma-separated header value (trimmed, without its `=value`:
 /// `private="x"` is `private`) is among `names` (`among`), or is not (`!among`).
-fn any_token<S: AsRef<[u8]>>(value: &[u8], names: &[S], among: bool) -> bool {
-    for t in value.split(|b| *b == b',') {
-        let t = t.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
-        if !t.is_empty() && names.iter().any(|n| t.eq_ignore_ascii_case(n.as_ref())) == among {
+fn any_token(value: &[u8], names: &[&[u8]], among: bool) -> bool {
+    let mut rest = value;
+    loop {
+        let end = rest.iter().position(|b| *b == b',').unwrap_or(rest.len());
+        let (t, more) = rest.split_at(end);
+        let t = t.split_at(t.iter().position(|b| *b == b'=').unwrap_or(t.len())).0.trim_ascii();
+        if !t.is_empty() && names.iter().any(|n| t.eq_ignore_ascii_case(n)) == among {
             return true;
         }
+        match more.split_first() {
+            Some((_, more)) => rest = more,
+            None => return false,
+        }
     }
-    false
 }
 
 /// At the response headers. A stream sent to a fallback cluster gets its mark. An upstream's
@@ -330,9 +350,9 @@ pub fn on_response_headers(
     let max_body = cache.max_body as usize;
     for (name, value) in HeaderMap::new(response).iter() {
         let refused = match name {
-            b"cache-control" => any_token(value, &["no-store", "private"], true),
+            b"cache-control" => any_token(value, &[b"no-store", b"private"], true),
             b"set-cookie" => true,
-            b"vary" => any_token(value, &cache.key_headers, false),
+            b"vary" => any_token(value, &cache.key_headers.iter().map(String::as_bytes).collect::<Vec<_>>(), false),
             b"content-length" => parse_u64(value).is_none_or(|n| n > max_body as u64),
             _ => false,
         };

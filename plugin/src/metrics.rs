@@ -192,11 +192,11 @@ impl PolicyMetrics {
             };
         }
         if let Some(f) = &p.fallback {
-            let configured = [f.fixed.is_some(), f.cache.is_some(), f.cluster.is_some()];
-            for (i, id) in m.fallback.iter_mut().enumerate() {
-                let (kind, result) = (crate::fallback::KINDS.get(i / 2), if i % 2 == 0 { "served" } else { "missed" });
-                if let (Some(kind), Some(true)) = (kind, configured.get(i / 2)) {
-                    *id = define(MetricKind::Counter, "fallback_total", &format!(".kind.{kind}.result.{result}"));
+            let configured = [f.fixed.is_some(), f.fixed.is_some(), f.cache.is_some(), f.cache.is_some()];
+            let configured = configured.into_iter().chain([f.cluster.is_some(); 2]);
+            for ((id, labels), on) in m.fallback.iter_mut().zip(crate::fallback::LABELS).zip(configured) {
+                if on {
+                    *id = define(MetricKind::Counter, "fallback_total", labels);
                 }
             }
         }
