@@ -99,7 +99,7 @@ NATIVE_CLUSTER_EXTRAS = """
 
 
 def envoy_yaml(port, admin_port, upstream_port, filters="", route=None, cluster_extras="", dead_port=None,
-               per_route="", vhost_extras=""):
+               per_route="", vhost_extras="", pre_routes=""):
     route = route or "route: { cluster: upstream, timeout: 5s }"
     if per_route:
         route += "\n                " + per_route
@@ -130,7 +130,7 @@ static_resources:
             virtual_hosts:
             - name: bench
               domains: ["*"]{vhost_extras}
-              routes:
+              routes:{pre_routes}
               - name: bench
                 match: {{ prefix: / }}
                 {route}
@@ -150,7 +150,14 @@ static_resources:
 
 def upstream_yaml(port, admin_port):
     """The fast upstream every variant talks to: an Envoy that answers 200 "ok" by itself."""
-    return envoy_yaml(port, admin_port, port, route="direct_response: { status: 200, body: { inline_string: ok } }")
+    return envoy_yaml(port, admin_port, port, route="direct_response: { status: 200, body: { inline_string: ok } }",
+                      pre_routes=FAIL_ROUTE)
+
+
+# The upstream answers 503 under /fail: what trips a breaker after a good answer was cached.
+FAIL_ROUTE = """
+              - match: { prefix: /fail }
+                direct_response: { status: 503 }"""
 
 
 # The realistic policy of the issue: a breaker with consecutive failures, a failure-rate window
@@ -169,12 +176,39 @@ ROUTE_RETRY = "retry_policy: { retry_on: 5xx, num_retries: 2 }"
 ATTEMPTS = "\n              include_attempt_count_in_response: true"
 
 
-def policy(stack=False, fast_fail=False):
+# The fallbacks (issue 13), on the breaker policy: nothing tripping, what each costs the healthy
+# path; answering the fast-fail, what a refusal it answers costs.
+FALLBACKS = {
+    "static": {"static": {"status": 200, "headers": {"content-type": "application/json"},
+                          "body": '{"items":[],"degraded":true}'}},
+    "cache": {"cache": {"max_entries": 1000, "max_body": "64KiB", "ttl": "1h"}},
+    "cluster": {"cluster": "fallback"},
+}
+# The route a fallback cluster needs, ahead of the others (README: Fallbacks).
+FALLBACK_ROUTE = """
+              - match: { prefix: /, filter_state: [{ key: wasm.breakwater_fallback, string_match: { exact: fallback } }] }
+                route: { cluster: fallback, timeout: 5s }"""
+FALLBACK_CLUSTER = """
+  - name: fallback
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: fallback
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }}] }}]"""
+# Requests sent before the warm-up: the cache-answered fast-fail first stores a good answer to
+# the measured request, then trips its breaker.
+PRIME = {"fast_fail_cache": ["/", "/fail"]}
+
+
+def policy(stack=False, fast_fail=False, fallback=None):
     if fast_fail:
-        return {"circuit_breaker": {"consecutive_failures": 1, "open_for": "1h"}}
-    p = {"circuit_breaker": BREAKER}
+        p = {"circuit_breaker": {"consecutive_failures": 1, "open_for": "1h"}}
+    else:
+        p = {"circuit_breaker": BREAKER}
     if stack:
         p.update(bulkhead=BULKHEAD, retry=RETRY)
+    if fallback:
+        p["fallback"] = FALLBACKS[fallback]
     return p
 
 
@@ -308,7 +342,17 @@ def start(envoy_bin, name, make_yaml, tmp, concurrency):
     e = Envoy(envoy_bin, name, make_yaml(port, admin), tmp, concurrency)
     e.port = port
     e.wait_ready(admin)
+    prime(name.rsplit("-w", 1)[0], port)
     return e
+
+
+def prime(variant, port):
+    """Sends the variant's priming requests (see PRIME), whatever they answer."""
+    for path in PRIME.get(variant, []):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30).read()
+        except OSError:
+            pass
 
 
 def main():
@@ -325,6 +369,8 @@ def main():
                     help="requests per variant counted under callgrind (0: skip that pass)")
     ap.add_argument("--only-callgrind", action="store_true",
                     help="skip the CPU-time rounds and the idle pass (a quick look while developing; prints, writes nothing)")
+    ap.add_argument("--variants", default="",
+                    help="with --only-callgrind: only these variants (comma-separated names, e.g. breaker_route,cache_route)")
     args = ap.parse_args()
     if not shutil.which("h2load"):
         sys.exit("h2load not found: apt-get install nghttp2-client")
@@ -343,7 +389,10 @@ def main():
 
         variants = make_variants(args, up_port, dead_port)
         if args.only_callgrind:
+            chosen = [v for v in args.variants.split(",") if v]
             for name, make_yaml in variants.items():
+                if chosen and name not in chosen:
+                    continue
                 per_req, window, idle = instructions_per_request(args.envoy, name, make_yaml, tmp, args.callgrind_requests)
                 print(f"{name}: {per_req:,.0f} instructions/request ({window:.1f}s; idle work {idle:,.0f}/request)")
             return
@@ -406,7 +455,7 @@ def make_variants(args, up_port, dead_port):
     wasm = args.breakwater
     route_instance = lambda **kw: wasm_filter("breakwater-bench", wasm, per_route_config(**kw), disabled=True)
     retry_route = f"route: {{ cluster: upstream, timeout: 5s, {ROUTE_RETRY} }}"
-    return {
+    variants = {
         "plain": lambda p, a: envoy_yaml(p, a, up_port),
         "noop": lambda p, a: envoy_yaml(p, a, up_port, wasm_filter("noop", args.noop)),
         "breaker_route": lambda p, a: envoy_yaml(p, a, up_port, route_instance(), per_route=enable("breakwater-bench")),
@@ -426,6 +475,18 @@ def make_variants(args, up_port, dead_port):
             p, a, up_port, route_instance(fast_fail=True), route="route: { cluster: dead, timeout: 5s }",
             per_route=enable("breakwater-bench"), dead_port=dead_port),
     }
+    fallback_cluster = FALLBACK_CLUSTER.format(port=up_port)
+    for kind in FALLBACKS:
+        extras = {"cluster_extras": fallback_cluster, "pre_routes": FALLBACK_ROUTE} if kind == "cluster" else {}
+        variants[f"{kind}_route"] = lambda p, a, kind=kind, extras=extras: envoy_yaml(
+            p, a, up_port, route_instance(fallback=kind), per_route=enable("breakwater-bench"), **extras)
+        # The fast-fail answered by the fallback: the cache's after a good answer was stored (so
+        # its route reaches the upstream, whose /fail trips the breaker).
+        route = "route: { cluster: upstream, timeout: 5s }" if kind == "cache" else "route: { cluster: dead, timeout: 5s }"
+        variants[f"fast_fail_{kind}"] = lambda p, a, kind=kind, extras=extras, route=route: envoy_yaml(
+            p, a, up_port, route_instance(fast_fail=True, fallback=kind), route=route,
+            per_route=enable("breakwater-bench"), dead_port=dead_port, **extras)
+    return variants
 
 
 def rule_variants(args, up_port):
@@ -453,6 +514,7 @@ def instructions_per_request(envoy_bin, name, make_yaml, tmp, requests):
     e.proc, e.name, e.dir, e.log = proc, name, d, open(os.devnull, "w")
     try:
         e.wait_ready(admin, timeout=600)
+        prime(name, port)
         load = pin("1") + ["h2load", "--h1", "-c", "1", f"http://127.0.0.1:{port}/"]
         subprocess.run(load[:-1] + ["-n", "300", load[-1]], capture_output=True, check=True)
         subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], capture_output=True, check=True)
@@ -521,6 +583,12 @@ LABELS = {
     "fast_fail": "(5) Breakwater fast-fail (circuit open), per-route instance",
     "direct_response": "(5') Envoy direct_response",
     "noop_direct_response": "(5'') no-op Wasm filter + direct_response: the floor for (5)",
+    "static_route": "(6) (3) + a static fallback, nothing tripping",
+    "cache_route": "(6') (3) + a fallback cache, nothing tripping",
+    "cluster_route": "(6'') (3) + a fallback cluster (and its route), nothing tripping",
+    "fast_fail_static": "(7) (5) answered by the static fallback",
+    "fast_fail_cache": "(7') (5) answered from the fallback cache",
+    "fast_fail_cluster": "(7'') (5) sent to the fallback cluster",
 }
 
 

@@ -184,6 +184,10 @@ pub struct Spec {
     control: Option<Value>,
     /// An entry of the connection manager's `access_log` list (see [`Spec::access_log`]).
     access_log: Option<Value>,
+    /// More clusters, by name, each to one loopback address (see [`Spec::cluster`]).
+    clusters: Vec<(String, SocketAddr)>,
+    /// Routes matched before the named ones (see [`Spec::fallback_route`]).
+    front_routes: Vec<Value>,
 }
 
 impl Spec {
@@ -201,7 +205,28 @@ impl Spec {
             wasm: None,
             control: None,
             access_log: None,
+            clusters: Vec::new(),
+            front_routes: Vec::new(),
         }
+    }
+
+    /// One more cluster, `name`, of HTTP/1.1 to `addr` (another upstream).
+    pub fn cluster(mut self, name: &str, addr: SocketAddr) -> Spec {
+        self.clusters.push((name.to_owned(), addr));
+        self
+    }
+
+    /// The route a fallback cluster needs, ahead of all others: a request whose filter state
+    /// `wasm.breakwater_fallback` Breakwater set to `cluster` goes to `cluster`.
+    pub fn fallback_route(mut self, cluster: &str) -> Spec {
+        self.front_routes.push(json!({
+            "name": format!("fallback-{cluster}"),
+            "match": { "prefix": "/", "filter_state": [{
+                "key": "wasm.breakwater_fallback", "string_match": { "exact": cluster }
+            }]},
+            "route": { "cluster": cluster, "timeout": "5s" }
+        }));
+        self
     }
 
     /// Adds Breakwater's status and control endpoint: a Breakwater filter instance configured
@@ -397,6 +422,9 @@ impl Spec {
                 cluster("dead", dead_port(), false),
             ]
         });
+        if let Some(clusters) = static_resources["clusters"].as_array_mut() {
+            clusters.extend(self.clusters.iter().map(|(name, addr)| cluster(name, addr.port(), false)));
+        }
         let mut dynamic = String::new();
         if let Some((path, _)) = &self.lds {
             static_resources["listeners"] = json!([]);
@@ -439,9 +467,9 @@ impl Spec {
 
     /// The Envoy routes, as JSON; in per-route mode each route enables its instance.
     fn route_configs(&self, enabled: &[(String, String)]) -> Vec<Value> {
-        self.routes
-            .iter()
-            .map(|r| {
+        let front = self.front_routes.iter().cloned();
+        front
+            .chain(self.routes.iter().map(|r| {
                 let mut route = json!({
                     "match": { "prefix": r.prefix },
                     "route": { "cluster": r.cluster, "timeout": format!("{}s", r.timeout.as_secs_f64()) }
@@ -465,7 +493,7 @@ impl Spec {
                     route["typed_per_filter_config"] = json!({ name: config });
                 }
                 route
-            })
+            }))
             .collect()
     }
 

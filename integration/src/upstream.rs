@@ -67,6 +67,8 @@ pub struct Behaviour {
     /// One more response header with raw bytes, given as `name:hex` (`raw_header=grpc-status:ff`):
     /// for what a misbehaving upstream can send.
     pub raw_header: Option<(String, Vec<u8>)>,
+    /// Answer with the request's own body (`echo=1`).
+    pub echo: bool,
 }
 
 impl Default for Behaviour {
@@ -82,6 +84,7 @@ impl Default for Behaviour {
             body_bytes: None,
             stream_ms: 0,
             raw_header: None,
+            echo: false,
         }
     }
 }
@@ -95,6 +98,7 @@ impl Behaviour {
                 "status" => self.status = status_param(key, val)?,
                 "delay_ms" => self.delay_ms = param(key, val)?,
                 "reset" => self.reset = matches!(val, "1" | "true"),
+                "echo" => self.echo = matches!(val, "1" | "true"),
                 "reset_pct" => match param(key, val)? {
                     n @ 0..=100 => self.reset_pct = n,
                     n => return Err(format!("reset_pct above 100: {n}")),
@@ -426,9 +430,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         Err(e) => (400, text(format!("upstream: {e}")), false),
         Ok(b) => {
             // Read the whole request like a real server would; a failed read means the peer is gone.
-            if req.into_body().collect().await.is_err() {
+            let Ok(received) = req.into_body().collect().await else {
                 return Err(Abort);
-            }
+            };
             if b.delay_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(b.delay_ms)).await;
             }
@@ -452,6 +456,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 (200, Full::new(data).with_trailers(std::future::ready(Some(Ok(t)))).boxed(), true)
             } else {
                 let body = match (b.body_bytes, b.stream_ms) {
+                    _ if b.echo => Full::new(received.to_bytes()).boxed(),
                     (_, ms) if ms > 0 => HeldBody::new(Duration::from_millis(ms)).boxed(),
                     (Some(0), _) => Full::new(Bytes::new()).boxed(),
                     (Some(n), _) => Full::new(Bytes::from(vec![b'x'; n])).boxed(),

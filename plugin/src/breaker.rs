@@ -11,7 +11,7 @@
 
 use crate::host::Host;
 use crate::outcome::{Ignored, Verdict};
-use crate::reply::{reject, Refusal};
+use crate::reply::Refusal;
 use crate::vm::{message, Vm};
 use crate::watch::{View, Watch};
 use crate::{config, store, Compiled, Policy};
@@ -65,7 +65,7 @@ pub fn admit(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm) -> Admit {
             config::Mode::Enforce => {
                 p.local(|l| l.counts.reject(Refusal::CircuitOpen));
                 vm.list(c, p);
-                reject(host, p, Refusal::CircuitOpen, retry_after_ns);
+                crate::fallback::refuse(host, vm, p, Refusal::CircuitOpen, retry_after_ns, None);
                 Admit::Rejected
             }
             // Would have been rejected: count it, let it pass, and keep its outcome out of the

@@ -10,7 +10,7 @@
 use crate::config::Mode;
 use crate::holdings::Holding;
 use crate::host::Host;
-use crate::reply::{reject, Refusal};
+use crate::reply::Refusal;
 use crate::vm::{message, Vm};
 use crate::waiters::{Parked, Wait};
 use crate::{metrics, store, Compiled, Policy};
@@ -111,7 +111,7 @@ pub fn admit(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, ticket: u3
         Acquire::Full if enforce => {
             p.local(|l| l.counts.reject(Refusal::BulkheadFull));
             vm.list(c, p);
-            reject(host, p, Refusal::BulkheadFull, RETRY_AFTER_NS);
+            crate::fallback::refuse(host, vm, p, Refusal::BulkheadFull, RETRY_AFTER_NS, None);
             Permit::Refused
         }
         Acquire::Full => {
@@ -325,7 +325,7 @@ fn refuse(host: &impl Host, vm: &Vm, ticket: u32) {
     let Some(p) = s.compiled.policy(s.policy) else { return };
     ended_waiting(&s.compiled, p, host, vm, Refusal::BulkheadFull, now.saturating_sub(s.since));
     if host.enter(ticket) {
-        reject(host, p, Refusal::BulkheadFull, RETRY_AFTER_NS);
+        crate::fallback::refuse(host, vm, p, Refusal::BulkheadFull, RETRY_AFTER_NS, Some(ticket));
     }
 }
 
@@ -408,7 +408,7 @@ pub fn expire(host: &impl Host, vm: &Vm, now: u64) {
         vm.waiters.park(ticket, parked);
         ended_waiting(&c, p, host, vm, why, now.saturating_sub(since));
         if host.enter(ticket) {
-            reject(host, p, why, RETRY_AFTER_NS);
+            crate::fallback::refuse(host, vm, p, why, RETRY_AFTER_NS, Some(ticket));
         }
     }
 }

@@ -14,6 +14,7 @@
 //! Error messages are safe to log: values and odd keys are quoted with control characters
 //! escaped and cut after 64 characters, so no input can forge a log line or flood the log.
 
+pub use self::fallback::Fallback;
 use crate::routes::{HostPattern, Route, RouteTable};
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -161,6 +162,8 @@ pub struct Policy {
     pub bulkhead: Option<Bulkhead>,
     pub retry: Option<Retry>,
     pub reject: Reject,
+    /// What a refused request gets instead of `reject` ([`crate::fallback`]).
+    pub fallback: Option<Fallback>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -283,6 +286,7 @@ pub fn parse(bytes: &[u8]) -> Result<Config> {
         // A recall is answered within one cross-worker hop; the tick checks every interval.
         b.machine.recall_timeout_ns = 2 * sync_interval_ns;
     }
+    fallback::check_total(&policies)?;
     Ok(Config { policies, routes: RouteTable::new(routes), sync_interval_ns, only, control: None })
 }
 
@@ -316,7 +320,7 @@ fn control(v: &Value, path: &str) -> Result<Control> {
 }
 
 fn policy(name: &str, v: &Value, path: &str) -> Result<Policy> {
-    let o = Obj::new(v, path, &["mode", "circuit_breaker", "bulkhead", "retry", "reject"])?;
+    let o = Obj::new(v, path, &["mode", "circuit_breaker", "bulkhead", "retry", "reject", "fallback"])?;
     let mode = match o.get("mode") {
         None => Mode::Enforce,
         Some((v, p)) => match v.as_str() {
@@ -325,14 +329,20 @@ fn policy(name: &str, v: &Value, path: &str) -> Result<Policy> {
             _ => return Err(expected(&p, "\"enforce\" or \"dry_run\"", v)),
         },
     };
-    Ok(Policy {
+    let mut p = Policy {
         name: name.to_string(),
         mode,
         breaker: o.get("circuit_breaker").map(|(v, p)| breaker(v, &p)).transpose()?,
         bulkhead: o.get("bulkhead").map(|(v, p)| bulkhead(v, &p)).transpose()?,
         retry: o.get("retry").map(|(v, p)| retry(v, &p)).transpose()?,
-        reject: o.get("reject").map(|(v, p)| reject(v, &p)).transpose()?.unwrap_or_default(),
-    })
+        reject: o.get("reject").map(|(v, p)| reject(v, &p, false)).transpose()?.unwrap_or_default(),
+        fallback: None,
+    };
+    if let Some((v, path)) = o.get("fallback") {
+        let queue = p.bulkhead.as_ref().is_some_and(|b| b.machine.queue_max > 0);
+        p.fallback = Some(fallback::fallback(v, &path, [p.breaker.is_some(), p.bulkhead.is_some(), queue])?);
+    }
+    Ok(p)
 }
 
 fn breaker(v: &Value, path: &str) -> Result<Breaker> {
@@ -640,21 +650,26 @@ fn failure_on(v: &Value, path: &str) -> Result<FailureOn> {
     Ok(f)
 }
 
-fn reject(v: &Value, path: &str) -> Result<Reject> {
+/// `reject`, or (`fallback`) a fallback's `static` answer, which may have any status from 200
+/// and a body of up to 64 KiB (never a gRPC client's grpc-message: gRPC requests do not get it).
+fn reject(v: &Value, path: &str, fallback: bool) -> Result<Reject> {
     let o = Obj::new(v, path, &["status", "body", "headers"])?;
     let mut r = Reject::default();
     if let Some((v, p)) = o.get("status") {
         // A 2xx or 3xx "refusal" would read as success; for gRPC, Envoy maps 200 to UNKNOWN.
-        r.status = bounded(v, &p, 400, 599)
-            .map_err(|_| expected(&p, "an HTTP error status from 400 to 599 (503 is what clients retry later)", v))?;
+        r.status = bounded(v, &p, if fallback { 200 } else { 400 }, 599).map_err(|e| match fallback {
+            true => e,
+            false => expected(&p, "an HTTP error status from 400 to 599 (503 is what clients retry later)", v),
+        })?;
+    } else if fallback {
+        r.status = 200;
     }
     if let Some((v, p)) = o.get("body") {
         let body = v.as_str().ok_or_else(|| expected(&p, "a string", v))?;
-        if body.len() > MAX_BODY {
-            return err(
-                &p,
-                format!("must be at most {MAX_BODY} bytes (it is also gRPC's grpc-message header), got {}", body.len()),
-            );
+        let max = if fallback { 16 * MAX_BODY } else { MAX_BODY };
+        if body.len() > max {
+            let why = if fallback { "" } else { " (it is also gRPC's grpc-message header)" };
+            return err(&p, format!("must be at most {max} bytes{why}, got {}", body.len()));
         }
         r.body = Some(body.to_string());
     }
@@ -1149,6 +1164,7 @@ impl<'de> Visitor<'de> for Seed<'_> {
     }
 }
 
+pub mod fallback;
 #[cfg(test)]
 mod fuzz;
 #[cfg(test)]

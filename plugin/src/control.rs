@@ -227,6 +227,20 @@ fn policy_status(host: &impl Host, p: &Policy, namespace: &str, now: u64) -> Str
         o.num("remaining", s.available(&budget, now));
         v.raw("retry_budget", &o.end());
     }
+    if p.cfg.fallback.is_some() {
+        // Envoy's counters, as the workers last flushed them (a quarter second behind at most).
+        let ids = p.metrics(host).fallback;
+        let mut o = Json::object();
+        for (kind, pair) in crate::fallback::KINDS.iter().zip(ids.chunks(2)) {
+            if let [Some(served), Some(missed)] = *pair {
+                let mut k = Json::object();
+                k.num("served", host.metric_get(served).unwrap_or(0));
+                k.num("missed", host.metric_get(missed).unwrap_or(0));
+                o.raw(kind, &k.end());
+            }
+        }
+        v.raw("fallback", &o.end());
+    }
     v.end()
 }
 

@@ -18,7 +18,8 @@ pub struct Reply {
 }
 
 /// Host calls that return data: each costs a VM re-entry in Envoy (~10–12k instructions).
-pub const DATA_CALLS: [&str; 5] = ["property", "header", "response_headers", "trailer", "shared_get"];
+pub const DATA_CALLS: [&str; 7] =
+    ["property", "header", "request_headers", "response_headers", "response_body", "trailer", "shared_get"];
 
 impl Reply {
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -51,6 +52,11 @@ pub struct FakeHost {
     /// malformed as a test likes.
     pub raw_response_headers: RefCell<Option<Vec<u8>>>,
     pub response_trailers: RefCell<HashMap<String, Vec<u8>>>,
+    /// The response body chunk passing now (`response_body` returns it).
+    pub body_chunk: RefCell<Vec<u8>>,
+    /// Filter state the plugin set on the stream (`set_property`), and route cache clears.
+    pub filter_state: RefCell<HashMap<String, Vec<u8>>>,
+    pub route_cleared: Cell<u32>,
     pub replies: RefCell<Vec<Reply>>,
     /// Host calls made, by kind ("property", "header", "shared_get", …): what a request costs.
     pub calls: RefCell<HashMap<&'static str, u32>>,
@@ -99,6 +105,8 @@ impl FakeHost {
         self.response_headers.borrow_mut().clear();
         *self.raw_response_headers.borrow_mut() = None;
         self.response_trailers.borrow_mut().clear();
+        self.body_chunk.borrow_mut().clear();
+        self.filter_state.borrow_mut().clear();
     }
     fn count(&self, kind: &'static str) {
         *self.calls.borrow_mut().entry(kind).or_default() += 1;
@@ -121,6 +129,10 @@ impl FakeHost {
     pub fn has_metric(&self, name: &str) -> bool {
         let full = alloc::format!("breakwater_{name}");
         self.process.metrics.borrow().iter().any(|(n, _)| *n == full)
+    }
+    /// The shared-data keys of the process.
+    pub fn process_shared_keys(&self) -> Vec<String> {
+        self.process.shared.borrow().keys().cloned().collect()
     }
     pub fn last_reply(&self) -> Option<Reply> {
         self.replies.borrow().last().cloned()
@@ -156,6 +168,31 @@ impl Host for FakeHost {
     fn remove_response_header(&self, name: &str) {
         self.count("remove_header");
         self.response_headers.borrow_mut().retain(|(n, _)| n != name);
+    }
+    fn set_response_header(&self, name: &str, value: &[u8]) {
+        self.count("set_response_header");
+        self.set_response_header(name, value);
+    }
+    fn request_headers(&self) -> Option<Vec<u8>> {
+        self.count("request_headers");
+        let h = self.headers.borrow();
+        let pairs: Vec<(&str, &[u8])> = h.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+        Some(crate::headers::serialize(&pairs))
+    }
+    fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        self.count("response_body");
+        let chunk = self.body_chunk.borrow();
+        Some(chunk.get(..size.min(chunk.len())).unwrap_or_default().to_vec())
+    }
+    fn set_property(&self, name: &str, value: &[u8]) -> bool {
+        self.count("set_property");
+        self.filter_state.borrow_mut().insert(name.to_string(), value.to_vec());
+        true
+    }
+    fn clear_route_cache(&self) -> bool {
+        self.count("clear_route_cache");
+        self.route_cleared.set(self.route_cleared.get() + 1);
+        true
     }
     fn response_trailer(&self, name: &str) -> Option<Vec<u8>> {
         self.count("trailer");
@@ -202,6 +239,9 @@ impl Host for FakeHost {
         if let Some((_, v)) = self.process.metrics.borrow_mut().get_mut(id as usize) {
             *v += delta;
         }
+    }
+    fn metric_get(&self, id: u32) -> Option<u64> {
+        self.process.metrics.borrow().get(id as usize).map(|(_, v)| *v as u64)
     }
     fn metric_set(&self, id: u32, value: u64) {
         if let Some((_, v)) = self.process.metrics.borrow_mut().get_mut(id as usize) {

@@ -75,14 +75,14 @@ pub fn on_request_headers(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, ticket: u
     let Some(p) = select(c, host) else { return (Action::Continue, Stream::Untracked) };
     let call = match breaker::admit(c, p, host, vm) {
         breaker::Admit::Pass(call) => call,
-        breaker::Admit::Rejected => return (Action::Stop, Stream::Untracked),
+        breaker::Admit::Rejected => return refused(vm, ticket),
     };
     let permit = bulkhead::admit(c, p, host, vm, ticket);
     if permit == Permit::Refused {
         if let Some(call) = call.filter(|c| c.probe) {
             breaker::record(c, p, host, vm, call, None, false);
         }
-        return (Action::Stop, Stream::Untracked);
+        return refused(vm, ticket);
     }
     // A waiting request reserves its retries now, with its headers.
     let retry = retry::reserve(c, p, host, vm);
@@ -91,19 +91,27 @@ pub fn on_request_headers(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, ticket: u
     (action, Stream::Tracked(stream))
 }
 
+/// A request Breakwater refused: answered (stop), or sent to a fallback cluster (it goes on).
+fn refused(vm: &Vm, ticket: u32) -> (Action, Stream) {
+    let action = if vm.fallback.take_rerouted(ticket) { Action::Continue } else { Action::Stop };
+    (action, Stream::Untracked)
+}
+
 /// Notes what the response headers say (an upstream's response, or a local reply): one read of
-/// all of them.
-pub fn on_response_headers(c: &Compiled, host: &impl Host, stream: &mut Stream) {
-    let Stream::Tracked(t) = stream else { return };
-    if !t.reads_response() {
-        return;
+/// all of them. Returns them for a policy with a fallback cache, which may store the answer.
+pub fn on_response_headers(c: &Compiled, host: &impl Host, stream: &mut Stream) -> Option<alloc::vec::Vec<u8>> {
+    let Stream::Tracked(t) = stream else { return None };
+    let caches = c.policy(t.policy).is_some_and(crate::fallback::caches);
+    if !t.reads_response() && !caches {
+        return None;
     }
-    let Some(bytes) = host.response_headers() else { return };
+    let bytes = host.response_headers()?;
     t.response = Response::read(&HeaderMap::new(&bytes));
     let strip = c.policy(t.policy).and_then(|p| p.cfg.retry.as_ref()).is_some_and(|r| r.strip_attempt_count);
     if strip && t.response.attempts.is_some() {
         host.remove_response_header("x-envoy-attempt-count");
     }
+    caches.then_some(bytes)
 }
 
 /// Notes the grpc-status of a gRPC response that carries it in trailers.
@@ -119,6 +127,7 @@ pub fn on_response_trailers(c: &Compiled, host: &impl Host, stream: &mut Stream)
 /// Accounting, when the stream is over: the bulkhead permit back, the retries settled, the
 /// outcome to the breaker.
 pub fn on_log(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, ticket: u32, stream: Stream) {
+    vm.fallback.done(ticket);
     let Stream::Tracked(t) = stream else { return };
     let Some(p) = c.policy(t.policy) else { return };
     let forwarded = bulkhead::finish(p, host, vm, ticket, t.permit) != Finished::NotForwarded;

@@ -39,6 +39,16 @@ pub trait Host {
     /// [`crate::headers::HeaderMap`]): one VM re-entry instead of one per header.
     fn response_headers(&self) -> Option<Vec<u8>>;
     fn remove_response_header(&self, name: &str);
+    /// Sets (replaces) a response header.
+    fn set_response_header(&self, name: &str, value: &[u8]);
+    /// All request headers in one call (the serialized map, as [`Host::response_headers`]).
+    fn request_headers(&self) -> Option<Vec<u8>>;
+    /// The response body chunk passing now (`size` bytes), as bytes.
+    fn response_body(&self, size: usize) -> Option<Vec<u8>>;
+    /// Sets a filter state value of the stream (`wasm.<name>` in Envoy); false if refused.
+    fn set_property(&self, name: &str, value: &[u8]) -> bool;
+    /// Makes Envoy pick the stream's route again; false if it cannot.
+    fn clear_route_cache(&self) -> bool;
     fn response_trailer(&self, name: &str) -> Option<Vec<u8>>;
     /// The value under `key` and its CAS token; None when the key holds nothing.
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
@@ -48,6 +58,8 @@ pub trait Host {
     fn send_http_reply(&self, status: u32, headers: &[(&str, &[u8])], body: &[u8]);
     fn define_metric(&self, kind: MetricKind, name: &str) -> Option<u32>;
     fn metric_add(&self, id: u32, delta: i64);
+    /// A metric's value (all workers'), None if the host cannot say.
+    fn metric_get(&self, id: u32) -> Option<u64>;
     /// Sets a gauge, or records a value into a histogram.
     fn metric_set(&self, id: u32, value: u64);
 

@@ -31,6 +31,7 @@ pub mod config;
 pub mod control;
 #[cfg(test)]
 pub mod fake;
+pub mod fallback;
 pub mod filter;
 pub mod headers;
 pub mod holdings;
@@ -92,6 +93,8 @@ pub struct Policy {
     pub breaker_key: String,
     pub bulkhead_key: String,
     pub budget_key: String,
+    /// The prefix of its fallback cache's slot keys (the slot number follows).
+    pub cache_key: String,
     /// Its stats, defined at configure time or on first use (see [`EAGER_METRICS`]).
     metrics: OnceCell<PolicyMetrics>,
     /// This worker's state for the policy under this configuration. Single-threaded and never
@@ -175,6 +178,7 @@ impl Compiled {
                 breaker_key: key("breaker", &cfg.name),
                 bulkhead_key: key("bulkhead", &cfg.name),
                 budget_key: key("retry_budget", &cfg.name),
+                cache_key: key("cache", &cfg.name) + "/",
                 metrics: OnceCell::new(),
                 cfg,
                 local: RefCell::new(Local::default()),

@@ -35,6 +35,8 @@ pub struct Counts {
     pub rescued: u32,
     pub denied: u32,
     pub dry_run_denied: u32,
+    /// Fallbacks served and missed, by kind (see [`crate::fallback::KINDS`]): `2 * kind + missed`.
+    pub fallback: [u32; 6],
 }
 
 impl Counts {
@@ -79,6 +81,8 @@ pub struct PolicyMetrics {
     pub circuit_state: [Option<u32>; STATES.len()],
     pub bulkhead: BulkheadMetrics,
     pub retry: RetryMetrics,
+    /// `fallback_total{kind, result}`, as [`Counts::fallback`]; only the kinds configured.
+    pub fallback: [Option<u32>; 6],
 }
 
 /// The bulkhead's stats; all None for a policy without a bulkhead.
@@ -187,6 +191,15 @@ impl PolicyMetrics {
                 budget_remaining: budgeted(define(MetricKind::Gauge, "retry_budget_remaining", "")),
             };
         }
+        if let Some(f) = &p.fallback {
+            let configured = [f.fixed.is_some(), f.fixed.is_some(), f.cache.is_some(), f.cache.is_some()];
+            let configured = configured.into_iter().chain([f.cluster.is_some(); 2]);
+            for ((id, labels), on) in m.fallback.iter_mut().zip(crate::fallback::LABELS).zip(configured) {
+                if on {
+                    *id = define(MetricKind::Counter, "fallback_total", labels);
+                }
+            }
+        }
         m
     }
 
@@ -210,6 +223,9 @@ impl PolicyMetrics {
         add(host, self.retry.rescued, c.rescued.into());
         add(host, self.retry.denied, c.denied.into());
         add(host, self.retry.dry_run_denied, c.dry_run_denied.into());
+        for (id, n) in self.fallback.iter().zip(c.fallback) {
+            add(host, *id, n.into());
+        }
     }
 
     /// Sets the circuit-state gauges: 1 for `state` (an entry of [`STATES`]), 0 for the others.

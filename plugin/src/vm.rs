@@ -28,6 +28,8 @@ pub struct Vm {
     pub waiters: Waiters,
     pub holdings: Holdings,
     pub watches: Watches,
+    /// Requests sent to a fallback cluster, and the cache's recent stores.
+    pub fallback: crate::fallback::Worker,
     listed: RefCell<Vec<(Rc<Compiled>, usize)>>,
     /// Every configuration of this VM still in use, oldest first: what the control endpoint
     /// shows and steers.

@@ -106,6 +106,7 @@ mod abi {
     const OK: u32 = 0;
     const CAS_MISMATCH: u32 = 8;
     const HTTP_REQUEST_HEADERS: u32 = 0;
+    const HTTP_RESPONSE_BODY: u32 = 1;
     const HTTP_RESPONSE_HEADERS: u32 = 2;
     const HTTP_RESPONSE_TRAILERS: u32 = 3;
     const PLUGIN_CONFIGURATION: u32 = 7;
@@ -174,8 +175,18 @@ mod abi {
         ) -> u32;
         fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
         fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+        fn proxy_get_metric(metric_id: u32, return_value: *mut u64) -> u32;
         fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
         fn proxy_set_effective_context(context_id: u32) -> u32;
+        fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> u32;
+        fn proxy_call_foreign_function(
+            name_data: *const u8,
+            name_size: usize,
+            args_data: *const u8,
+            args_size: usize,
+            return_data: *mut *mut u8,
+            return_size: *mut usize,
+        ) -> u32;
         fn proxy_continue_stream(stream_type: u32) -> u32;
     }
 
@@ -272,18 +283,48 @@ mod abi {
         owned(status, data, size)
     }
 
-    pub fn response_headers() -> Option<Vec<u8>> {
+    pub fn headers(response: bool) -> Option<Vec<u8>> {
         let (mut data, mut size) = (core::ptr::null_mut(), 0);
         // SAFETY: the host writes a pointer and a size into live locals.
-        let status = unsafe { proxy_get_header_map_pairs(HTTP_RESPONSE_HEADERS, &mut data, &mut size) };
+        let status = unsafe { proxy_get_header_map_pairs(map_type(response, false), &mut data, &mut size) };
         owned(status, data, size)
     }
 
-    pub fn set_request_header(name: &str, value: &[u8]) -> u32 {
+    pub fn set_header(response: bool, name: &str, value: &[u8]) -> u32 {
         // SAFETY: live key and value.
         unsafe {
-            proxy_replace_header_map_value(HTTP_REQUEST_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+            proxy_replace_header_map_value(
+                map_type(response, false),
+                name.as_ptr(),
+                name.len(),
+                value.as_ptr(),
+                value.len(),
+            )
         }
+    }
+
+    pub fn response_body(size: usize) -> Option<Vec<u8>> {
+        let (mut data, mut size_out) = (core::ptr::null_mut(), 0);
+        // SAFETY: the host writes a pointer and a size into live locals.
+        let status = unsafe { proxy_get_buffer_bytes(HTTP_RESPONSE_BODY, 0, size, &mut data, &mut size_out) };
+        owned(status, data, size_out)
+    }
+
+    pub fn set_property(name: &str, value: &[u8]) -> bool {
+        // SAFETY: a live name and value.
+        unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) == OK }
+    }
+
+    /// Envoy's foreign function `clear_route_cache`.
+    pub fn clear_route_cache() -> bool {
+        let name = "clear_route_cache";
+        let (mut data, mut size) = (core::ptr::null_mut(), 0);
+        // SAFETY: a live name, no arguments; the host writes a pointer and a size into live locals.
+        let status = unsafe {
+            proxy_call_foreign_function(name.as_ptr(), name.len(), core::ptr::null(), 0, &mut data, &mut size)
+        };
+        drop(owned(status, data, size));
+        status == OK
     }
 
     pub fn remove_response_header(name: &str) -> u32 {
@@ -369,6 +410,12 @@ mod abi {
         unsafe { proxy_increment_metric(id, delta) };
     }
 
+    pub fn get_metric(id: u32) -> Option<u64> {
+        let mut value = 0u64;
+        // SAFETY: the host writes a u64 into a live local.
+        (unsafe { proxy_get_metric(id, &mut value) } == OK).then_some(value)
+    }
+
     pub fn record_metric(id: u32, value: u64) {
         // SAFETY: plain integers.
         unsafe { proxy_record_metric(id, value) };
@@ -399,13 +446,28 @@ impl Host for WasmHost {
         abi::header(false, false, name)
     }
     fn set_request_header(&self, name: &str, value: &[u8]) {
-        let status = abi::set_request_header(name, value);
+        let status = abi::set_header(false, name, value);
         if status != 0 {
             log::warn!("setting {name} failed: status {status}");
         }
     }
     fn response_headers(&self) -> Option<Vec<u8>> {
-        abi::response_headers()
+        abi::headers(true)
+    }
+    fn set_response_header(&self, name: &str, value: &[u8]) {
+        abi::set_header(true, name, value);
+    }
+    fn request_headers(&self) -> Option<Vec<u8>> {
+        abi::headers(false)
+    }
+    fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        abi::response_body(size)
+    }
+    fn set_property(&self, name: &str, value: &[u8]) -> bool {
+        abi::set_property(name, value)
+    }
+    fn clear_route_cache(&self) -> bool {
+        abi::clear_route_cache()
     }
     fn remove_response_header(&self, name: &str) {
         abi::remove_response_header(name);
@@ -439,6 +501,9 @@ impl Host for WasmHost {
     }
     fn metric_set(&self, id: u32, value: u64) {
         abi::record_metric(id, value);
+    }
+    fn metric_get(&self, id: u32) -> Option<u64> {
+        abi::get_metric(id)
     }
     fn enter(&self, context_id: u32) -> bool {
         abi::enter(context_id)
@@ -531,7 +596,13 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { compiled: self.compiled.clone(), id: context_id, stream: Stream::Untracked }))
+        Some(Box::new(Http {
+            compiled: self.compiled.clone(),
+            id: context_id,
+            stream: Stream::Untracked,
+            pending: None,
+            capture: None,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -544,6 +615,10 @@ struct Http {
     /// The context id: a queued request's ticket, by which it is woken.
     id: u32,
     stream: Stream,
+    /// A request whose answer the policy's fallback cache may store, and that answer as it is
+    /// captured.
+    pending: Option<crate::fallback::Pending>,
+    capture: Option<crate::fallback::Capture>,
 }
 
 impl Context for Http {}
@@ -570,17 +645,36 @@ impl HttpContext for Http {
         if c.is_idle() {
             return Action::Continue;
         }
-        let (action, stream) = filter::on_request_headers(c, &WasmHost, &vm(), self.id);
+        let vm = vm();
+        let (action, stream) = filter::on_request_headers(c, &WasmHost, &vm, self.id);
         self.stream = stream;
+        self.pending = crate::fallback::on_request_headers(c, &WasmHost, &vm, &self.stream);
         match action {
             filter::Action::Continue => Action::Continue,
             filter::Action::Stop => Action::Pause,
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if let Some(c) = &self.compiled {
-            filter::on_response_headers(c, &WasmHost, &mut self.stream);
+            let read = filter::on_response_headers(c, &WasmHost, &mut self.stream);
+            self.capture = crate::fallback::on_response_headers(
+                c,
+                &WasmHost,
+                &vm(),
+                self.id,
+                &self.stream,
+                read.as_deref(),
+                end_of_stream,
+                self.pending.take(),
+            );
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.capture.is_some() {
+            crate::fallback::on_response_body(&WasmHost, &mut self.capture, body_size, end_of_stream);
         }
         Action::Continue
     }

@@ -99,6 +99,15 @@ pub fn to_text(status: &Value) -> String {
         if let Some(r) = p.get("retry_budget") {
             let _ = writeln!(out, "  retries   {} left in the budget", r["remaining"]);
         }
+        if let Some(f) = p.get("fallback").and_then(Value::as_object) {
+            let kinds: Vec<String> = ["static", "cache", "cluster"]
+                .iter()
+                .filter_map(|kind| {
+                    f.get(*kind).map(|n| format!("{kind} {} served, {} missed", n["served"], n["missed"]))
+                })
+                .collect();
+            let _ = writeln!(out, "  fallback  {}", kinds.join("; "));
+        }
     }
     out
 }
@@ -149,7 +158,8 @@ mod tests {
                             "failure_rate_percent": 0.0, "slow_call_rate_percent": 0.0 },
                 "open_remaining_ms": 8200, "open_period_ms": 10000, "generation": 1 } },
             "search": { "mode": "dry_run", "bulkhead": { "limit": 4, "active": 3, "leased_idle": 1, "queued": 1, "queue_max": 2 },
-                        "retry_budget": { "remaining": 7 } }
+                        "retry_budget": { "remaining": 7 } },
+            "catalog": { "mode": "enforce", "fallback": { "static": { "served": 2, "missed": 0 }, "cache": { "served": 5, "missed": 1 } } }
         }});
         let text = to_text(&s);
         assert!(text.contains("checkout\n  breaker   open, 8.2s left; 0 consecutive failures\n"), "{text}");
@@ -159,6 +169,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("  retries   7 left in the budget\n"), "{text}");
+        assert!(text.contains("catalog\n  fallback  static 2 served, 0 missed; cache 5 served, 1 missed\n"), "{text}");
     }
 
     #[test]

@@ -13,8 +13,9 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
-/// The metric contract of issue 12: Breakwater's own series, as /stats/prometheus shows them.
-const CONTRACT: [&str; 18] = [
+/// The metric contract of issue 12 (and issue 13's fallbacks): Breakwater's own series, as
+/// /stats/prometheus shows them.
+const CONTRACT: [&str; 19] = [
     "breakwater_requests_total",
     "breakwater_slow_calls_total",
     "breakwater_ignored_total",
@@ -33,6 +34,7 @@ const CONTRACT: [&str; 18] = [
     "breakwater_retry_denied_total",
     "breakwater_dry_run_retry_denied_total",
     "breakwater_retry_budget_remaining",
+    "breakwater_fallback_total",
 ];
 
 fn read(path: &str) -> String {

@@ -61,6 +61,7 @@ fn the_schema_refuses_the_bad_corpus_except_the_rules_its_comment_lists() {
         "max-retries-over-10",
         "mode-unknown",
         "force-unknown",
+        "fallback-empty",
     ] {
         assert!(!errors(&validator, &corpus("bad", name)).is_empty(), "the schema must refuse {name}");
     }
@@ -78,6 +79,8 @@ fn the_schema_refuses_the_bad_corpus_except_the_rules_its_comment_lists() {
         ("sync-interval-too-long", "sync_interval 10ms to 10s"),
         ("whole-number-with-fraction", "JSON Schema's integer accepts 5.0, the plugin does not"),
         ("control-with-policies", "control excludes policies, routes, policy and sync_interval"),
+        ("fallback-when-unmade", "fallback.when lists only refusals the policy makes"),
+        ("fallback-cache-too-large", "max_entries x (max_body + 10 KiB of key and headers) at most 256 MiB"),
     ] {
         assert_eq!(
             errors(&validator, &corpus("bad", name)),

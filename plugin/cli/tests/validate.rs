@@ -140,6 +140,9 @@ fn every_bad_configuration_is_refused_at_its_path() {
         ("whole-number-with-fraction", "policies.a.circuit_breaker.consecutive_failures", 1, 45),
         ("control-with-policies", "control", 1, 3),
         ("force-unknown", "policies.a.circuit_breaker.force", 1, 45),
+        ("fallback-empty", "policies.a.fallback", 1, 44),
+        ("fallback-when-unmade", "policies.a.fallback.when[0]", 1, 66),
+        ("fallback-cache-too-large", "policies.a.fallback.cache", 1, 57),
     ] {
         let f = format!("plugin/cli/tests/bad/{file}.json");
         let (report, code) = validate_json(&[&f]);
@@ -147,7 +150,7 @@ fn every_bad_configuration_is_refused_at_its_path() {
         assert_eq!(first_error(&report), (path.to_string(), line, column), "{f}: {report}");
     }
     let corpus = std::fs::read_dir(root().join("plugin/cli/tests/bad")).unwrap().count();
-    assert_eq!(corpus, 23, "every file of the bad corpus is listed here");
+    assert_eq!(corpus, 26, "every file of the bad corpus is listed here");
 }
 
 #[test]

@@ -7,8 +7,8 @@
 //! headers → trailers → `on_log`), ticks, cross-worker wake-ups, time passing and
 //! configuration reloads, under route rules on every attribute and a policy with every feature
 //! (breaker with all trip rules, bulkhead with a queue and priority classes, budgeted
-//! retries), a leasing bulkhead, a dry run, and a per-route instance configuration (top-level
-//! `policy`). Values come from a mix: ones that match the configuration (so streams are
+//! retries, a fallback cache and static answer), a leasing bulkhead (with a fallback cluster),
+//! a dry run, and a per-route instance configuration (top-level `policy`). Values come from a mix: ones that match the configuration (so streams are
 //! tracked), and arbitrary bytes — empty, invalid UTF-8, NUL, CR/LF, 32 and 64 KiB.
 //!
 //! Checked as it runs: a request the filter stops is refused at once or waits, and is then
@@ -67,14 +67,17 @@ const ALL: &str = r#"{
     "retry_on": ["5xx", "reset", "retriable-status-codes", "unavailable"], "retriable_status_codes": [409],
     "max_retries": 2, "per_try_timeout": "50ms", "budget": { "ratio": 0.5, "min_per_second": 1, "ttl": "1s" }
   },
-  "reject": { "status": 503, "headers": { "x-team": "core" } }
+  "reject": { "status": 503, "headers": { "x-team": "core" } },
+  "fallback": { "when": ["bulkhead_full", "queue_timeout"], "static": { "body": "degraded" },
+                "cache": { "max_entries": 4, "max_body": 64, "key_headers": ["x-tenant"] } }
 }"#;
 
 /// Leases (no priority classes), a breaker, retries budgeted on the route's own retry policy.
 const LEASING: &str = r#"{
   "circuit_breaker": { "consecutive_failures": 2, "open_for": "100ms" },
   "bulkhead": { "max_concurrent": 4, "queue": { "max_size": 2, "timeout": "100ms" } },
-  "retry": { "max_retries": 1, "budget": {} }
+  "retry": { "max_retries": 1, "budget": {} },
+  "fallback": { "when": ["circuit_open"], "cluster": "backup" }
 }"#;
 
 const SHADOW: &str = r#"{
@@ -394,6 +397,8 @@ struct Open {
     /// The configuration of the root context that made it.
     c: Rc<Compiled>,
     stream: Stream,
+    /// Its answer may be cached.
+    pending: Option<crate::fallback::Pending>,
     /// It went on to the upstream (at once, or when resumed).
     forwarded: bool,
     /// Stopped at the request headers: it must be answered or resumed, once.
@@ -445,6 +450,9 @@ struct Coverage {
     answered_after_waiting: u32,
     recalls: u32,
     malformed_maps: u32,
+    /// Refusals answered by a fallback (static or cached) at once, and by the cache.
+    fallbacks: u32,
+    cached: u32,
 }
 
 impl Coverage {
@@ -459,6 +467,8 @@ impl Coverage {
         self.answered_after_waiting += o.answered_after_waiting;
         self.recalls += o.recalls;
         self.malformed_maps += o.malformed_maps;
+        self.fallbacks += o.fallbacks;
+        self.cached += o.cached;
     }
 }
 
@@ -502,7 +512,24 @@ impl Run {
                     let w = &self.workers[s.worker];
                     self.covered.malformed_maps += u32::from(matches!(resp, Response::Raw(..)));
                     resp.apply(w);
-                    on_response_headers(&s.c, &w.host, &mut s.stream);
+                    let read = on_response_headers(&s.c, &w.host, &mut s.stream);
+                    // A cacheable answer is captured as its body passes: here some of the headers' bytes.
+                    let pending = s.pending.take();
+                    let mut capture = crate::fallback::on_response_headers(
+                        &s.c,
+                        &w.host,
+                        &w.vm,
+                        s.ticket,
+                        &s.stream,
+                        read.as_deref(),
+                        false,
+                        pending,
+                    );
+                    let mut body = w.host.response_headers().unwrap_or_default();
+                    body.truncate(48);
+                    *w.host.body_chunk.borrow_mut() = body;
+                    let size = w.host.body_chunk.borrow().len();
+                    crate::fallback::on_response_body(&w.host, &mut capture, size, true);
                 }
             }
             Op::Trailers(i, grpc) => {
@@ -541,9 +568,13 @@ impl Run {
                 self.wake(*w);
             }
             Op::Garbage(k, bytes) => {
-                let n = k.index(9);
-                let (kind, policy) = (["breaker", "bulkhead", "retry_budget"][n / 3], POLICIES[n % 3]);
-                let _ = self.workers[0].host.shared_set(&key(kind, policy), bytes, 0);
+                let n = k.index(13);
+                let key = match n {
+                    0..9 => key(["breaker", "bulkhead", "retry_budget"][n / 3], POLICIES[n % 3]),
+                    // A slot of the fallback cache.
+                    _ => format!("{}/{}", key("cache", "all"), n - 9),
+                };
+                let _ = self.workers[0].host.shared_set(&key, bytes, 0);
             }
             Op::Reload(w, to_only) => {
                 let cfg = if *to_only { only() } else { rules() };
@@ -595,14 +626,18 @@ impl Run {
             Stream::Untracked if action == Action::Stop => {
                 c_.refused += 1;
                 c_.circuit_open += u32::from(reason.as_deref() == Some("circuit-open"));
+                c_.fallbacks += u32::from(reason.as_deref().is_some_and(|r| r.starts_with("fallback-")));
+                c_.cached += u32::from(reason.as_deref() == Some("fallback-cache"));
             }
             Stream::Untracked => {}
         }
+        let pending = crate::fallback::on_request_headers(&c, host, &worker.vm, &stream);
         let s = Open {
             worker: w,
             ticket,
             c,
             stream,
+            pending,
             forwarded: action == Action::Continue,
             stopped: action == Action::Stop,
             answered: false,
@@ -673,7 +708,8 @@ impl Run {
                 } else {
                     assert!(s.waiting(), "stream {ticket} resumed but it did not wait");
                     s.resumed = true;
-                    s.forwarded = true;
+                    // Not to its upstream if it was sent to the fallback cluster instead.
+                    s.forwarded = !self.workers[w].vm.fallback.is_rerouted(ticket);
                     self.covered.resumed += 1;
                 }
             }
@@ -812,6 +848,10 @@ fn any_host_bytes_leave_every_stream_answered_once_and_nothing_held() {
         ("waits answered", c.answered_after_waiting, 20),
         ("recalls", c.recalls, 5),
         ("malformed header maps", c.malformed_maps, 100),
+        ("refusals answered by a fallback", c.fallbacks, 50),
+        // Few answers are cacheable (a 200 from the upstream, not gRPC, to a GET) and fewer
+        // refusals share their key; the unit tests in fallback/tests.rs go through the rest.
+        ("refusals answered from the cache", c.cached, 1),
     ];
     for (what, n, least) in reached {
         assert!(n >= least, "only {n} {what} (at least {least}): {c:?}");
