@@ -61,6 +61,9 @@ fn the_schema_refuses_the_bad_corpus_except_the_rules_its_comment_lists() {
         "max-retries-over-10",
         "mode-unknown",
         "force-unknown",
+        "adaptive-and-max-concurrent",
+        "timeout-without-max",
+        "shed-at-zero",
     ] {
         assert!(!errors(&validator, &corpus("bad", name)).is_empty(), "the schema must refuse {name}");
     }
@@ -78,6 +81,7 @@ fn the_schema_refuses_the_bad_corpus_except_the_rules_its_comment_lists() {
         ("sync-interval-too-long", "sync_interval 10ms to 10s"),
         ("whole-number-with-fraction", "JSON Schema's integer accepts 5.0, the plugin does not"),
         ("control-with-policies", "control excludes policies, routes, policy and sync_interval"),
+        ("timeout-max-below-min", "timeout.adaptive.max must be at least its min"),
     ] {
         assert_eq!(
             errors(&validator, &corpus("bad", name)),

@@ -140,6 +140,10 @@ fn every_bad_configuration_is_refused_at_its_path() {
         ("whole-number-with-fraction", "policies.a.circuit_breaker.consecutive_failures", 1, 45),
         ("control-with-policies", "control", 1, 3),
         ("force-unknown", "policies.a.circuit_breaker.force", 1, 45),
+        ("adaptive-and-max-concurrent", "policies.a.bulkhead.adaptive", 1, 60),
+        ("timeout-without-max", "policies.a.timeout.adaptive.max", 1, 37),
+        ("shed-at-zero", "policies.a.bulkhead.priority.classes.bulk.shed_at", 1, 132),
+        ("timeout-max-below-min", "policies.a.timeout.adaptive.max", 1, 64),
     ] {
         let f = format!("plugin/cli/tests/bad/{file}.json");
         let (report, code) = validate_json(&[&f]);
@@ -147,7 +151,7 @@ fn every_bad_configuration_is_refused_at_its_path() {
         assert_eq!(first_error(&report), (path.to_string(), line, column), "{f}: {report}");
     }
     let corpus = std::fs::read_dir(root().join("plugin/cli/tests/bad")).unwrap().count();
-    assert_eq!(corpus, 23, "every file of the bad corpus is listed here");
+    assert_eq!(corpus, 27, "every file of the bad corpus is listed here");
 }
 
 #[test]
