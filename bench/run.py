@@ -169,12 +169,30 @@ ROUTE_RETRY = "retry_policy: { retry_on: 5xx, num_retries: 2 }"
 ATTEMPTS = "\n              include_attempt_count_in_response: true"
 
 
-def policy(stack=False, fast_fail=False):
+# The adaptive parts, each on top of the breaker, nothing tripping: the issue's adaptive timeout
+# (one request header set; the breaker reads the response headers already); a bulkhead with the
+# configuration example's priority classes, then the same classes with shedding thresholds (no
+# request carries the header: all are standard, and one connection never reaches 90%); and an
+# adaptive limit that starts where the fixed bulkhead is (100), far from full, so both lease.
+TIMEOUT = {"adaptive": {"percentile": 95, "multiplier": 1.5, "margin": "50ms", "min": "100ms", "max": "5s",
+                        "minimum_requests": 50}}
+CLASSES = {"header": "x-priority", "default": "standard",
+           "classes": {"critical": {"reserved": 20}, "background": {"max": 10}}}
+SHED = {"header": "x-priority", "default": "standard",
+        "classes": {"critical": {"reserved": 20}, "standard": {"shed_at": 0.9}, "background": {"max": 10, "shed_at": 0.5}}}
+ADAPTIVE = {"adaptive": {"min": 100, "max": 200}, "queue": BULKHEAD["queue"]}
+
+
+def policy(stack=False, fast_fail=False, timeout=False, bulkhead=None):
     if fast_fail:
         return {"circuit_breaker": {"consecutive_failures": 1, "open_for": "1h"}}
     p = {"circuit_breaker": BREAKER}
     if stack:
         p.update(bulkhead=BULKHEAD, retry=RETRY)
+    if timeout:
+        p["timeout"] = TIMEOUT
+    if bulkhead:
+        p["bulkhead"] = bulkhead
     return p
 
 
@@ -325,6 +343,8 @@ def main():
                     help="requests per variant counted under callgrind (0: skip that pass)")
     ap.add_argument("--only-callgrind", action="store_true",
                     help="skip the CPU-time rounds and the idle pass (a quick look while developing; prints, writes nothing)")
+    ap.add_argument("--variants", default="",
+                    help="with --only-callgrind: only these variants, comma-separated (e.g. noop,breaker_route)")
     args = ap.parse_args()
     if not shutil.which("h2load"):
         sys.exit("h2load not found: apt-get install nghttp2-client")
@@ -343,7 +363,10 @@ def main():
 
         variants = make_variants(args, up_port, dead_port)
         if args.only_callgrind:
+            chosen = set(filter(None, args.variants.split(",")))
             for name, make_yaml in variants.items():
+                if chosen and name not in chosen:
+                    continue
                 per_req, window = instructions_per_request(args.envoy, name, make_yaml, tmp, args.callgrind_requests)
                 print(f"{name}: {per_req:,.0f} instructions/request ({window:.1f}s)")
             return
@@ -411,6 +434,16 @@ def make_variants(args, up_port, dead_port):
         "stack_route": lambda p, a: envoy_yaml(
             p, a, up_port, route_instance(stack=True), route=retry_route, per_route=enable("breakwater-bench"),
             vhost_extras=ATTEMPTS),
+        "timeout_route": lambda p, a: envoy_yaml(
+            p, a, up_port, route_instance(timeout=True), per_route=enable("breakwater-bench")),
+        "bulkhead_route": lambda p, a: envoy_yaml(
+            p, a, up_port, route_instance(bulkhead=BULKHEAD), per_route=enable("breakwater-bench")),
+        "adaptive_route": lambda p, a: envoy_yaml(
+            p, a, up_port, route_instance(bulkhead=ADAPTIVE), per_route=enable("breakwater-bench")),
+        "classes_route": lambda p, a: envoy_yaml(
+            p, a, up_port, route_instance(bulkhead=dict(BULKHEAD, priority=CLASSES)), per_route=enable("breakwater-bench")),
+        "shed_route": lambda p, a: envoy_yaml(
+            p, a, up_port, route_instance(bulkhead=dict(BULKHEAD, priority=SHED)), per_route=enable("breakwater-bench")),
         "stack_rules": lambda p, a: envoy_yaml(
             p, a, up_port, wasm_filter("breakwater", wasm, rules_config(stack=True)), route=retry_route,
             vhost_extras=ATTEMPTS),
@@ -505,6 +538,11 @@ LABELS = {
     "noop": "(2) + no-op Wasm filter",
     "breaker_route": "(3) + Breakwater breaker, per-route instance",
     "stack_route": "(3') + breaker, bulkhead, retry budget: per-route instance",
+    "timeout_route": "(3a) breaker + adaptive timeout",
+    "bulkhead_route": "(3b) breaker + bulkhead (100, a queue)",
+    "adaptive_route": "(3c) breaker + adaptive limit (100-200, a queue)",
+    "classes_route": "(3d) breaker + bulkhead with priority classes",
+    "shed_route": "(3e) breaker + priority classes that shed",
     "stack_rules": "(3'') + the same stack: one filter with route rules",
     "native": "(4) + Envoy native: circuit_breakers, retry_budget, outlier_detection, admission_control",
     "fast_fail": "(5) Breakwater fast-fail (circuit open), per-route instance",

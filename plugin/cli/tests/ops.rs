@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 /// The metric contract of issue 12: Breakwater's own series, as /stats/prometheus shows them.
-const CONTRACT: [&str; 18] = [
+const CONTRACT: [&str; 19] = [
     "breakwater_requests_total",
     "breakwater_slow_calls_total",
     "breakwater_ignored_total",
@@ -33,6 +33,7 @@ const CONTRACT: [&str; 18] = [
     "breakwater_retry_denied_total",
     "breakwater_dry_run_retry_denied_total",
     "breakwater_retry_budget_remaining",
+    "breakwater_timeout_milliseconds",
 ];
 
 fn read(path: &str) -> String {
