@@ -199,8 +199,21 @@ FALLBACK_CLUSTER = """
 # the measured request, then trips its breaker.
 PRIME = {"fast_fail_cache": ["/", "/fail"]}
 
+# The adaptive parts, each on top of the breaker, nothing tripping: the issue's adaptive timeout
+# (one request header set; the breaker reads the response headers already); a bulkhead with the
+# configuration example's priority classes, then the same classes with shedding thresholds (no
+# request carries the header: all are standard, and one connection never reaches 90%); and an
+# adaptive limit that starts where the fixed bulkhead is (100), far from full, so both lease.
+TIMEOUT = {"adaptive": {"percentile": 95, "multiplier": 1.5, "margin": "50ms", "min": "100ms", "max": "5s",
+                        "minimum_requests": 50}}
+CLASSES = {"header": "x-priority", "default": "standard",
+           "classes": {"critical": {"reserved": 20}, "background": {"max": 10}}}
+SHED = {"header": "x-priority", "default": "standard",
+        "classes": {"critical": {"reserved": 20}, "standard": {"shed_at": 0.9}, "background": {"max": 10, "shed_at": 0.5}}}
+ADAPTIVE = {"adaptive": {"min": 100, "max": 200}, "queue": BULKHEAD["queue"]}
 
-def policy(stack=False, fast_fail=False, fallback=None):
+
+def policy(stack=False, fast_fail=False, fallback=None, timeout=False, bulkhead=None):
     if fast_fail:
         p = {"circuit_breaker": {"consecutive_failures": 1, "open_for": "1h"}}
     else:
@@ -209,6 +222,10 @@ def policy(stack=False, fast_fail=False, fallback=None):
         p.update(bulkhead=BULKHEAD, retry=RETRY)
     if fallback:
         p["fallback"] = FALLBACKS[fallback]
+    if timeout:
+        p["timeout"] = TIMEOUT
+    if bulkhead:
+        p["bulkhead"] = bulkhead
     return p
 
 
@@ -462,6 +479,16 @@ def make_variants(args, up_port, dead_port):
         "stack_route": lambda p, a: envoy_yaml(
             p, a, up_port, route_instance(stack=True), route=retry_route, per_route=enable("breakwater-bench"),
             vhost_extras=ATTEMPTS),
+        "timeout_route": lambda p, a: envoy_yaml(
+            p, a, up_port, route_instance(timeout=True), per_route=enable("breakwater-bench")),
+        "bulkhead_route": lambda p, a: envoy_yaml(
+            p, a, up_port, route_instance(bulkhead=BULKHEAD), per_route=enable("breakwater-bench")),
+        "adaptive_route": lambda p, a: envoy_yaml(
+            p, a, up_port, route_instance(bulkhead=ADAPTIVE), per_route=enable("breakwater-bench")),
+        "classes_route": lambda p, a: envoy_yaml(
+            p, a, up_port, route_instance(bulkhead=dict(BULKHEAD, priority=CLASSES)), per_route=enable("breakwater-bench")),
+        "shed_route": lambda p, a: envoy_yaml(
+            p, a, up_port, route_instance(bulkhead=dict(BULKHEAD, priority=SHED)), per_route=enable("breakwater-bench")),
         "stack_rules": lambda p, a: envoy_yaml(
             p, a, up_port, wasm_filter("breakwater", wasm, rules_config(stack=True)), route=retry_route,
             vhost_extras=ATTEMPTS),
@@ -578,6 +605,11 @@ LABELS = {
     "noop": "(2) + no-op Wasm filter",
     "breaker_route": "(3) + Breakwater breaker, per-route instance",
     "stack_route": "(3') + breaker, bulkhead, retry budget: per-route instance",
+    "timeout_route": "(3a) breaker + adaptive timeout",
+    "bulkhead_route": "(3b) breaker + bulkhead (100, a queue)",
+    "adaptive_route": "(3c) breaker + adaptive limit (100-200, a queue)",
+    "classes_route": "(3d) breaker + bulkhead with priority classes",
+    "shed_route": "(3e) breaker + priority classes that shed",
     "stack_rules": "(3'') + the same stack: one filter with route rules",
     "native": "(4) + Envoy native: circuit_breakers, retry_budget, outlier_detection, admission_control",
     "fast_fail": "(5) Breakwater fast-fail (circuit open), per-route instance",

@@ -9,6 +9,10 @@
 //!   [`Stats::max_in_flight_by_tag`] under that word;
 //! * `id=<string>`: the request is logged in [`Stats::arrivals`] with when it arrived and when
 //!   it finished, in microseconds on the upstream's own monotonic clock.
+//!
+//! [`Upstream::set_capacity`] models a server that works on at most that many requests at once
+//! and queues the rest (each waits its turn, then takes its `delay_ms`): latency grows with
+//! load once it passes the capacity, as a real server's does. It can change at run time.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
@@ -211,6 +215,10 @@ impl Books {
 struct Shared {
     books: Mutex<Books>,
     default: Mutex<Behaviour>,
+    /// Requests worked on at once at most (0: no limit), and how many are now.
+    capacity: Mutex<(usize, usize)>,
+    /// Wakes the requests waiting for a place when one frees or the capacity grows.
+    freed: tokio::sync::Notify,
     seq: AtomicU64,
     started: Instant,
 }
@@ -230,6 +238,8 @@ impl Shared {
                 log_first: 0,
             }),
             default: Mutex::new(Behaviour::default()),
+            capacity: Mutex::new((0, 0)),
+            freed: tokio::sync::Notify::new(),
             seq: AtomicU64::new(0),
             started: Instant::now(),
         }
@@ -284,6 +294,38 @@ impl Shared {
         // Guards of requests logged before the reset hold numbers below the new first entry.
         b.log_first += b.log.len() as u64;
         b.log.clear();
+    }
+}
+
+/// A place among the requests the upstream works on at once (see [`Upstream::set_capacity`]);
+/// given back however the request ends.
+struct Place(Arc<Shared>);
+
+impl Place {
+    async fn take(shared: &Arc<Shared>) -> Place {
+        loop {
+            let freed = shared.freed.notified();
+            tokio::pin!(freed);
+            // Registered before the check, so a place freed in between is not missed.
+            freed.as_mut().enable();
+            {
+                let mut c = lock(&shared.capacity);
+                if c.0 == 0 || c.1 < c.0 {
+                    c.1 += 1;
+                    return Place(shared.clone());
+                }
+            }
+            freed.await;
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut c = lock(&self.0.capacity);
+        c.1 = c.1.saturating_sub(1);
+        drop(c);
+        self.0.freed.notify_waiters();
     }
 }
 
@@ -433,6 +475,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             let Ok(received) = req.into_body().collect().await else {
                 return Err(Abort);
             };
+            // Held through the delay: the work a request needs of the server.
+            let _place = Place::take(&shared).await;
             if b.delay_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(b.delay_ms)).await;
             }
@@ -534,6 +578,13 @@ impl Upstream {
     /// Behaviour for requests whose query does not override it.
     pub fn set_default(&self, b: Behaviour) {
         *lock(&self.shared.default) = b;
+    }
+
+    /// Works on at most `n` requests at once (None: no limit); the others wait their turn. A
+    /// change applies to the requests that start waiting or working from now on.
+    pub fn set_capacity(&self, n: Option<usize>) {
+        lock(&self.shared.capacity).0 = n.unwrap_or(0);
+        self.shared.freed.notify_waiters();
     }
 }
 

@@ -325,3 +325,38 @@ async fn arrival_log_is_bounded() {
     let ids: Vec<String> = up.arrivals().into_iter().map(|a| a.id).collect();
     assert_eq!(ids, ["10", "11"]);
 }
+
+/// With a capacity of 2, six requests of 100 ms come back in three waves (each waits its turn);
+/// without one, all at once.
+#[tokio::test]
+async fn a_capacity_queues_the_requests_beyond_it() {
+    let (up, c) = start().await;
+    // Six at once; how long each took, in order.
+    let wave = |c: &H1| {
+        let started = std::time::Instant::now();
+        let calls: Vec<_> = (0..6)
+            .map(|_| {
+                let (c, u) = (c.clone(), url(&up, "/cap?delay_ms=100"));
+                tokio::spawn(async move {
+                    get(&c, u).await;
+                    started.elapsed()
+                })
+            })
+            .collect();
+        async move {
+            let mut took = Vec::new();
+            for call in calls {
+                took.push(call.await.unwrap());
+            }
+            took.sort();
+            took
+        }
+    };
+    up.set_capacity(Some(2));
+    let took = wave(&c).await;
+    assert!(took[1] < Duration::from_millis(190), "the first two at once: {took:?}");
+    assert!(took[5] >= Duration::from_millis(300), "three waves of 100 ms: {took:?}");
+    up.set_capacity(None);
+    let took = wave(&c).await;
+    assert!(took[5] < Duration::from_millis(290), "no capacity: all at once: {took:?}");
+}

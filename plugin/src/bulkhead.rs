@@ -108,16 +108,16 @@ pub fn admit(c: &Rc<Compiled>, p: &Policy, host: &impl Host, vm: &Vm, ticket: u3
             }
             park(c, p, vm, ticket, class, now, recall_only)
         }
-        Acquire::Full if enforce => {
-            p.local(|l| l.counts.reject(Refusal::BulkheadFull));
+        Acquire::Full | Acquire::Shed => {
+            let why = if u.value == Acquire::Shed { Refusal::Shed } else { Refusal::BulkheadFull };
             vm.list(c, p);
-            crate::fallback::refuse(host, vm, p, Refusal::BulkheadFull, RETRY_AFTER_NS, None);
+            if !enforce {
+                p.local(|l| l.counts.dry_run_reject(why));
+                return Permit::None;
+            }
+            p.local(|l| l.counts.reject(why));
+            crate::fallback::refuse(host, vm, p, why, RETRY_AFTER_NS, None);
             Permit::Refused
-        }
-        Acquire::Full => {
-            p.local(|l| l.counts.dry_run_reject(Refusal::BulkheadFull));
-            vm.list(c, p);
-            Permit::None
         }
     }
 }
@@ -133,7 +133,7 @@ fn admitted(c: &Rc<Compiled>, p: &Policy, vm: &Vm, waited: bool) {
 /// The gauges follow the shared state: permits taken (in flight, or idle in a worker's lease)
 /// and requests waiting, as of the last change any worker made. Set, not added, so a worker
 /// that dies takes nothing with it: the counts heal when its permits are reclaimed.
-fn gauges(p: &Policy, host: &impl Host, taken: store::Taken) {
+pub(crate) fn gauges(p: &Policy, host: &impl Host, taken: store::Taken) {
     metrics::set(host, p.metrics(host).bulkhead.active, u64::from(taken.active));
     metrics::set(host, p.metrics(host).bulkhead.queued, u64::from(taken.queued));
 }
@@ -246,7 +246,7 @@ fn trim(p: &Policy, host: &impl Host, vm: &Vm, h: &Holding, keep: u32, draining:
 /// Tells each granted waiter's worker to resume it, and each refused one's to refuse it. A
 /// waiter whose worker is gone (its queue no longer exists) cannot use the permit: it is
 /// returned at once, which may grant others.
-fn notify(p: &Policy, host: &impl Host, vm: &Vm, granted: Vec<Waiter>, refused: Vec<Waiter>) {
+pub(crate) fn notify(p: &Policy, host: &impl Host, vm: &Vm, granted: Vec<Waiter>, refused: Vec<Waiter>) {
     for w in refused {
         host.enqueue(w.worker, &message::ticket(message::REFUSE, w.ticket));
     }
@@ -359,11 +359,9 @@ pub fn maintain(host: &impl Host, vm: &Vm, now: u64) {
             let keep = h.in_use.get();
             trim(p, host, vm, &h, keep, false);
         } else if now.saturating_sub(h.renewed_at.get()) >= b.machine.stale_after_ns / 4 {
-            let worker = vm.worker.get();
-            if let Some((u, taken)) = store::bulkhead(host, &p.bulkhead_key, |s| s.renew(&b.machine, now, worker)) {
-                gauges(p, host, taken);
+            // A renewal is a hand-over of no latency samples.
+            if crate::timeout::renew(p, b, host, vm, now, Default::default()) {
                 h.renewed_at.set(now);
-                notify(p, host, vm, u.granted, u.refused);
             }
         }
     }

@@ -164,6 +164,8 @@ pub struct Policy {
     pub reject: Reject,
     /// What a refused request gets instead of `reject` ([`crate::fallback`]).
     pub fallback: Option<Fallback>,
+    /// `timeout.adaptive`: the upstream timeout set on each request (see [`crate::timeout`]).
+    pub timeout: Option<breakwater_policies::TimeoutRule>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -320,7 +322,9 @@ fn control(v: &Value, path: &str) -> Result<Control> {
 }
 
 fn policy(name: &str, v: &Value, path: &str) -> Result<Policy> {
-    let o = Obj::new(v, path, &["mode", "circuit_breaker", "bulkhead", "retry", "reject", "fallback"])?;
+    let o = Obj::new(v, path, &["mode", "circuit_breaker", "bulkhead", "retry", "reject", "fallback", "timeout"])?;
+    // First: a refusal here has nothing parsed yet to drop (less code).
+    let timeout = o.get("timeout").map(|(v, p)| adaptive::timeout(v, &p)).transpose()?;
     let mode = match o.get("mode") {
         None => Mode::Enforce,
         Some((v, p)) => match v.as_str() {
@@ -337,10 +341,14 @@ fn policy(name: &str, v: &Value, path: &str) -> Result<Policy> {
         retry: o.get("retry").map(|(v, p)| retry(v, &p)).transpose()?,
         reject: o.get("reject").map(|(v, p)| reject(v, &p, false)).transpose()?.unwrap_or_default(),
         fallback: None,
+        timeout,
     };
     if let Some((v, path)) = o.get("fallback") {
-        let queue = p.bulkhead.as_ref().is_some_and(|b| b.machine.queue_max > 0);
-        p.fallback = Some(fallback::fallback(v, &path, [p.breaker.is_some(), p.bulkhead.is_some(), queue])?);
+        let bulkhead = p.bulkhead.as_ref();
+        let queue = bulkhead.is_some_and(|b| b.machine.queue_max > 0);
+        let shed = bulkhead.is_some_and(|b| b.machine.classes.iter().any(|c| c.shed_at_milli.is_some()));
+        let makes = [p.breaker.is_some(), bulkhead.is_some(), queue, shed];
+        p.fallback = Some(fallback::fallback(v, &path, makes)?);
     }
     Ok(p)
 }
@@ -446,10 +454,17 @@ fn breaker(v: &Value, path: &str) -> Result<Breaker> {
 }
 
 fn bulkhead(v: &Value, path: &str) -> Result<Bulkhead> {
-    let o = Obj::new(v, path, &["max_concurrent", "queue", "priority"])?;
-    let (v, p) = o.req("max_concurrent")?;
-    let max_concurrent = count(v, &p, 1)?;
-    let mut m = BulkheadConfig { max_concurrent, ..BulkheadConfig::default() };
+    let o = Obj::new(v, path, &["max_concurrent", "adaptive", "queue", "priority"])?;
+    // An adaptive limit, or max_concurrent (refused as missing when neither is set).
+    let adaptive = adaptive::limit(&o)?;
+    let mut m = BulkheadConfig { adaptive, ..BulkheadConfig::default() };
+    m.max_concurrent = match adaptive {
+        Some(a) => a.max,
+        None => {
+            let (v, p) = o.req("max_concurrent")?;
+            count(v, &p, 1)?
+        }
+    };
     if let Some((v, path)) = o.get("queue") {
         let q = Obj::new(v, &path, &["max_size", "timeout"])?;
         let (v, p) = q.req("max_size")?;
@@ -474,16 +489,22 @@ fn priority(v: &Value, path: &str, m: &mut BulkheadConfig) -> Result<Priority> {
     check_class_name(&dp, default)?;
     let (map, cpath) = p.req("classes")?;
     let map = map.as_object().ok_or_else(|| expected(&cpath, "an object of classes by name", map))?;
+    // Reservations must leave every class a permit at the lowest limit.
+    let (floor, bound) = match &m.adaptive {
+        Some(a) => (a.min, "adaptive.min"),
+        None => (m.max_concurrent, "max_concurrent"),
+    };
     let mut names = Vec::new();
     let mut limits = Vec::new();
     for (name, body) in map {
         let path = join(&cpath, name);
         check_class_name(&path, name)?;
-        let c = Obj::new(body, &path, &["reserved", "max"])?;
+        let c = Obj::new(body, &path, &["reserved", "max", "shed_at"])?;
         let mut limit = ClassLimit::default();
         if let Some((v, p)) = c.get("reserved") {
-            limit.reserved = bounded(v, &p, 0, m.max_concurrent)?;
+            limit.reserved = bounded(v, &p, 0, floor)?;
         }
+        adaptive::shed(&c, &mut limit)?;
         if let Some((v, p)) = c.get("max") {
             let max = bounded(v, &p, 1, m.max_concurrent)?;
             if max < limit.reserved {
@@ -507,21 +528,17 @@ fn priority(v: &Value, path: &str, m: &mut BulkheadConfig) -> Result<Priority> {
         return err(&cpath, format!("at most {MAX_CLASSES} classes, the default included"));
     }
     let reserved: u64 = limits.iter().map(|l| u64::from(l.reserved)).sum();
-    if reserved > u64::from(m.max_concurrent) {
-        return err(&cpath, format!("reserved capacity ({reserved}) exceeds max_concurrent ({})", m.max_concurrent));
+    if reserved > u64::from(floor) {
+        return err(&cpath, format!("reserved capacity ({reserved}) exceeds {bound} ({floor})"));
     }
     // Every class must be able to run at least one request.
     for (name, l) in names.iter().zip(&limits) {
         let others = reserved - u64::from(l.reserved);
-        if u64::from(m.max_concurrent) <= others {
+        if u64::from(floor) <= others {
             let what = if names.get(default) == Some(name) { "the default class" } else { "class" };
             return err(
                 &cpath,
-                format!(
-                    "leaves {what} {} no capacity: the other classes reserve all {} permits",
-                    show_str(name),
-                    m.max_concurrent
-                ),
+                format!("leaves {what} {} no capacity: the other classes reserve all {floor} permits", show_str(name),),
             );
         }
     }
@@ -1164,6 +1181,7 @@ impl<'de> Visitor<'de> for Seed<'_> {
     }
 }
 
+mod adaptive;
 pub mod fallback;
 #[cfg(test)]
 mod fuzz;

@@ -7,7 +7,10 @@
 //! the retry budget from the worker's stock), counted by the unit tests:
 //! * request headers: none with a per-route filter instance (`policy` in its configuration);
 //!   the route name (and whatever else the rules look at) with route rules;
-//! * response headers: one read of all of them, for a policy with a breaker or retries;
+//! * request headers: one header set (`x-envoy-upstream-rq-timeout-ms`) for a policy with an
+//!   adaptive timeout, once it has enough samples;
+//! * response headers: one read of all of them, for a policy with a breaker, retries, an
+//!   adaptive timeout or an adaptive limit;
 //! * `on_log`: none. Stats are counted on the worker and flushed on the tick.
 
 use crate::breaker::{self, Call};
@@ -17,6 +20,7 @@ use crate::host::{property_u64, Host};
 use crate::outcome::{self, grpc_status, Response};
 use crate::retry::{self, Grant};
 use crate::routes::HostAttributes;
+use crate::timeout;
 use crate::vm::Vm;
 use crate::{Compiled, Policy, Select};
 use alloc::rc::Rc;
@@ -39,6 +43,8 @@ pub struct Tracked {
     pub permit: Permit,
     /// The retries it was allowed, if its policy has a retry section.
     pub retry: Option<Grant>,
+    /// Its adaptive timeout, and whether its latency is sampled.
+    pub adaptive: timeout::Sent,
     /// What the response headers (and trailers) said; all zero until they pass.
     pub response: Response,
 }
@@ -47,7 +53,7 @@ impl Tracked {
     /// Whether its outcome needs the response headers: the breaker judges it, or retries are
     /// counted from its attempt count.
     fn reads_response(&self) -> bool {
-        self.call.is_some() || self.retry.is_some()
+        self.call.is_some() || self.retry.is_some() || self.adaptive.sampled
     }
 }
 
@@ -86,7 +92,8 @@ pub fn on_request_headers(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, ticket: u
     }
     // A waiting request reserves its retries now, with its headers.
     let retry = retry::reserve(c, p, host, vm);
-    let stream = Tracked { policy: p.index, call, permit, retry, response: Response::default() };
+    let adaptive = timeout::apply(p, host);
+    let stream = Tracked { policy: p.index, call, permit, retry, adaptive, response: Response::default() };
     let action = if matches!(permit, Permit::Waiting(_)) { Action::Stop } else { Action::Continue };
     (action, Stream::Tracked(stream))
 }
@@ -134,16 +141,21 @@ pub fn on_log(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, ticket: u32, stream: 
     if let Some(grant) = t.retry {
         retry::settle(c, p, host, vm, grant, forwarded, &t.response);
     }
+    // Envoy's response flags, read at most once, and only when needed.
+    let read = core::cell::Cell::new(None);
+    let flags = || {
+        let f = read.get().unwrap_or_else(|| property_u64(host, &["response", "flags"]).unwrap_or(0));
+        read.set(Some(f));
+        f
+    };
+    timeout::record(c, p, vm, t.adaptive, &t.response, forwarded, flags);
     let (Some(call), Some(b)) = (t.call, &p.cfg.breaker) else { return };
     // What Breakwater itself answered, or what never left the queue, says nothing of the
     // upstream: not counted at all; a probe slot it held is given back.
     let verdict = forwarded.then(|| {
-        outcome::classify(
-            &b.failure_on,
-            &t.response,
-            || property_u64(host, &["response", "flags"]).unwrap_or(0),
-            || host.property(&["response", "code_details"]).is_some_and(|d| d == b"via_upstream"),
-        )
+        outcome::classify(&b.failure_on, &t.response, flags, || {
+            host.property(&["response", "code_details"]).is_some_and(|d| d == b"via_upstream")
+        })
     });
     // Slow is judged on the time to the upstream's response headers, so time spent queued, a
     // long stream body (websocket, gRPC stream, SSE) or a slow client never make a call slow.

@@ -11,6 +11,8 @@
 //! * [`control`] is the status and control endpoint: a filter instance of its own, on an
 //!   operator-only listener, that reads and steers the policies of every other instance in
 //!   the VM.
+//! * [`timeout`] sets each request's adaptive timeout and batches the latency samples of
+//!   adaptive timeouts and adaptive concurrency limits.
 //! * [`reply`] answers refused requests; [`metrics`] counts on the worker and flushes on the tick.
 //! * [`tick`] is each worker's periodic sync: batched successes, views of the breakers, retry
 //!   budget hand-overs, bulkhead leases and queue timeouts, in proportion to what changed.
@@ -46,6 +48,7 @@ pub mod retry;
 pub mod routes;
 pub mod store;
 pub mod tick;
+pub mod timeout;
 pub mod vm;
 pub mod waiters;
 #[cfg(target_arch = "wasm32")]
@@ -127,7 +130,9 @@ impl Policy {
                 let (state, _) = store::load::<BreakerState>(host, &self.breaker_key);
                 m.set_state(host, metrics::state_name(&state, b.force));
             }
-            if let Some(b) = &self.cfg.bulkhead {
+            // An adaptive limit is set by the worker that judges it (the gauge keeps its value
+            // across a configuration change).
+            if let Some(b) = self.cfg.bulkhead.as_ref().filter(|b| b.machine.adaptive.is_none()) {
                 metrics::set(host, m.bulkhead.limit, u64::from(b.machine.max_concurrent));
             }
             m

@@ -41,6 +41,8 @@ pub struct Local {
     pub retry: RetryLocal,
     /// Stats not yet added to Envoy's counters.
     pub counts: Counts,
+    /// Latency samples and the timeout (adaptive timeout and limit): [`crate::timeout`].
+    pub adaptive: crate::timeout::Local,
     /// When the counts were last added to Envoy's.
     pub flushed_at: u64,
     /// On the worker's list of policies the next tick must visit.

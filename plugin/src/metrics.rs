@@ -83,6 +83,8 @@ pub struct PolicyMetrics {
     pub retry: RetryMetrics,
     /// `fallback_total{kind, result}`, as [`Counts::fallback`]; only the kinds configured.
     pub fallback: [Option<u32>; 6],
+    /// Gauge: the adaptive timeout set on requests now, ms (0: none yet, the route's applies).
+    pub timeout_ms: Option<u32>,
 }
 
 /// The bulkhead's stats; all None for a policy without a bulkhead.
@@ -92,7 +94,7 @@ pub struct BulkheadMetrics {
     /// all workers, set from the shared state by whichever worker changed it last.
     pub active: Option<u32>,
     pub queued: Option<u32>,
-    /// Gauge: `max_concurrent`.
+    /// Gauge: `max_concurrent`, or the adaptive limit now.
     pub limit: Option<u32>,
     /// Every admission, at once or after waiting.
     pub admitted: Option<u32>,
@@ -150,6 +152,7 @@ impl PolicyMetrics {
                 Refusal::CircuitOpen => breaker.is_some(),
                 Refusal::BulkheadFull => bulkhead.is_some(),
                 Refusal::QueueTimeout => bulkhead.is_some_and(|b| b.machine.queue_max > 0),
+                Refusal::Shed => bulkhead.is_some_and(|b| b.machine.classes.iter().any(|c| c.shed_at_milli.is_some())),
             };
             if !applies {
                 continue;
@@ -171,6 +174,9 @@ impl PolicyMetrics {
                 waited: define(Counter, "bulkhead_waited_total", ""),
                 queue_ms: define(Histogram, "bulkhead_queue_wait_milliseconds", ""),
             };
+        }
+        if p.timeout.is_some() {
+            m.timeout_ms = define(MetricKind::Gauge, "timeout_milliseconds", "");
         }
         if let Some(r) = &p.retry {
             let budgeted = |id: Option<u32>| if r.budget.is_some() { id } else { None };

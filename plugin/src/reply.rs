@@ -15,10 +15,12 @@ pub enum Refusal {
     CircuitOpen,
     BulkheadFull,
     QueueTimeout,
+    /// Its priority class is shed (`shed_at`).
+    Shed,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 3] = [Refusal::CircuitOpen, Refusal::BulkheadFull, Refusal::QueueTimeout];
+    pub const ALL: [Refusal; 4] = [Refusal::CircuitOpen, Refusal::BulkheadFull, Refusal::QueueTimeout, Refusal::Shed];
 
     /// The `x-breakwater` header value.
     pub fn header(self) -> &'static str {
@@ -26,6 +28,7 @@ impl Refusal {
             Refusal::CircuitOpen => "circuit-open",
             Refusal::BulkheadFull => "bulkhead-full",
             Refusal::QueueTimeout => "queue-timeout",
+            Refusal::Shed => "shed",
         }
     }
 
@@ -35,6 +38,7 @@ impl Refusal {
             Refusal::CircuitOpen => "circuit_open",
             Refusal::BulkheadFull => "bulkhead_full",
             Refusal::QueueTimeout => "queue_timeout",
+            Refusal::Shed => "shed",
         }
     }
 

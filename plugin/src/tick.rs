@@ -7,11 +7,13 @@
 //! * breakers: batches handed over once due, suspect and open breakers moved on time
 //!   ([`breaker::tick`]);
 //! * bulkheads: idle leases back, held permits renewed, waiters past their time answered;
+//! * latency samples to the adaptive timeouts' histograms once a window slice, and to adaptive
+//!   limits four times a window ([`timeout::sync`]);
 //! * the worker's place in the roster renewed every two seconds.
 
 use crate::host::Host;
 use crate::vm::Vm;
-use crate::{breaker, bulkhead, retry};
+use crate::{breaker, bulkhead, retry, timeout};
 use breakwater_policies::MS;
 
 /// Stats reach Envoy this long after they are counted, at most (plus a tick).
@@ -37,7 +39,8 @@ pub fn tick(host: &impl Host, vm: &Vm) {
             }
         }
         let counts_left = p.local(|l| !l.counts.is_empty());
-        if retry::sync(p, host, now) || counts_left {
+        let samples_left = timeout::sync(&c, p, host, vm, now);
+        if retry::sync(p, host, now) || counts_left || samples_left {
             vm.list(&c, p);
         }
     }

@@ -23,6 +23,7 @@
 //! lease that may hold idle permits is left ([`Update::refused`]). Leases are for bulkheads
 //! without priority classes.
 
+use crate::adaptive::{AdaptiveConfig, Limiter};
 use crate::codec::{Reader, Writer};
 use alloc::vec::Vec;
 
@@ -33,6 +34,8 @@ pub struct ClassLimit {
     pub reserved: u32,
     /// At most this many in flight; None: only `max_concurrent` bounds it.
     pub max: Option<u32>,
+    /// Shed (refuse at once) when the permits taken reach this many thousandths of the limit.
+    pub shed_at_milli: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +52,9 @@ pub struct BulkheadConfig {
     /// How long a request waits for lease holders to answer a recall, when it may not wait in
     /// the queue; they answer within one cross-worker hop unless their VM died.
     pub recall_timeout_ns: u64,
+    /// An adaptive limit (see [`crate::adaptive`]) instead of `max_concurrent`, which is then
+    /// its `max`.
+    pub adaptive: Option<AdaptiveConfig>,
 }
 
 impl Default for BulkheadConfig {
@@ -60,6 +66,7 @@ impl Default for BulkheadConfig {
             classes: alloc::vec![ClassLimit::default()],
             stale_after_ns: 10 * crate::SECOND,
             recall_timeout_ns: 100 * crate::MS,
+            adaptive: None,
         }
     }
 }
@@ -115,6 +122,8 @@ pub enum Acquire {
     },
     /// No permit and no room to wait: reject.
     Full,
+    /// Its class is shed (see [`BulkheadState::sheds`]): reject.
+    Shed,
 }
 
 /// The result of an operation: its value, whether the state changed (needs writing back), the
@@ -130,12 +139,14 @@ pub struct Update<T> {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BulkheadState {
-    holders: Vec<Holder>,
+    pub(crate) holders: Vec<Holder>,
     /// Arrival order.
-    waiters: Vec<Waiter>,
+    pub(crate) waiters: Vec<Waiter>,
+    /// The adaptive limit, for a bulkhead that has one.
+    pub(crate) limiter: Option<Limiter>,
 }
 
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 
 /// Most permits a worker takes as one lease.
 pub const MAX_LEASE: u32 = 16;
@@ -186,12 +197,12 @@ impl BulkheadState {
         if cfg.classes.len() > 1 || cfg.classes.iter().any(|c| c.max.is_some()) || !self.waiters.is_empty() {
             return 0;
         }
-        let room = (cfg.max_concurrent / 2).saturating_sub(self.active());
+        let room = (self.limit(cfg) / 2).saturating_sub(self.active());
         (room / 4).max(u32::from(room > 0)).min(MAX_LEASE)
     }
 
     /// Workers other than `worker` whose leases may hold idle permits.
-    fn idle_capable(&self, worker: u32) -> Vec<u32> {
+    pub(crate) fn idle_capable(&self, worker: u32) -> Vec<u32> {
         self.holders.iter().filter(|h| h.worker != worker && h.may_idle()).map(|h| h.worker).collect()
     }
 
@@ -200,13 +211,13 @@ impl BulkheadState {
     /// configuration does not have (a waiter from before a reload) has no limits of its own;
     /// class 255 is never admitted: a holder's counts are stored for 255 classes at most.
     pub fn admissible(&self, cfg: &BulkheadConfig, class: usize) -> bool {
-        let total = self.active();
+        let (total, limit) = (self.active(), self.limit(cfg));
         let mine = self.active_of(class);
-        if total >= cfg.max_concurrent || class >= usize::from(u8::MAX) {
+        if total >= limit || class >= usize::from(u8::MAX) {
             return false;
         }
-        let limit = cfg.classes.get(class).copied().unwrap_or_default();
-        if limit.max.is_some_and(|m| mine >= m) {
+        let own = cfg.classes.get(class).copied().unwrap_or_default();
+        if own.max.is_some_and(|m| mine >= m) {
             return false;
         }
         let held_back: u32 = cfg
@@ -216,7 +227,7 @@ impl BulkheadState {
             .filter(|(c, _)| *c != class)
             .map(|(c, l)| l.reserved.saturating_sub(self.active_of(c)))
             .fold(0u32, |a, n| a.saturating_add(n));
-        cfg.max_concurrent - total > held_back
+        limit - total > held_back
     }
 
     /// A request arrives: take a permit, or wait (if `may_wait` and there is room), or be refused.
@@ -240,11 +251,14 @@ impl BulkheadState {
     pub fn ask(&mut self, cfg: &BulkheadConfig, now: u64, ask: Ask) -> Update<Acquire> {
         let (pruned, granted, refused) = self.prune(cfg, now);
         let Ask { worker, class, ticket, may_wait, may_pause, lease } = ask;
-        let value = if self.admissible(cfg, usize::from(class)) {
+        let value = if self.sheds(cfg, usize::from(class)) {
+            Acquire::Shed
+        } else if self.admissible(cfg, usize::from(class)) {
             let size = if lease && class == 0 { self.lease_size(cfg) } else { 0 };
             if let Some(h) = self.holder_mut(now, worker).filter(|_| size > 0) {
                 h.lease = h.lease.saturating_add(size);
                 h.draining = false;
+                self.saw_taken();
                 Acquire::Leased(size)
             } else {
                 self.take(now, worker, class);
@@ -263,7 +277,7 @@ impl BulkheadState {
                 Acquire::Full
             }
         };
-        Update { changed: pruned || value != Acquire::Full, value, granted, refused }
+        Update { changed: pruned || !matches!(value, Acquire::Full | Acquire::Shed), value, granted, refused }
     }
 
     /// `worker` keeps only `keep` permits of its lease (those in use) and gives the rest back;
@@ -348,10 +362,19 @@ impl BulkheadState {
         if let Some(n) = h.active.get_mut(c) {
             *n = n.saturating_add(1);
         }
+        self.saw_taken();
+    }
+
+    /// An adaptive limiter notes the permits taken (its window's peak).
+    fn saw_taken(&mut self) {
+        let taken = self.active();
+        if let Some(l) = self.limiter.as_mut() {
+            l.saw(taken);
+        }
     }
 
     /// Hands permits to waiters, first in line first, while any waiter may take one.
-    fn grant(&mut self, cfg: &BulkheadConfig, now: u64, granted: &mut Vec<Waiter>) {
+    pub(crate) fn grant(&mut self, cfg: &BulkheadConfig, now: u64, granted: &mut Vec<Waiter>) {
         while let Some(i) = self.waiters.iter().position(|w| self.admissible(cfg, usize::from(w.class))) {
             let w = self.waiters.remove(i);
             self.take(now, w.worker, w.class);
@@ -360,7 +383,7 @@ impl BulkheadState {
     }
 
     /// Refuses the recall-only waiters once no lease is left that may hold an idle permit.
-    fn settle_recalls(&mut self, refused: &mut Vec<Waiter>) {
+    pub(crate) fn settle_recalls(&mut self, refused: &mut Vec<Waiter>) {
         if self.holders.iter().any(Holder::may_idle) || !self.waiters.iter().any(|w| w.recall_only) {
             return;
         }
@@ -397,7 +420,7 @@ impl BulkheadState {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::with_capacity(8 + 24 * self.holders.len() + 17 * self.waiters.len());
+        let mut w = Writer::with_capacity(45 + 24 * self.holders.len() + 17 * self.waiters.len());
         w.u8(VERSION);
         w.u8(self.holders.len().min(255) as u8);
         for h in self.holders.iter().take(255) {
@@ -417,6 +440,13 @@ impl BulkheadState {
             w.u8(x.class);
             w.u64(x.since);
             w.u8(u8::from(x.recall_only));
+        }
+        match &self.limiter {
+            None => w.u8(0),
+            Some(l) => {
+                w.u8(1);
+                l.encode(&mut w);
+            }
         }
         w.buf
     }
@@ -443,7 +473,8 @@ impl BulkheadState {
             let (worker, ticket, class, since) = (r.u32()?, r.u32()?, r.u8()?, r.u64()?);
             waiters.push(Waiter { worker, ticket, class, since, recall_only: flag(r.u8()?)? });
         }
-        r.is_empty().then_some(BulkheadState { holders, waiters })
+        let limiter = if flag(r.u8()?)? { Some(Limiter::decode(&mut r)?) } else { None };
+        r.is_empty().then_some(BulkheadState { holders, waiters, limiter })
     }
 }
 

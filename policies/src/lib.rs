@@ -8,17 +8,21 @@
 
 extern crate alloc;
 
+pub mod adaptive;
 pub mod breaker;
 pub mod bulkhead;
 pub mod codec;
+pub mod latency;
 pub mod retry;
 pub mod roster;
 pub mod window;
 
+pub use adaptive::{AdaptiveConfig, Latencies};
 pub use breaker::{
     Admission, Batch, BreakerConfig, BreakerState, Forced, Outcome, Phase, Recorded, Transition, TripReason,
 };
 pub use bulkhead::{Acquire, BulkheadConfig, BulkheadState, ClassLimit};
+pub use latency::{Histogram, LatencyState, TimeoutRule};
 pub use retry::{BudgetConfig, BudgetState};
 pub use roster::Roster;
 pub use window::Window;

@@ -1,7 +1,8 @@
 //! The state decoders against bytes nobody wrote: shared data is shared with every worker, with
 //! other versions of the plugin during an upgrade, and with whatever else writes under the key.
 //!
-//! For each state (breaker, bulkhead, retry budget) `decode` gets arbitrary bytes, bytes behind
+//! For each state (breaker, bulkhead with its adaptive limiter, retry budget, latency histogram)
+//! `decode` gets arbitrary bytes, bytes behind
 //! the right version byte, states written field by field with any value in any field, and
 //! valid encodings of states that operations built, cut, flipped or with a field set to an
 //! extreme. It must not panic, and whatever it accepts must then survive a run of real
@@ -18,12 +19,14 @@
 //!   (an empty holder dropped) without being written back, which the next write does;
 //! * what the state machines promise, as far as it shows from outside: a probe only with a
 //!   free probe slot, a re-trip opens for a period the configuration allows; the bulkhead never
-//!   takes more permits than the limit, a class's max or the others' reservations allow, leaves
-//!   no waiter that could be admitted, and grants or refuses only waiters that were waiting; a
-//!   budget withdrawal never takes more than the budget has.
+//!   takes more permits than the limit, a class's max or the others' reservations allow, admits
+//!   only below its current (adaptive) limit, keeps that limit within min and max, takes
+//!   nothing for a shed request, leaves no waiter that could be admitted, and grants or refuses
+//!   only waiters that were waiting; a budget withdrawal never takes more than the budget has;
+//!   an adaptive timeout lies within its min and max, and a percentile within the histogram.
 //!
-//! Every strict prefix of a valid encoding is refused: a value cut short is never read as
-//! another state.
+//! Every strict prefix of a valid encoding is refused (of the latency state's 5.8 KB, a
+//! sample of them): a value cut short is never read as another state.
 //!
 //! Deterministic: a fixed seed, no persistence of failures. `make wasm-test` runs these again as
 //! wasm32 in Wasmtime (about as fast), so the case counts stay small. The strategies are boxed:
@@ -32,9 +35,11 @@
 
 use breakwater_policies::breaker::{RateRule, SlowRule};
 use breakwater_policies::bulkhead::{Ask, Update, Waiter, MAX_LEASE};
+use breakwater_policies::latency::{upper_ms, BUCKETS};
 use breakwater_policies::{
-    Acquire, Admission, Batch, BreakerConfig, BreakerState, BudgetConfig, BudgetState, BulkheadConfig, BulkheadState,
-    ClassLimit, Forced, Outcome, Phase, Transition, MS, SECOND,
+    Acquire, AdaptiveConfig, Admission, Batch, BreakerConfig, BreakerState, BudgetConfig, BudgetState, BulkheadConfig,
+    BulkheadState, ClassLimit, Forced, Histogram, Latencies, LatencyState, Outcome, Phase, TimeoutRule, Transition, MS,
+    SECOND,
 };
 use core::fmt::Debug;
 use proptest::collection::vec;
@@ -250,7 +255,10 @@ fn fuzz<S: Subject>(cfg: &S::Cfg, input: &Input<S::Op>, start: u64, ops: &[(When
             let mut s = S::default();
             run(&mut s, cfg, built_by, &mut Clock(*t), true);
             let mut b = s.encode();
-            for cut in 0..b.len() {
+            // Every cut of a short encoding; of a long one (the latency state's 5.8 KB) the
+            // first and last 64 and every 97th between, or the check alone takes minutes.
+            let near_an_end = |cut: &usize| *cut < 64 || *cut + 64 > b.len() || cut.is_multiple_of(97);
+            for cut in (0..b.len()).filter(near_an_end) {
                 assert_eq!(S::decode(&b[..cut]), None, "{cut} of {} bytes of {s:?}", b.len());
             }
             mutate(&mut b, m);
@@ -444,11 +452,24 @@ impl Subject for BreakerState {
 // ---------------------------------------------------------------------------------------------
 // The bulkhead
 
+/// An adaptive limit as `config::parse` makes them: min ≤ initial ≤ max, tolerance 1–10,
+/// window 100ms–1m; `max` is the bulkhead's `max_concurrent`.
+fn adaptive_config(max: u32) -> BoxedStrategy<AdaptiveConfig> {
+    (any::<Index>(), any::<Index>(), 1000..=10_000u32, 100 * MS..=60 * SECOND)
+        .prop_map(move |(min, initial, tolerance_milli, window_ns)| {
+            let min = 1 + min.index(max as usize) as u32;
+            let initial = min + initial.index((max - min + 1) as usize) as u32;
+            AdaptiveConfig { min, max, initial, tolerance_milli, window_ns }
+        })
+        .boxed()
+}
+
 /// A bulkhead configuration as `config::parse` makes them: one class without limits of its own
-/// (no priority section), or up to 16 whose reservations leave every class some capacity.
+/// (no priority section), or up to 16 whose reservations leave every class some capacity, some
+/// shed; with a fixed or an adaptive limit.
 fn bulkhead_config() -> BoxedStrategy<BulkheadConfig> {
-    let class = (0..4u32, proptest::option::of(1..6u32));
-    let classes = prop_oneof![Just(vec![(0, None)]), vec(class, 1..=16)];
+    let class = (0..4u32, proptest::option::of(1..6u32), proptest::option::of(1..=1000u32));
+    let classes = prop_oneof![Just(vec![(0, None, None)]), vec(class, 1..=16)];
     (
         prop_oneof![3 => 1..12u32, 1 => 12..200u32, 1 => Just(1_000_000)],
         prop_oneof![Just(0u32), 1..5u32, Just(10_000)],
@@ -457,25 +478,31 @@ fn bulkhead_config() -> BoxedStrategy<BulkheadConfig> {
         10 * SECOND..=200 * SECOND,
         20 * MS..=20 * SECOND,
     )
-        .prop_map(|(max_concurrent, queue_max, queue_timeout_ns, classes, stale_after_ns, recall_timeout_ns)| {
-            let mut limits = Vec::new();
-            let mut reserved = 0u32;
-            for (r, max) in classes {
-                // Keep the parser's rules: reserved ≤ max ≤ max_concurrent, and a permit for
-                // every class beyond all the others' reservations.
-                let r = r.min(max_concurrent.saturating_sub(1).saturating_sub(reserved) / 2);
-                let max = max.map(|m| m.max(r).max(1).min(max_concurrent));
-                reserved += r;
-                limits.push(ClassLimit { reserved: r, max });
-            }
-            BulkheadConfig {
-                max_concurrent,
-                queue_max,
-                queue_timeout_ns,
-                classes: limits,
-                stale_after_ns,
-                recall_timeout_ns,
-            }
+        .prop_flat_map(|(max_concurrent, queue_max, queue_timeout_ns, classes, stale_after_ns, recall_timeout_ns)| {
+            let adaptive = proptest::option::of(adaptive_config(max_concurrent));
+            adaptive.prop_map(move |adaptive| {
+                // Reservations must leave every class a permit at the lowest limit.
+                let floor = adaptive.map_or(max_concurrent, |a| a.min);
+                let mut limits = Vec::new();
+                let mut reserved = 0u32;
+                for &(r, max, shed_at_milli) in &classes {
+                    // Keep the parser's rules: reserved ≤ max ≤ max_concurrent, and a permit for
+                    // every class beyond all the others' reservations.
+                    let r = r.min(floor.saturating_sub(1).saturating_sub(reserved) / 2);
+                    let max = max.map(|m| m.max(r).max(1).min(max_concurrent));
+                    reserved += r;
+                    limits.push(ClassLimit { reserved: r, max, shed_at_milli });
+                }
+                BulkheadConfig {
+                    max_concurrent,
+                    queue_max,
+                    queue_timeout_ns,
+                    classes: limits,
+                    stale_after_ns,
+                    recall_timeout_ns,
+                    adaptive,
+                }
+            })
         })
         .boxed()
 }
@@ -492,14 +519,29 @@ fn class() -> BoxedStrategy<u8> {
     prop_oneof![8 => 0..3u8, 1 => 0..17u8, 1 => any::<u8>()].boxed()
 }
 
-/// A bulkhead state, field by field: version 2, holders (worker, seen_at, lease, draining,
-/// permits by class), waiters (worker, ticket, class, since, recall_only).
+/// A limiter as the bulkhead writes it: a presence flag (now and then another byte), then the
+/// limit (thousandths), baseline, window start, sum, count and peak.
+fn limiter_fields() -> BoxedStrategy<Vec<u8>> {
+    let big = || prop_oneof![0..200_000u64, any::<u64>(), Just(u64::MAX)];
+    prop_oneof![
+        3 => Just(vec![0u8]),
+        6 => (big(), big(), time(), big(), count(), count())
+            .prop_map(|(limit, baseline, since, sum, n, peak)| {
+                Bytes::default().u8(1).u64(limit).u64(baseline).u64(since).u64(sum).u32(n).u32(peak).0
+            }),
+        1 => any::<u8>().prop_map(|b| vec![b]),
+    ]
+    .boxed()
+}
+
+/// A bulkhead state, field by field: version 3, holders (worker, seen_at, lease, draining,
+/// permits by class), waiters (worker, ticket, class, since, recall_only), the limiter.
 fn bulkhead_fields() -> BoxedStrategy<Vec<u8>> {
     let holder = (worker(), time(), count(), any::<bool>(), vec(count(), 0..4));
     let waiter = (worker(), ticket(), class(), time(), any::<bool>());
-    (vec(holder, 0..5), vec(waiter, 0..6))
-        .prop_map(|(holders, waiters)| {
-            let mut b = Bytes::default().u8(2).u8(holders.len() as u8);
+    (vec(holder, 0..5), vec(waiter, 0..6), limiter_fields())
+        .prop_map(|(holders, waiters, limiter)| {
+            let mut b = Bytes::default().u8(3).u8(holders.len() as u8);
             for (worker, seen_at, lease, draining, active) in holders {
                 b = b.u32(worker).u64(seen_at).u32(lease).u8(u8::from(draining)).u8(active.len() as u8);
                 for n in active {
@@ -510,6 +552,7 @@ fn bulkhead_fields() -> BoxedStrategy<Vec<u8>> {
             for (worker, ticket, class, since, recall_only) in waiters {
                 b = b.u32(worker).u32(ticket).u8(class).u64(since).u8(u8::from(recall_only));
             }
+            b.0.extend(limiter);
             b.0
         })
         .boxed()
@@ -543,6 +586,8 @@ enum BulkheadOp {
     Renew(Who),
     /// A holder, keep, draining.
     TrimLease(Who, u32, bool),
+    /// A holder (or anyone) hands over latency samples: their sum (ms) and count.
+    Adapt(Who, u64, u32),
 }
 
 fn bulkhead_op() -> BoxedStrategy<BulkheadOp> {
@@ -557,6 +602,7 @@ fn bulkhead_op() -> BoxedStrategy<BulkheadOp> {
         2 => who().prop_map(BulkheadOp::Withdraw),
         1 => who().prop_map(BulkheadOp::Renew),
         2 => (who(), keep, any::<bool>()).prop_map(|(w, k, d)| BulkheadOp::TrimLease(w, k, d)),
+        2 => (who(), prop_oneof![0..100_000u64, any::<u64>()], count()).prop_map(|(w, s, n)| BulkheadOp::Adapt(w, s, n)),
     ]
     .boxed()
 }
@@ -678,20 +724,31 @@ impl Subject for BulkheadState {
         let before = self.clone();
         let sound_before = sound(self, cfg);
         let waiting_before = waiters(self);
+        // An admission takes a permit only below the current limit.
+        let admitted = |s: &BulkheadState, value: &Acquire| {
+            if matches!(value, Acquire::Admitted | Acquire::Leased(_)) {
+                assert!(s.active() <= s.limit(cfg), "{op:?}: admitted past the limit {}", s.limit(cfg));
+            }
+        };
         let (changed, granted, refused) = match *op {
             BulkheadOp::Ask(ask) => {
                 let u = self.ask(cfg, now, ask);
                 if let Acquire::Leased(n) = u.value {
                     assert!((1..=MAX_LEASE).contains(&n), "{op:?}: a lease of {n}");
                 }
-                if matches!(u.value, Acquire::Queued | Acquire::Full) && u.granted.is_empty() {
+                if matches!(u.value, Acquire::Queued | Acquire::Full | Acquire::Shed) && u.granted.is_empty() {
                     assert!(self.active() <= before.active(), "{op:?}: took a permit without saying so");
                 }
+                if u.value == Acquire::Shed {
+                    assert!(self.queued() <= before.queued(), "{op:?}: a shed request waits");
+                }
+                admitted(self, &u.value);
                 parts(u)
             }
             BulkheadOp::Acquire(worker, class, ticket, may_wait) => {
                 let u = self.acquire(cfg, now, worker, class, ticket, may_wait);
                 assert!(!matches!(u.value, Acquire::Leased(_)), "acquire never leases");
+                admitted(self, &u.value);
                 parts(u)
             }
             BulkheadOp::Release(who, class) => {
@@ -705,6 +762,13 @@ impl Subject for BulkheadState {
             BulkheadOp::Renew(who) => parts(self.renew(cfg, now, holder(self, who, 0).0)),
             BulkheadOp::TrimLease(who, keep, draining) => {
                 parts(self.trim_lease(cfg, now, holder(self, who, 0).0, keep, draining))
+            }
+            BulkheadOp::Adapt(who, sum_ms, count) => {
+                let u = self.adapt(cfg, now, holder(self, who, 0).0, Latencies { sum_ms, count });
+                let (min, max) = cfg.adaptive.map_or((cfg.max_concurrent, cfg.max_concurrent), |a| (a.min, a.max));
+                assert!((min..=max).contains(&u.value.limit), "{op:?}: limit {} under {cfg:?}", u.value.limit);
+                assert_eq!(u.value.limit, self.limit(cfg));
+                parts(u)
             }
         };
         kept(&sound_before, &sound(self, cfg), &|| format!("{op:?} at {now} on {before:?}"));
@@ -807,6 +871,98 @@ impl Subject for BudgetState {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The latency histogram
+
+/// An adaptive timeout as `config::parse` makes them.
+fn timeout_rule() -> BoxedStrategy<TimeoutRule> {
+    (
+        (1..=1000u32, 1000..=10_000u32, prop_oneof![Just(0u64), 1..=3_600_000u64]),
+        (1..=3_600_000u64, any::<Index>(), prop_oneof![1..100u32, Just(1_000_000)], SECOND..=HOUR),
+    )
+        .prop_map(|((percentile_tenths, multiplier_milli, margin_ms), (min_ms, max, minimum_requests, window_ns))| {
+            let max_ms = min_ms + max.index((3_600_000 - min_ms + 1) as usize) as u64;
+            TimeoutRule { percentile_tenths, multiplier_milli, margin_ms, min_ms, max_ms, minimum_requests, window_ns }
+        })
+        .boxed()
+}
+
+/// A latency state, field by field: version 1, then ten slices (epoch, a count per bucket).
+fn latency_fields() -> BoxedStrategy<Vec<u8>> {
+    let counts = prop_oneof![Just(Vec::new()), vec(count(), 1..8)];
+    let slice = (prop_oneof![0..30u64, time()], counts, any::<Index>());
+    (vec(slice, 10), prop_oneof![8 => Just(0usize), 1 => 1..4usize])
+        .prop_map(|(slices, cut)| {
+            let mut b = Bytes::default().u8(1);
+            for (epoch, some, at) in slices {
+                b = b.u64(epoch);
+                // A few counts somewhere among the buckets, zeros elsewhere.
+                let start = at.index(BUCKETS);
+                for i in 0..BUCKETS {
+                    b = b.u32(i.checked_sub(start).and_then(|k| some.get(k)).copied().unwrap_or(0));
+                }
+            }
+            // Now and then a few bytes short.
+            b.0.truncate(b.0.len() - cut);
+            b.0
+        })
+        .boxed()
+}
+
+#[derive(Clone, Debug)]
+enum LatencyOp {
+    /// A worker's batch: latencies (ms) and how many of each.
+    Record(Vec<(u64, u32)>),
+    /// Reads the timeout.
+    Timeout,
+}
+
+fn latency_op() -> BoxedStrategy<LatencyOp> {
+    let ms = prop_oneof![0..2000u64, any::<u64>(), Just(u64::MAX)];
+    prop_oneof![
+        3 => vec((ms, prop_oneof![1..5u32, count()]), 0..6).prop_map(LatencyOp::Record),
+        2 => Just(LatencyOp::Timeout),
+    ]
+    .boxed()
+}
+
+impl Subject for LatencyState {
+    type Cfg = TimeoutRule;
+    type Op = LatencyOp;
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        LatencyState::decode(bytes)
+    }
+    fn encode(&self) -> Vec<u8> {
+        LatencyState::encode(self)
+    }
+    fn apply(&mut self, cfg: &TimeoutRule, op: &LatencyOp, now: u64, _: &mut u64) -> Option<bool> {
+        match op {
+            LatencyOp::Record(samples) => {
+                let mut batch = Histogram::default();
+                for &(ms, n) in samples {
+                    for _ in 0..n.min(3) {
+                        batch.add(ms);
+                    }
+                }
+                let before = self.window(cfg.window_ns, now).total();
+                self.record(cfg.window_ns, now, &batch);
+                let after = self.window(cfg.window_ns, now).total();
+                assert!(after >= before.min(after), "{op:?}");
+            }
+            LatencyOp::Timeout => {
+                if let Some(t) = cfg.timeout_ms(self, now) {
+                    assert!((cfg.min_ms..=cfg.max_ms).contains(&t), "{t} under {cfg:?}");
+                }
+                let all = self.window(cfg.window_ns, now);
+                if let Some(p) = all.percentile(cfg.percentile_tenths) {
+                    assert!(p <= upper_ms(BUCKETS - 1), "{p}");
+                }
+            }
+        }
+        None
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The tests
 
 proptest! {
@@ -840,5 +996,15 @@ proptest! {
         ops in vec((when(), budget_op()), 0..40),
     ) {
         fuzz::<BudgetState>(&cfg, &input, start, &ops);
+    }
+
+    #[test]
+    fn latency_state_bytes_never_panic_and_what_decodes_survives_operations(
+        cfg in timeout_rule(),
+        input in input(latency_op(), latency_fields()),
+        start in time(),
+        ops in vec((when(), latency_op()), 0..40),
+    ) {
+        fuzz::<LatencyState>(&cfg, &input, start, &ops);
     }
 }

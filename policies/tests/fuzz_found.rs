@@ -47,16 +47,17 @@ fn a_probe_failing_after_an_open_period_near_u64_max_reopens_for_max_open_for() 
     }
 }
 
-/// A bulkhead state as version 2 writes it: no holders, one waiter (worker 2, ticket 9) of
-/// `class`, since 0, in the queue.
+/// A bulkhead state as version 3 writes it: no holders, one waiter (worker 2, ticket 9) of
+/// `class`, since 0, in the queue; no adaptive limiter.
 fn one_waiter(class: u8) -> BulkheadState {
     let bytes = [
-        &[2u8, 0][..],
+        &[3u8, 0][..],
         &1u32.to_le_bytes(),
         &2u32.to_le_bytes(),
         &9u32.to_le_bytes(),
         &[class],
         &0u64.to_le_bytes(),
+        &[0],
         &[0],
     ]
     .concat();
@@ -91,7 +92,7 @@ fn a_waiter_of_a_class_the_configuration_no_longer_has_still_gets_a_permit() {
 fn a_single_class_with_a_max_of_its_own_is_never_leased_past_it() {
     let cfg = BulkheadConfig {
         max_concurrent: 100,
-        classes: vec![ClassLimit { reserved: 0, max: Some(2) }],
+        classes: vec![ClassLimit { max: Some(2), ..ClassLimit::default() }],
         ..BulkheadConfig::default()
     };
     let mut s = BulkheadState::default();

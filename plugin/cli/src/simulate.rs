@@ -70,6 +70,8 @@ pub struct Request {
     pub live: Option<Refusal>,
     /// The client went away (`DC`, or no response): the stream ended at `end_live` at the latest.
     pub client_left: bool,
+    /// `x-envoy-upstream-service-time`: an adaptive limit's sample.
+    pub upstream_ms: Option<u64>,
 }
 
 /// A malformed line: where, and what is wrong with it.
@@ -184,6 +186,7 @@ pub fn request(line: &Line, file: u16, number: u64, policy: usize, cfg: &Policy)
         status: line.status,
         live,
         client_left: flags & flags::DOWNSTREAM_CONNECTION_TERMINATION != 0 || line.status == 0,
+        upstream_ms: line.upstream_service_time,
     }
 }
 
@@ -376,12 +379,19 @@ pub struct RetryReport {
     pub lowest_remaining: Option<u32>,
 }
 
-/// Requests refused, by reason (`circuit_open`, `bulkhead_full`, `queue_timeout`).
+/// Requests refused, by reason (`circuit_open`, `bulkhead_full`, `queue_timeout`, `shed`).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Refused {
     pub circuit_open: u64,
     pub bulkhead_full: u64,
     pub queue_timeout: u64,
+    /// Only with priority classes that shed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub shed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Refused {
@@ -390,10 +400,11 @@ impl Refused {
             Refusal::CircuitOpen => self.circuit_open += 1,
             Refusal::BulkheadFull => self.bulkhead_full += 1,
             Refusal::QueueTimeout => self.queue_timeout += 1,
+            Refusal::Shed => self.shed += 1,
         }
     }
     pub fn total(&self) -> u64 {
-        self.circuit_open + self.bulkhead_full + self.queue_timeout
+        self.circuit_open + self.bulkhead_full + self.queue_timeout + self.shed
     }
 }
 
@@ -820,8 +831,9 @@ impl<'c, 'r> Replay<'c, 'r> {
                 }
                 // With one worker no lease is ever held, so a recall cannot happen.
                 Acquire::Queued | Acquire::Recalling { .. } => permit = Permit::Waiting(q.class),
-                Acquire::Full => {
-                    self.refuse(i, Refusal::BulkheadFull, now);
+                Acquire::Full | Acquire::Shed => {
+                    let why = if u.value == Acquire::Shed { Refusal::Shed } else { Refusal::BulkheadFull };
+                    self.refuse(i, why, now);
                     if enforce {
                         if let Some((generation, true)) = call {
                             self.release_probe(p, generation);
@@ -981,7 +993,13 @@ impl<'c, 'r> Replay<'c, 'r> {
         if let Permit::Held(class) = f.permit {
             if let Some(s) = self.sims.get_mut(p) {
                 if let Some(bc) = s.bulkhead_cfg.as_ref() {
-                    let u = s.bulkhead.release(bc, now, WORKER, class);
+                    let mut u = s.bulkhead.release(bc, now, WORKER, class);
+                    // An adaptive limit learns from the latency the log shows, one sample at a
+                    // time (the plugin's workers hand theirs over in batches).
+                    if let (Some(ms), Some(_)) = (q.upstream_ms, bc.adaptive) {
+                        let batch = breakwater_policies::Latencies { sum_ms: ms, count: 1 };
+                        u.granted.extend(s.bulkhead.adapt(bc, now, WORKER, batch).granted);
+                    }
                     self.bulkhead_moved(p, now);
                     self.granted(p, now, u.granted);
                 }

@@ -13,9 +13,9 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
-/// The metric contract of issue 12 (and issue 13's fallbacks): Breakwater's own series, as
-/// /stats/prometheus shows them.
-const CONTRACT: [&str; 19] = [
+/// The metric contract of issue 12 (and issue 13's fallbacks and adaptive timeout): Breakwater's
+/// own series, as /stats/prometheus shows them.
+const CONTRACT: [&str; 20] = [
     "breakwater_requests_total",
     "breakwater_slow_calls_total",
     "breakwater_ignored_total",
@@ -35,6 +35,7 @@ const CONTRACT: [&str; 19] = [
     "breakwater_dry_run_retry_denied_total",
     "breakwater_retry_budget_remaining",
     "breakwater_fallback_total",
+    "breakwater_timeout_milliseconds",
 ];
 
 fn read(path: &str) -> String {

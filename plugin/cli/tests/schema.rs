@@ -62,6 +62,9 @@ fn the_schema_refuses_the_bad_corpus_except_the_rules_its_comment_lists() {
         "mode-unknown",
         "force-unknown",
         "fallback-empty",
+        "adaptive-and-max-concurrent",
+        "timeout-without-max",
+        "shed-at-zero",
     ] {
         assert!(!errors(&validator, &corpus("bad", name)).is_empty(), "the schema must refuse {name}");
     }
@@ -81,6 +84,7 @@ fn the_schema_refuses_the_bad_corpus_except_the_rules_its_comment_lists() {
         ("control-with-policies", "control excludes policies, routes, policy and sync_interval"),
         ("fallback-when-unmade", "fallback.when lists only refusals the policy makes"),
         ("fallback-cache-too-large", "max_entries x (max_body + 10 KiB of key and headers) at most 256 MiB"),
+        ("timeout-max-below-min", "timeout.adaptive.max must be at least its min"),
     ] {
         assert_eq!(
             errors(&validator, &corpus("bad", name)),

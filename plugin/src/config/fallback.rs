@@ -50,7 +50,7 @@ impl Cache {
     }
 }
 
-/// Which refusals the policy can make: (circuit_open, bulkhead_full, queue_timeout).
+/// Which refusals the policy can make: (circuit_open, bulkhead_full, queue_timeout, shed).
 pub type Makes = [bool; Refusal::ALL.len()];
 
 /// `path[i]`
@@ -73,7 +73,7 @@ pub fn fallback(v: &Value, path: &str, makes: Makes) -> Result<Fallback> {
             match r.filter(|r| makes.get(*r) == Some(&true)).and_then(|r| when.get_mut(r)) {
                 Some(slot) => *slot = true,
                 None => {
-                    let what = "a refusal this policy makes: circuit_open, bulkhead_full or queue_timeout";
+                    let what = "a refusal this policy makes: circuit_open, bulkhead_full, queue_timeout or shed";
                     return Err(expected(&item(&p, i), what, v));
                 }
             }

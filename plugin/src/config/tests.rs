@@ -166,7 +166,7 @@ fn bad_configs_are_refused_with_the_json_path_and_what_was_expected() {
         (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "priority": {"header": "x-p", "default": "s", "classes": {"b": {"max": 9}}}}}}}"#,
          "policies.p.bulkhead.priority.classes.b.max: expected a whole number from 1 to 5, got 9"),
         (r#"{"policies": {"p": {"bulkhead": {"max_concurrent": 5, "priority": {"header": "x-p", "default": "s", "classes": {"b": {"limit": 1}}}}}}}"#,
-         "policies.p.bulkhead.priority.classes.b.limit: unknown key (expected one of: reserved, max)"),
+         "policies.p.bulkhead.priority.classes.b.limit: unknown key (expected one of: reserved, max, shed_at)"),
         (r#"{"policies": {"p": {"retry": {"retry_on": ["5xx", "sometimes"]}}}}"#,
          "policies.p.retry.retry_on[1]: expected an Envoy retry condition (5xx, gateway-error"),
         (r#"{"policies": {"p": {"retry": {"retry_on": ["5xx"], "retriable_status_codes": [409]}}}}"#,

@@ -421,7 +421,7 @@ fn a_bad_fallback_is_refused_at_its_path() {
         (r#"{"static": {}, "on": ["circuit_open"]}"#, "policies.p.fallback.on: unknown key"),
         (
             r#"{"static": {}, "when": ["circuit-open"]}"#,
-            "policies.p.fallback.when[0]: expected a refusal this policy makes: circuit_open, bulkhead_full or queue_timeout",
+            "policies.p.fallback.when[0]: expected a refusal this policy makes: circuit_open, bulkhead_full, queue_timeout or shed",
         ),
         (r#"{"static": {}, "when": ["queue_timeout"]}"#, "policies.p.fallback.when[0]: expected a refusal this policy makes"),
         (r#"{"static": {}, "when": []}"#, "policies.p.fallback.when: expected a list of refusals"),
@@ -471,9 +471,21 @@ fn the_defaults_answer_every_refusal_the_policy_makes() {
     )
     .unwrap();
     let f = c.policies[0].fallback.as_ref().unwrap();
-    assert_eq!(f.when, [true, true, false], "no queue: no queue timeouts");
+    assert_eq!(f.when, [true, true, false, false], "no queue: no queue timeouts; no shed_at: nothing shed");
     let cache = f.cache.as_ref().unwrap();
     assert_eq!((cache.max_entries, cache.max_body, cache.ttl_ns), (1000, 64 << 10, 300 * SECOND));
+}
+
+#[test]
+fn a_shed_request_can_be_answered_only_where_a_class_sheds() {
+    let shedding = br#"{"policies": {"p": {"bulkhead": {"max_concurrent": 4, "priority": {"header": "x-priority",
+        "default": "standard", "classes": {"batch": {"shed_at": 0.5}}}}, "fallback": {"when": ["shed"], "static": {}}}}}"#;
+    let c = crate::config::parse(shedding).unwrap();
+    assert_eq!(c.policies[0].fallback.as_ref().unwrap().when, [false, false, false, true]);
+    let none =
+        br#"{"policies": {"p": {"bulkhead": {"max_concurrent": 4}, "fallback": {"when": ["shed"], "static": {}}}}}"#;
+    let e = crate::config::parse(none).unwrap_err().to_string();
+    assert!(e.starts_with("policies.p.fallback.when[0]: expected a refusal this policy makes"), "{e}");
 }
 
 #[test]

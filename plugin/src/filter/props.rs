@@ -6,9 +6,10 @@
 //! Two fake workers of one process run interleaved whole streams (request headers → response
 //! headers → trailers → `on_log`), ticks, cross-worker wake-ups, time passing and
 //! configuration reloads, under route rules on every attribute and a policy with every feature
-//! (breaker with all trip rules, bulkhead with a queue and priority classes, budgeted
-//! retries, a fallback cache and static answer), a leasing bulkhead (with a fallback cluster),
-//! a dry run, and a per-route instance configuration (top-level `policy`). Values come from a mix: ones that match the configuration (so streams are
+//! (breaker with all trip rules, bulkhead with a queue and priority classes that shed, budgeted
+//! retries, an adaptive timeout, a fallback cache and static answer), a leasing bulkhead with an
+//! adaptive limit (and a fallback cluster), a dry run, and a per-route instance configuration
+//! (top-level `policy`). Values come from a mix: ones that match the configuration (so streams are
 //! tracked), and arbitrary bytes — empty, invalid UTF-8, NUL, CR/LF, 32 and 64 KiB.
 //!
 //! Checked as it runs: a request the filter stops is refused at once or waits, and is then
@@ -61,21 +62,26 @@ const ALL: &str = r#"{
   "bulkhead": {
     "max_concurrent": 3, "queue": { "max_size": 2, "timeout": "100ms" },
     "priority": { "header": "x-priority", "default": "standard",
-                  "classes": { "critical": { "reserved": 1 }, "background": { "max": 1 } } }
+                  "classes": { "critical": { "reserved": 1 }, "background": { "max": 1, "shed_at": 0.6 },
+                               "standard": { "shed_at": 1 } } }
   },
+  "timeout": { "adaptive": { "percentile": 90, "margin": "5ms", "min": "10ms", "max": "80ms",
+                             "minimum_requests": 2, "window": "1s" } },
   "retry": {
     "retry_on": ["5xx", "reset", "retriable-status-codes", "unavailable"], "retriable_status_codes": [409],
     "max_retries": 2, "per_try_timeout": "50ms", "budget": { "ratio": 0.5, "min_per_second": 1, "ttl": "1s" }
   },
   "reject": { "status": 503, "headers": { "x-team": "core" } },
-  "fallback": { "when": ["bulkhead_full", "queue_timeout"], "static": { "body": "degraded" },
+  "fallback": { "when": ["bulkhead_full", "queue_timeout", "shed"], "static": { "body": "degraded" },
                 "cache": { "max_entries": 4, "max_body": 64, "key_headers": ["x-tenant"] } }
 }"#;
 
-/// Leases (no priority classes), a breaker, retries budgeted on the route's own retry policy.
+/// Leases (no priority classes) under an adaptive limit, a breaker, retries budgeted on the
+/// route's own retry policy.
 const LEASING: &str = r#"{
   "circuit_breaker": { "consecutive_failures": 2, "open_for": "100ms" },
-  "bulkhead": { "max_concurrent": 4, "queue": { "max_size": 2, "timeout": "100ms" } },
+  "bulkhead": { "adaptive": { "min": 2, "max": 4 },
+                "queue": { "max_size": 2, "timeout": "100ms" } },
   "retry": { "max_retries": 1, "budget": {} },
   "fallback": { "when": ["circuit_open"], "cluster": "backup" }
 }"#;

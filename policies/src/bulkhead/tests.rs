@@ -20,8 +20,8 @@ fn classes() -> BulkheadConfig {
         queue_max: 10,
         classes: alloc::vec![
             ClassLimit::default(),
-            ClassLimit { reserved: 2, max: None },
-            ClassLimit { reserved: 0, max: Some(1) },
+            ClassLimit { reserved: 2, ..ClassLimit::default() },
+            ClassLimit { max: Some(1), ..ClassLimit::default() },
         ],
         ..BulkheadConfig::default()
     }

@@ -12,12 +12,16 @@ fn stamp(w: &When) -> String {
 
 /// "3 (circuit_open 2, bulkhead_full 1)", leaving out the zeros.
 fn by_reason(r: &Refused) -> String {
-    let parts: Vec<String> =
-        [("circuit_open", r.circuit_open), ("bulkhead_full", r.bulkhead_full), ("queue_timeout", r.queue_timeout)]
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
+    let parts: Vec<String> = [
+        ("circuit_open", r.circuit_open),
+        ("bulkhead_full", r.bulkhead_full),
+        ("queue_timeout", r.queue_timeout),
+        ("shed", r.shed),
+    ]
+    .iter()
+    .filter(|(_, n)| *n > 0)
+    .map(|(k, n)| format!("{k} {n}"))
+    .collect();
     if parts.is_empty() {
         "0".into()
     } else {
