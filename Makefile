@@ -57,8 +57,17 @@ envoy: venv
 	@test -x "$(ENVOY_RESOLVED)" || { echo "no Envoy binary found (ENVOY_BIN=$(ENVOY_BIN))"; exit 1; }
 	@"$(ENVOY_RESOLVED)" --version | grep -o 'version: .*'
 
-build: wasm-target
+# Binaryen's wasm-opt (from npm, as Debian's is too old for rustc's output) shrinks the .wasm
+# after rustc; see tools/wasm-opt.sh for what it gains and costs.
+BINARYEN_VERSION := 132.0.0
+WASM_OPT := $(VENV)/binaryen-$(BINARYEN_VERSION)/node_modules/.bin/wasm-opt
+$(WASM_OPT):
+	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; } || { echo "npm not found: apt-get install nodejs npm"; exit 1; }
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/binaryen-$(BINARYEN_VERSION) binaryen@$(BINARYEN_VERSION)
+
+build: wasm-target $(WASM_OPT)
 	cargo build -p breakwater --release --target wasm32-wasip1
+	tools/wasm-opt.sh $(WASM_OPT) $(WASM)
 	@ls -l $(WASM) | awk '{print "$(WASM): " $$5 " bytes"}'
 
 upstream:
