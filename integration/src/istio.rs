@@ -570,7 +570,19 @@ impl IstioEnvoy {
     /// Sends the request and says which Breakwater policy counted it: the policies any of whose
     /// counters moved (none for a request no route rule matched).
     pub async fn policy_of(&self, host: &str, method: Method, path: &str) -> (Reply, BTreeSet<String>) {
-        let before = policy_counters(&self.envoy).await;
+        // A previous request's counters may still be on their way (some are flushed on the tick):
+        // start from counters that stay put for a while, or they are put on this request.
+        let mut before = policy_counters(&self.envoy).await;
+        let settle = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let again = policy_counters(&self.envoy).await;
+            if again == before || std::time::Instant::now() > settle {
+                before = again;
+                break;
+            }
+            before = again;
+        }
         let reply = self.request_to(host, method, path).await;
         // Counters move in on_log, just after the client has its answer.
         let moved = |now: &BTreeMap<String, i64>| -> BTreeSet<String> {
