@@ -424,7 +424,29 @@ fn a_bad_fallback_is_refused_at_its_path() {
             "policies.p.fallback.when[0]: expected a refusal this policy makes: circuit_open, bulkhead_full, queue_timeout or shed",
         ),
         (r#"{"static": {}, "when": ["queue_timeout"]}"#, "policies.p.fallback.when[0]: expected a refusal this policy makes"),
-        (r#"{"static": {}, "when": []}"#, "policies.p.fallback.when: expected a list of refusals"),
+        (
+            r#"{"static": {}, "when": []}"#,
+            "policies.p.fallback.when: the list is empty: list the refusals to answer, such as [circuit_open]",
+        ),
+        (r#"{"static": {}, "when": "circuit_open"}"#, "policies.p.fallback.when: expected a list of refusals"),
+        (
+            r#"{"static": {"status": 204, "body": "{}"}}"#,
+            "policies.p.fallback.static.body: must be empty: a 204 answer has no body (Envoy would send it with a content-length",
+        ),
+        (r#"{"static": {"status": 304, "body": "x"}}"#, "policies.p.fallback.static.body: must be empty: a 304 answer"),
+        (
+            r#"{"static": {"body": "x", "status": 204}}"#,
+            "policies.p.fallback.static.body: must be empty: a 204 answer has no body",
+        ),
+        (
+            r#"{"static": {"headers": {"content-length": "3"}}}"#,
+            "policies.p.fallback.static.headers.content-length: is set by Envoy: it describes the connection or the body's length",
+        ),
+        (
+            r#"{"static": {"headers": {"transfer-encoding": "chunked"}}}"#,
+            "policies.p.fallback.static.headers.transfer-encoding: is set by Envoy",
+        ),
+        (r#"{"static": {"headers": {"connection": "close"}}}"#, "policies.p.fallback.static.headers.connection: is set by Envoy"),
         (
             r#"{"static": {"status": 101}}"#,
             "policies.p.fallback.static.status: expected a whole number from 200 to 599",
@@ -462,6 +484,36 @@ fn a_bad_fallback_is_refused_at_its_path() {
         .join(",");
     let e = crate::config::parse(format!(r#"{{"policies": {{{five}}}}}"#).as_bytes()).unwrap_err().to_string();
     assert!(e.starts_with("policies: the fallback caches of all policies together may take at most 1GiB"), "{e}");
+}
+
+#[test]
+fn a_fallback_on_a_policy_that_refuses_nothing_is_refused() {
+    let e = crate::config::parse(
+        br#"{"policies": {"p": {"retry": {"max_retries": 2}, "fallback": {"static": {"body": "degraded"}}}}}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        "policies.p.fallback: a fallback needs a circuit_breaker or a bulkhead: without one this policy refuses nothing"
+    );
+    for with in [r#""circuit_breaker": {}"#, r#""bulkhead": {"max_concurrent": 1}"#] {
+        let c = format!(r#"{{"policies": {{"p": {{{with}, "fallback": {{"static": {{}}}}}}}}}}"#);
+        assert!(crate::config::parse(c.as_bytes()).is_ok(), "{with}");
+    }
+}
+
+#[test]
+fn an_empty_204_or_304_is_accepted() {
+    for status in [204, 304] {
+        for body in [r#""#, r#", "body": """#] {
+            let c = format!(
+                r#"{{"policies": {{"p": {{"circuit_breaker": {{}}, "fallback": {{"static": {{"status": {status}{body}}}}}}}}}}}"#
+            );
+            let c = crate::config::parse(c.as_bytes()).unwrap();
+            assert_eq!(c.policies[0].fallback.as_ref().unwrap().fixed.as_ref().unwrap().status, status);
+        }
+    }
 }
 
 #[test]
