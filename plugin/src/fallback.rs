@@ -26,6 +26,7 @@ use crate::host::Host;
 use crate::reply::{reject, Refusal};
 use crate::vm::Vm;
 use crate::{Compiled, Policy};
+use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use breakwater_policies::SECOND;
@@ -53,13 +54,25 @@ const CLUSTER: usize = 2;
 /// Slots of a worker's table of recent stores.
 const RECENT: usize = 256;
 
+/// A stream sent to a fallback cluster, until it ends.
+#[derive(Debug, Clone, Copy)]
+struct Reroute {
+    ticket: u32,
+    /// The index of the policy whose fallback sent it.
+    policy: usize,
+    /// Its response headers came, and it was counted served or missed.
+    decided: bool,
+}
+
 /// One worker's fallback state.
 #[derive(Debug)]
 pub struct Worker {
-    /// Streams sent to a fallback cluster, until they end: their responses are marked.
-    rerouted: RefCell<Vec<u32>>,
-    /// The request whose headers are being decided was just sent to a fallback cluster.
-    pending: Cell<bool>,
+    /// Streams sent to a fallback cluster, until they end: counted, and marked if the fallback
+    /// cluster answered, at their response headers.
+    rerouted: RefCell<Vec<Reroute>>,
+    /// The request whose headers are being decided was just sent to a fallback cluster by this
+    /// policy (its index).
+    pending: Cell<Option<usize>>,
     /// (key hash, when) of recent stores, direct-mapped: a worker stores a key at most once a second.
     recent: RefCell<[(u64, u64); RECENT]>,
 }
@@ -74,31 +87,42 @@ impl Worker {
     /// Whether the request refused on its headers just now was sent to a fallback cluster (it
     /// goes on); it is remembered as `ticket` until it ends.
     pub fn take_rerouted(&self, ticket: u32) -> bool {
-        let rerouted = self.pending.replace(false);
-        if rerouted {
-            self.mark(ticket);
+        match self.pending.take() {
+            Some(policy) => {
+                self.mark(ticket, policy);
+                true
+            }
+            None => false,
         }
-        rerouted
     }
 
-    fn mark(&self, ticket: u32) {
+    fn mark(&self, ticket: u32, policy: usize) {
         if let Ok(mut r) = self.rerouted.try_borrow_mut() {
-            r.push(ticket);
+            r.push(Reroute { ticket, policy, decided: false });
         }
     }
 
     /// Whether stream `ticket` was sent to a fallback cluster.
     pub fn is_rerouted(&self, ticket: u32) -> bool {
-        self.rerouted.try_borrow().is_ok_and(|r| r.contains(&ticket))
+        self.rerouted.try_borrow().is_ok_and(|r| r.iter().any(|t| t.ticket == ticket))
     }
 
-    /// The stream is over.
-    pub fn done(&self, ticket: u32) {
-        if let Ok(mut r) = self.rerouted.try_borrow_mut() {
-            if let Some(i) = r.iter().position(|t| *t == ticket) {
-                r.swap_remove(i);
-            }
-        }
+    /// The policy that sent stream `ticket` to its fallback cluster, the first time its
+    /// response headers come (then it is decided); None for any other stream.
+    fn decide(&self, ticket: u32) -> Option<usize> {
+        let mut r = self.rerouted.try_borrow_mut().ok()?;
+        let t = r.iter_mut().find(|t| t.ticket == ticket && !t.decided)?;
+        t.decided = true;
+        Some(t.policy)
+    }
+
+    /// The stream is over. Returns the policy that sent it to its fallback cluster if no
+    /// response headers came (it was not served).
+    pub fn done(&self, ticket: u32) -> Option<usize> {
+        let mut r = self.rerouted.try_borrow_mut().ok()?;
+        let i = r.iter().position(|t| t.ticket == ticket)?;
+        let t = r.swap_remove(i);
+        (!t.decided).then_some(t.policy)
     }
 
     /// Whether this worker stored `hash` less than a second before `now`; `store`: it is
@@ -155,15 +179,17 @@ fn answer(host: &impl Host, vm: &Vm, p: &Policy, f: &crate::config::Fallback, pa
         }
     }
     if let Some(cluster) = &f.cluster {
+        // Counted when its response headers show which cluster answered (or missed now).
         let sent = host.set_property(FILTER_STATE, cluster.as_bytes()) && host.clear_route_cache();
-        count(p, CLUSTER, sent);
-        if sent {
+        if !sent {
+            count(p, CLUSTER, false);
+        } else {
             match paused {
                 Some(ticket) => {
-                    vm.fallback.mark(ticket);
+                    vm.fallback.mark(ticket, p.index);
                     host.resume_request();
                 }
-                None => vm.fallback.pending.set(true),
+                None => vm.fallback.pending.set(Some(p.index)),
             }
             return true;
         }
@@ -321,13 +347,14 @@ fn any_token(value: &[u8], names: &[&[u8]], among: bool) -> bool {
     }
 }
 
-/// At the response headers. A stream sent to a fallback cluster gets its mark. An upstream's
+/// At the response headers. A stream sent to a fallback cluster is counted served, and marked,
+/// if the fallback cluster answered (see [`answered`]). An upstream's
 /// cacheable answer to a request that may be stored ([`Pending`]) starts a capture (stored at
 /// once if it has no body): 2xx but 206, not gRPC, no `Cache-Control: no-store` or `private`,
 /// no `Set-Cookie`, no `Vary` beyond the key's headers, a body that may fit.
 #[allow(clippy::too_many_arguments)]
 pub fn on_response_headers(
-    c: &Compiled,
+    c: &Rc<Compiled>,
     host: &impl Host,
     vm: &Vm,
     ticket: u32,
@@ -337,7 +364,9 @@ pub fn on_response_headers(
     pending: Option<Pending>,
 ) -> Option<Capture> {
     if vm.fallback.is_rerouted(ticket) {
-        host.set_response_header("x-breakwater", b"fallback-cluster");
+        if let Some(p) = vm.fallback.decide(ticket).and_then(|i| c.policy(i)) {
+            answered(c, host, vm, p);
+        }
         return None;
     }
     let (Stream::Tracked(t), Some(response), Some(pending)) = (stream, response, pending) else { return None };
@@ -371,6 +400,42 @@ pub fn on_response_headers(
         return None;
     }
     Some(capture)
+}
+
+/// The response headers of a stream the policy sent to its fallback cluster: served (and marked
+/// `x-breakwater: fallback-cluster`) only if that cluster answered, by Envoy's `xds.cluster_name`;
+/// else missed, with one warning per policy and configuration on a worker: no route matched the
+/// filter state (the request went where it was going), or its cluster does not exist (Envoy's
+/// local reply, no cluster). One property read, on rerouted streams only.
+fn answered(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, p: &Policy) {
+    let Some(cluster) = p.cfg.fallback.as_ref().and_then(|f| f.cluster.as_deref()) else { return };
+    let by = host.property(&["xds", "cluster_name"]);
+    let served = by.as_deref() == Some(cluster.as_bytes());
+    if served {
+        host.set_response_header("x-breakwater", b"fallback-cluster");
+    } else if !p.fallback_warned.replace(true) {
+        let why = match &by {
+            Some(by) => alloc::format!(
+                "request answered by cluster {}: no route matches filter state wasm.{FILTER_STATE}",
+                String::from_utf8_lossy(by)
+            ),
+            None => alloc::format!(
+                "request answered by no cluster: Envoy has no cluster for the route that matches filter state wasm.{FILTER_STATE}"
+            ),
+        };
+        log::warn!("policy {}: fallback cluster {cluster}: {why}", p.cfg.name);
+    }
+    count(p, CLUSTER, served);
+    vm.list(c, p);
+}
+
+/// At the end of a stream: one sent to a fallback cluster that got no response headers (reset,
+/// cancelled) was not served.
+pub fn on_log(c: &Rc<Compiled>, vm: &Vm, ticket: u32) {
+    if let Some(p) = vm.fallback.done(ticket).and_then(|i| c.policy(i)) {
+        count(p, CLUSTER, false);
+        vm.list(c, p);
+    }
 }
 
 /// A chunk of the response body passes (it is never held back): added to the capture, which is

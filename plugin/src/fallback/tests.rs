@@ -252,6 +252,7 @@ fn an_open_breaker_sends_the_request_to_the_fallback_cluster_and_its_answer_is_m
     // The backup answers (even with a 500): marked, and the breaker hears nothing of it.
     w.host.response_headers.borrow_mut().clear();
     w.host.set_response_header(":status", "500");
+    w.host.set_prop("xds.cluster_name", b"payments-backup");
     let read = filter_response_headers(&w.c, &w.host, &mut s);
     assert!(on_response_headers(&w.c, &w.host, &w.vm, 7, &s, read.as_deref(), true, None).is_none());
     assert_eq!(w.host.response_header("x-breakwater").as_deref(), Some(&b"fallback-cluster"[..]));
@@ -319,10 +320,51 @@ fn a_queue_timeout_sent_to_the_fallback_cluster_is_resumed_and_its_answer_marked
     assert_eq!(w.host.filter_state.borrow().get(FILTER_STATE).map(|v| v.as_slice()), Some(&b"backup"[..]));
     w.host.response_headers.borrow_mut().clear();
     w.host.set_response_header(":status", "200");
+    w.host.set_prop("xds.cluster_name", b"backup");
     on_response_headers(&w.c, &w.host, &w.vm, 2, &s2, None, true, None);
     assert_eq!(w.host.response_header("x-breakwater").as_deref(), Some(&b"fallback-cluster"[..]));
     w.log(2, s2);
     assert_eq!(w.stat("bulkhead_queued.policy.q"), 0);
+    w.at(2 * SECOND).tick();
+    assert_eq!(w.stat("fallback_total.policy.q.kind.cluster.result.served"), 1);
+}
+
+/// A request sent to the fallback cluster `payments-backup`, answered (as Envoy's
+/// `xds.cluster_name` says) by `by`: the mark it got.
+fn rerouted_answered_by(w: &Worker, ticket: u32, by: Option<&str>) -> Option<alloc::vec::Vec<u8>> {
+    let (a, mut s, _) = request(w, ticket, "GET", "/pay", &[]);
+    assert_eq!(a, Action::Continue);
+    w.host.response_headers.borrow_mut().clear();
+    w.host.set_response_header(":status", "503");
+    w.host.props.borrow_mut().remove("xds.cluster_name");
+    if let Some(by) = by {
+        w.host.set_prop("xds.cluster_name", by.as_bytes());
+    }
+    let read = filter_response_headers(&w.c, &w.host, &mut s);
+    w.host.take_calls();
+    on_response_headers(&w.c, &w.host, &w.vm, ticket, &s, read.as_deref(), true, None);
+    assert_eq!(w.host.take_calls().get("property"), Some(&1), "one read of xds.cluster_name");
+    w.log(ticket, s);
+    w.host.response_header("x-breakwater")
+}
+
+#[test]
+fn a_request_the_fallback_cluster_did_not_answer_is_missed_and_not_marked() {
+    let w = worker(r#"{"cluster": "payments-backup"}"#);
+    trip(&w);
+    let policy = w.c.policy(0).unwrap();
+    // No route matches the filter state: the request stays on its route, to the failing upstream.
+    assert_eq!(rerouted_answered_by(&w, 7, Some("payments")), None);
+    assert!(policy.fallback_warned.get(), "warned");
+    // The route's cluster does not exist: Envoy's local reply (NC), no cluster.
+    assert_eq!(rerouted_answered_by(&w, 8, None), None);
+    assert_eq!(rerouted_answered_by(&w, 9, Some("payments-backup")).as_deref(), Some(&b"fallback-cluster"[..]));
+    // A stream that ends before its response headers (the client went away) was not served.
+    let (_, s, _) = request(&w, 10, "GET", "/pay", &[]);
+    w.log(10, s);
+    w.at(SECOND).tick();
+    assert_eq!((fallback_stat(&w, "cluster", "served"), fallback_stat(&w, "cluster", "missed")), (1, 3));
+    assert_eq!(w.stat("requests_total.policy.p.outcome.failure"), 1, "only the trip");
 }
 
 #[test]
