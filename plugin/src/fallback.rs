@@ -227,16 +227,32 @@ fn serve_cached(host: &impl Host, vm: &Vm, p: &Policy, cache: &Cache, request: &
     }
     let mut digits = [0u8; 20];
     let mut headers: Vec<(&str, &[u8])> = Vec::new();
+    let mut upstream_age = 0;
     for (name, value) in HeaderMap::new(e.headers).iter() {
+        if name == b"age" {
+            upstream_age = age_seconds(value).unwrap_or(upstream_age);
+        }
         let stored = !(name.starts_with(b":") || name.starts_with(b"x-envoy-") || NOT_STORED.contains(&name));
         if let (true, Ok(name)) = (stored, core::str::from_utf8(name)) {
             headers.push((name, value));
         }
     }
     headers.push(("x-breakwater", b"fallback-cache"));
-    headers.push(("age", decimal(age / SECOND, &mut digits)));
+    // RFC 9111 §5.1: the age it had when stored (the upstream's Age) plus the time since.
+    let age = upstream_age.saturating_add(age / SECOND).min(MAX_AGE);
+    headers.push(("age", decimal(age, &mut digits)));
     host.send_http_reply(u32::from(e.status), &headers, e.body);
     true
+}
+
+/// The largest `Age` sent (RFC 9111 §1.2.2: a larger or overflowing one is sent as this).
+const MAX_AGE: u64 = 1 << 31;
+
+/// An `Age` value: delta-seconds (digits only, at most [`MAX_AGE`]); None if it is not one (it
+/// is then ignored).
+fn age_seconds(value: &[u8]) -> Option<u64> {
+    let digits = !value.is_empty() && value.iter().all(u8::is_ascii_digit);
+    digits.then(|| parse_u64(value).unwrap_or(MAX_AGE).min(MAX_AGE))
 }
 
 /// The cache key of a request: its method, host (`:authority`), path and query, then the key

@@ -122,6 +122,24 @@ fn the_last_good_response_is_served_while_the_breaker_is_open_with_its_age() {
 }
 
 #[test]
+fn the_age_served_is_the_upstreams_age_plus_the_time_since_it_was_stored() {
+    let w = worker(CACHE);
+    w.at(SECOND);
+    for (path, age) in [("/aged", "100"), ("/bad", "-5"), ("/fraction", "1.5"), ("/huge", "99999999999999999999999")] {
+        get_ok(&w, path, &[("age", age)], "x");
+    }
+    trip(&w);
+    w.at(4 * SECOND);
+    for (path, want) in [("/aged", "103"), ("/bad", "3"), ("/fraction", "3"), ("/huge", "2147483648")] {
+        let r = refused(&w, "GET", path, &[]);
+        assert_eq!(r.header("x-breakwater"), Some("fallback-cache"), "{path}");
+        let ages: alloc::vec::Vec<_> = r.headers.iter().filter(|(k, _)| k == "age").collect();
+        assert_eq!(ages.len(), 1, "{path}: one age: {ages:?}");
+        assert_eq!(r.header("age"), Some(want), "{path}");
+    }
+}
+
+#[test]
 fn an_entry_older_than_ttl_is_a_miss_and_a_miss_falls_back_to_static() {
     let w = worker(r#"{"cache": {"ttl": "60s"}, "static": {"status": 203, "body": "degraded"}}"#);
     w.at(0);
