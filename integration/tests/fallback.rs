@@ -142,11 +142,15 @@ async fn while_open_a_post_goes_to_the_fallback_cluster_with_its_body_intact() {
     let policies = json!({
         "payments": payments,
         "unrouted": { "circuit_breaker": { "consecutive_failures": 1, "open_for": "1h" },
-                      "fallback": { "cluster": "no-such-route" } }
+                      "fallback": { "cluster": "no-such-route" } },
+        "ghost": { "circuit_breaker": { "consecutive_failures": 1, "open_for": "1h" },
+                   "fallback": { "cluster": "no-such-cluster" } }
     });
     let spec = Spec::one_route_per_policy(up.addr(), policies)
         .cluster("payments-backup", backup.addr())
-        .fallback_route("payments-backup");
+        .fallback_route("payments-backup")
+        .fallback_route("no-such-cluster")
+        .unknown_clusters();
     let envoy = Envoy::start(&spec).await;
     for _ in 0..failures {
         assert_eq!(envoy.get("/payments/charge?status=503").await.status, 503);
@@ -173,11 +177,30 @@ async fn while_open_a_post_goes_to_the_fallback_cluster_with_its_body_intact() {
     assert_eq!(served, 1);
 
     // Without a route that matches the filter state, the request stays on its route: the
-    // limit the README states (the route configuration must carry the fallback route).
+    // limit the README states (the route configuration must carry the fallback route). The
+    // failing upstream answered: missed, unmarked, and a warning names the cluster.
     assert_eq!(envoy.get("/unrouted/x?status=503").await.status, 503);
     envoy.wait_tripped("unrouted", 1).await;
     let r = envoy.get("/unrouted/y").await;
-    assert_eq!((r.status, r.from_upstream(), r.header("x-breakwater")), (200, true, Some("fallback-cluster")));
+    assert_eq!((r.status, r.from_upstream(), r.header("x-breakwater")), (200, true, None), "{:?}", r.headers);
+    assert_eq!(envoy.wait_stat(&fallback_stat("unrouted", "cluster", "missed"), 1).await, 1);
+    // A route to a cluster Envoy does not have: Envoy's own 503 (NC), missed and unmarked too.
+    assert_eq!(envoy.get("/ghost/x?status=503").await.status, 503);
+    envoy.wait_tripped("ghost", 1).await;
+    let r = envoy.get("/ghost/y").await;
+    assert_eq!((r.status, r.from_upstream(), r.header("x-breakwater")), (503, false, None), "{:?}", r.headers);
+    assert_eq!(envoy.wait_stat(&fallback_stat("ghost", "cluster", "missed"), 1).await, 1);
+    let stats = envoy.settled(|| envoy.stats_matching("breakwater_fallback_total")).await;
+    for policy in ["unrouted", "ghost"] {
+        assert_eq!(stats.get(&fallback_stat(policy, "cluster", "served")), Some(&0), "{policy}: {stats:?}");
+    }
+    let log = envoy.log();
+    for warning in [
+        "policy unrouted: fallback cluster no-such-route: request answered by cluster ",
+        "policy ghost: fallback cluster no-such-cluster: request answered by no cluster",
+    ] {
+        assert_eq!(log.matches(warning).count(), 1, "{warning}: once per policy and configuration:\n{log}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
