@@ -75,11 +75,25 @@ pub struct Worker {
     pending: Cell<Option<usize>>,
     /// (key hash, when) of recent stores, direct-mapped: a worker stores a key at most once a second.
     recent: RefCell<[(u64, u64); RECENT]>,
+    /// Streams answered from the cache whose `content-type` Envoy's local reply changes, until
+    /// their response headers: the stored one to set back, or None to remove Envoy's.
+    replayed: RefCell<Vec<(u32, ContentType)>>,
+    /// Likewise for the request whose headers are being decided.
+    pending_replay: RefCell<Option<ContentType>>,
 }
+
+/// The `content-type` a cached answer had (None: it had none).
+type ContentType = Option<Vec<u8>>;
 
 impl Default for Worker {
     fn default() -> Self {
-        Worker { rerouted: RefCell::default(), pending: Cell::default(), recent: RefCell::new([(0, 0); RECENT]) }
+        Worker {
+            rerouted: RefCell::default(),
+            pending: Cell::default(),
+            recent: RefCell::new([(0, 0); RECENT]),
+            replayed: RefCell::default(),
+            pending_replay: RefCell::default(),
+        }
     }
 }
 
@@ -87,6 +101,9 @@ impl Worker {
     /// Whether the request refused on its headers just now was sent to a fallback cluster (it
     /// goes on); it is remembered as `ticket` until it ends.
     pub fn take_rerouted(&self, ticket: u32) -> bool {
+        if let Some(fix) = self.pending_replay.try_borrow_mut().ok().and_then(|mut p| p.take()) {
+            self.replay(ticket, fix);
+        }
         match self.pending.take() {
             Some(policy) => {
                 self.mark(ticket, policy);
@@ -94,6 +111,19 @@ impl Worker {
             }
             None => false,
         }
+    }
+
+    fn replay(&self, ticket: u32, fix: ContentType) {
+        if let Ok(mut r) = self.replayed.try_borrow_mut() {
+            r.push((ticket, fix));
+        }
+    }
+
+    /// The content-type fix of stream `ticket`, answered from the cache, once.
+    fn take_replay(&self, ticket: u32) -> Option<ContentType> {
+        let mut r = self.replayed.try_borrow_mut().ok()?;
+        let i = r.iter().position(|(t, _)| *t == ticket)?;
+        Some(r.swap_remove(i).1)
     }
 
     fn mark(&self, ticket: u32, policy: usize) {
@@ -119,6 +149,7 @@ impl Worker {
     /// The stream is over. Returns the policy that sent it to its fallback cluster if no
     /// response headers came (it was not served).
     pub fn done(&self, ticket: u32) -> Option<usize> {
+        self.take_replay(ticket);
         let mut r = self.rerouted.try_borrow_mut().ok()?;
         let i = r.iter().position(|t| t.ticket == ticket)?;
         let t = r.swap_remove(i);
@@ -172,7 +203,7 @@ fn answer(host: &impl Host, vm: &Vm, p: &Policy, f: &crate::config::Fallback, pa
         let request = HeaderMap::new(&request);
         let is_grpc = request.get(b"content-type").is_some_and(is_grpc);
         grpc = Some(is_grpc);
-        let hit = !is_grpc && serve_cached(host, vm, p, cache, &request);
+        let hit = !is_grpc && serve_cached(host, vm, p, cache, &request, paused);
         count(p, CACHE, hit);
         if hit {
             return true;
@@ -213,7 +244,14 @@ fn is_grpc(content_type: &[u8]) -> bool {
 }
 
 /// Answers from the cache if it holds a fresh entry for the request's key.
-fn serve_cached(host: &impl Host, vm: &Vm, p: &Policy, cache: &Cache, request: &HeaderMap) -> bool {
+fn serve_cached(
+    host: &impl Host,
+    vm: &Vm,
+    p: &Policy,
+    cache: &Cache,
+    request: &HeaderMap,
+    paused: Option<u32>,
+) -> bool {
     let method = request.get(b":method").unwrap_or_default();
     if method != b"GET" && method != b"HEAD" {
         return false;
@@ -228,9 +266,13 @@ fn serve_cached(host: &impl Host, vm: &Vm, p: &Policy, cache: &Cache, request: &
     let mut digits = [0u8; 20];
     let mut headers: Vec<(&str, &[u8])> = Vec::new();
     let mut upstream_age = 0;
+    let mut content_type = None;
     for (name, value) in HeaderMap::new(e.headers).iter() {
         if name == b"age" {
             upstream_age = age_seconds(value).unwrap_or(upstream_age);
+        }
+        if name == b"content-type" {
+            content_type = Some(value);
         }
         let stored = !(name.starts_with(b":") || name.starts_with(b"x-envoy-") || NOT_STORED.contains(&name));
         if let (true, Ok(name)) = (stored, core::str::from_utf8(name)) {
@@ -242,6 +284,23 @@ fn serve_cached(host: &impl Host, vm: &Vm, p: &Policy, cache: &Cache, request: &
     let age = upstream_age.saturating_add(age / SECOND).min(MAX_AGE);
     headers.push(("age", decimal(age, &mut digits)));
     host.send_http_reply(u32::from(e.status), &headers, e.body);
+    // Envoy's local reply adds `content-type: text/plain` to a body without one, and drops it
+    // from an empty body: put it back as it was when the reply passes this filter.
+    let fix = match (content_type, e.body.is_empty()) {
+        (None, false) => Some(None),
+        (Some(ct), true) => Some(Some(ct.to_vec())),
+        _ => None,
+    };
+    if let Some(fix) = fix {
+        match paused {
+            Some(ticket) => vm.fallback.replay(ticket, fix),
+            None => {
+                if let Ok(mut p) = vm.fallback.pending_replay.try_borrow_mut() {
+                    *p = Some(fix);
+                }
+            }
+        }
+    }
     true
 }
 
@@ -379,6 +438,13 @@ pub fn on_response_headers(
     end_of_stream: bool,
     pending: Option<Pending>,
 ) -> Option<Capture> {
+    if let Some(fix) = vm.fallback.take_replay(ticket) {
+        match fix {
+            Some(content_type) => host.set_response_header("content-type", &content_type),
+            None => host.remove_response_header("content-type"),
+        }
+        return None;
+    }
     if vm.fallback.is_rerouted(ticket) {
         if let Some(p) = vm.fallback.decide(ticket).and_then(|i| c.policy(i)) {
             answered(c, host, vm, p);

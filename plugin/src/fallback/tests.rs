@@ -139,6 +139,44 @@ fn the_age_served_is_the_upstreams_age_plus_the_time_since_it_was_stored() {
     }
 }
 
+/// Envoy's local reply of the last cached answer passes the filter: its content-type as the
+/// client gets it, from Envoy's `envoy_set` (what `Utility::encodeLocalReply` made of it).
+fn content_type_after_envoy(w: &Worker, envoy_set: Option<&str>) -> Option<alloc::string::String> {
+    w.host.response_headers.borrow_mut().clear();
+    w.host.set_response_header(":status", "200");
+    if let Some(ct) = envoy_set {
+        w.host.set_response_header("content-type", ct);
+    }
+    let mut s = Stream::Untracked;
+    let read = filter_response_headers(&w.c, &w.host, &mut s);
+    assert!(on_response_headers(&w.c, &w.host, &w.vm, 3, &s, read.as_deref(), false, None).is_none());
+    let ct = w.host.response_header("content-type");
+    w.log(3, s);
+    ct.map(|v| alloc::string::String::from_utf8(v).unwrap())
+}
+
+#[test]
+fn a_cached_answer_keeps_its_content_type_through_envoys_local_reply() {
+    let w = worker(CACHE);
+    get_ok(&w, "/none", &[], "plain bytes");
+    get_ok(&w, "/empty", &[("content-type", "application/json")], "");
+    get_ok(&w, "/json", &[("content-type", "application/json")], "[]");
+    trip(&w);
+    refused(&w, "GET", "/none", &[]);
+    assert_eq!(content_type_after_envoy(&w, Some("text/plain")), None, "Envoy's text/plain removed");
+    refused(&w, "GET", "/empty", &[]);
+    assert_eq!(content_type_after_envoy(&w, None).as_deref(), Some("application/json"), "set back");
+    refused(&w, "GET", "/json", &[]);
+    w.host.take_calls();
+    assert_eq!(content_type_after_envoy(&w, Some("application/json")).as_deref(), Some("application/json"));
+    let calls = w.host.take_calls();
+    assert!(!calls.contains_key("set_response_header") && !calls.contains_key("remove_header"), "{calls:?}");
+    // A stream that ends first forgets it: the next stream on that context id is left alone.
+    refused(&w, "GET", "/none", &[]);
+    w.log(3, Stream::Untracked);
+    assert_eq!(content_type_after_envoy(&w, Some("text/plain")).as_deref(), Some("text/plain"));
+}
+
 #[test]
 fn an_entry_older_than_ttl_is_a_miss_and_a_miss_falls_back_to_static() {
     let w = worker(r#"{"cache": {"ttl": "60s"}, "static": {"status": 203, "body": "degraded"}}"#);
