@@ -188,6 +188,8 @@ pub struct Spec {
     clusters: Vec<(String, SocketAddr)>,
     /// Routes matched before the named ones (see [`Spec::fallback_route`]).
     front_routes: Vec<Value>,
+    /// The route configuration's `validate_clusters` (see [`Spec::unknown_clusters`]).
+    validate_clusters: bool,
 }
 
 impl Spec {
@@ -207,6 +209,7 @@ impl Spec {
             access_log: None,
             clusters: Vec::new(),
             front_routes: Vec::new(),
+            validate_clusters: true,
         }
     }
 
@@ -226,6 +229,13 @@ impl Spec {
             }]},
             "route": { "cluster": cluster, "timeout": "5s" }
         }));
+        self
+    }
+
+    /// The ingress route configuration may name clusters Envoy does not have
+    /// (`validate_clusters: false`): a request routed to one gets Envoy's 503 (response flag NC).
+    pub fn unknown_clusters(mut self) -> Spec {
+        self.validate_clusters = false;
         self
     }
 
@@ -610,6 +620,10 @@ impl Spec {
         });
         if let Some(entry) = &self.access_log {
             listener["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = json!([entry]);
+        }
+        if !self.validate_clusters {
+            listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["validate_clusters"] =
+                json!(false);
         }
         listener
     }

@@ -11,6 +11,10 @@ use std::time::Duration;
 
 /// `cache-control: no-store` on the upstream's answer (the upstream's `raw_header=name:hex`).
 const NO_STORE: &str = "raw_header=cache-control:6e6f2d73746f7265";
+/// `age: 100` on the upstream's answer.
+const AGED: &str = "/catalog/aged?raw_header=age:313030";
+/// An empty body with `content-type: application/json`.
+const EMPTY_JSON: &str = "/catalog/empty?body_bytes=0&raw_header=content-type:6170706c69636174696f6e2f6a736f6e";
 
 /// The policies of the README's Fallbacks example (its first YAML block).
 fn readme_policies() -> Value {
@@ -42,6 +46,8 @@ async fn while_open_a_cached_answer_is_served_a_miss_gets_the_static_one_and_no_
     assert_eq!((good.status, good.from_upstream()), (200, true));
     let private = envoy.get(&format!("/catalog/private?{NO_STORE}")).await;
     assert_eq!(private.header("cache-control"), Some("no-store"));
+    assert_eq!(envoy.get(AGED).await.header("age"), Some("100"));
+    assert_eq!(envoy.get(EMPTY_JSON).await.header("content-type"), Some("application/json"));
     for _ in 0..failures {
         assert_eq!(envoy.get("/catalog/boom?status=500").await.status, 500);
     }
@@ -55,8 +61,25 @@ async fn while_open_a_cached_answer_is_served_a_miss_gets_the_static_one_and_no_
     assert_eq!(hit.header("x-upstream-seq"), good.header("x-upstream-seq"), "its headers too");
     let age: u64 = hit.header("age").expect("an age").parse().unwrap();
     assert!((1..=3).contains(&age), "stored over a second ago: age {age}");
+    assert_eq!(good.header("content-type"), None);
+    assert_eq!(
+        hit.header("content-type"),
+        None,
+        "as stored: Envoy's local reply adds text/plain, Breakwater takes it off"
+    );
     let head = envoy.request(Method::HEAD, "/catalog/items?page=2", &[]).await;
     assert_eq!((head.status, head.header("x-breakwater"), head.body.as_str()), (200, Some("fallback-cache"), ""));
+    assert_eq!(head.header("content-type"), None);
+    // The upstream's Age counts (RFC 9111 §5.1), and an empty body keeps its content-type.
+    let aged = envoy.get(AGED).await;
+    assert_eq!(aged.header("x-breakwater"), Some("fallback-cache"));
+    let age: u64 = aged.header("age").expect("an age").parse().unwrap();
+    assert!((101..=103).contains(&age), "the upstream's 100 plus the time since: age {age}");
+    let empty = envoy.get(EMPTY_JSON).await;
+    assert_eq!(
+        (empty.header("x-breakwater"), empty.header("content-type"), empty.body.as_str()),
+        (Some("fallback-cache"), Some("application/json"), "")
+    );
     for miss in [format!("/catalog/private?{NO_STORE}"), "/catalog/items?page=3".into()] {
         let r = envoy.get(&miss).await;
         assert_eq!((r.status, r.header("x-breakwater")), (200, Some("fallback-static")), "{miss}: {r:?}");
@@ -68,18 +91,18 @@ async fn while_open_a_cached_answer_is_served_a_miss_gets_the_static_one_and_no_
     assert_eq!(up.stats().requests, before, "the failing upstream was not contacted");
     let stats = envoy.settled(|| envoy.stats_matching("breakwater_(fallback|rejections)_total")).await;
     let stat = |kind, result| stats.get(&fallback_stat("catalog", kind, result)).copied().unwrap_or(-1);
-    assert_eq!((stat("cache", "served"), stat("cache", "missed")), (2, 2), "{stats:?}");
+    assert_eq!((stat("cache", "served"), stat("cache", "missed")), (4, 2), "{stats:?}");
     assert_eq!((stat("static", "served"), stat("static", "missed")), (2, 0));
-    assert_eq!(stats.get("wasmcustom.breakwater_rejections_total.policy.catalog.reason.circuit_open"), Some(&4));
+    assert_eq!(stats.get("wasmcustom.breakwater_rejections_total.policy.catalog.reason.circuit_open"), Some(&6));
     let (_, status) = envoy.control(Method::GET, "/breakwater/status/catalog").await;
     assert_eq!(
         status["policies"]["catalog"]["fallback"],
-        json!({ "static": { "served": 2, "missed": 0 }, "cache": { "served": 2, "missed": 2 } }),
+        json!({ "static": { "served": 2, "missed": 0 }, "cache": { "served": 4, "missed": 2 } }),
         "{status}"
     );
     let prom = envoy.prometheus().await;
     assert!(
-        prom.contains(r#"breakwater_fallback_total{policy="catalog",kind="cache",result="served"} 2"#),
+        prom.contains(r#"breakwater_fallback_total{policy="catalog",kind="cache",result="served"} 4"#),
         "the shipped tag extractors give kind and result labels:\n{}",
         prom.lines().filter(|l| l.contains("fallback")).collect::<Vec<_>>().join("\n")
     );
@@ -142,11 +165,15 @@ async fn while_open_a_post_goes_to_the_fallback_cluster_with_its_body_intact() {
     let policies = json!({
         "payments": payments,
         "unrouted": { "circuit_breaker": { "consecutive_failures": 1, "open_for": "1h" },
-                      "fallback": { "cluster": "no-such-route" } }
+                      "fallback": { "cluster": "no-such-route" } },
+        "ghost": { "circuit_breaker": { "consecutive_failures": 1, "open_for": "1h" },
+                   "fallback": { "cluster": "no-such-cluster" } }
     });
     let spec = Spec::one_route_per_policy(up.addr(), policies)
         .cluster("payments-backup", backup.addr())
-        .fallback_route("payments-backup");
+        .fallback_route("payments-backup")
+        .fallback_route("no-such-cluster")
+        .unknown_clusters();
     let envoy = Envoy::start(&spec).await;
     for _ in 0..failures {
         assert_eq!(envoy.get("/payments/charge?status=503").await.status, 503);
@@ -173,11 +200,30 @@ async fn while_open_a_post_goes_to_the_fallback_cluster_with_its_body_intact() {
     assert_eq!(served, 1);
 
     // Without a route that matches the filter state, the request stays on its route: the
-    // limit the README states (the route configuration must carry the fallback route).
+    // limit the README states (the route configuration must carry the fallback route). The
+    // failing upstream answered: missed, unmarked, and a warning names the cluster.
     assert_eq!(envoy.get("/unrouted/x?status=503").await.status, 503);
     envoy.wait_tripped("unrouted", 1).await;
     let r = envoy.get("/unrouted/y").await;
-    assert_eq!((r.status, r.from_upstream(), r.header("x-breakwater")), (200, true, Some("fallback-cluster")));
+    assert_eq!((r.status, r.from_upstream(), r.header("x-breakwater")), (200, true, None), "{:?}", r.headers);
+    assert_eq!(envoy.wait_stat(&fallback_stat("unrouted", "cluster", "missed"), 1).await, 1);
+    // A route to a cluster Envoy does not have: Envoy's own 503 (NC), missed and unmarked too.
+    assert_eq!(envoy.get("/ghost/x?status=503").await.status, 503);
+    envoy.wait_tripped("ghost", 1).await;
+    let r = envoy.get("/ghost/y").await;
+    assert_eq!((r.status, r.from_upstream(), r.header("x-breakwater")), (503, false, None), "{:?}", r.headers);
+    assert_eq!(envoy.wait_stat(&fallback_stat("ghost", "cluster", "missed"), 1).await, 1);
+    let stats = envoy.settled(|| envoy.stats_matching("breakwater_fallback_total")).await;
+    for policy in ["unrouted", "ghost"] {
+        assert_eq!(stats.get(&fallback_stat(policy, "cluster", "served")), Some(&0), "{policy}: {stats:?}");
+    }
+    let log = envoy.log();
+    for warning in [
+        "policy unrouted: fallback cluster no-such-route: request answered by cluster ",
+        "policy ghost: fallback cluster no-such-cluster: request answered by no cluster",
+    ] {
+        assert_eq!(log.matches(warning).count(), 1, "{warning}: once per policy and configuration:\n{log}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

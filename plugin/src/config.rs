@@ -347,6 +347,12 @@ fn policy(name: &str, v: &Value, path: &str) -> Result<Policy> {
         let bulkhead = p.bulkhead.as_ref();
         let queue = bulkhead.is_some_and(|b| b.machine.queue_max > 0);
         let shed = bulkhead.is_some_and(|b| b.machine.classes.iter().any(|c| c.shed_at_milli.is_some()));
+        if p.breaker.is_none() && bulkhead.is_none() {
+            return err(
+                &path,
+                "a fallback needs a circuit_breaker or a bulkhead: without one this policy refuses nothing",
+            );
+        }
         let makes = [p.breaker.is_some(), bulkhead.is_some(), queue, shed];
         p.fallback = Some(fallback::fallback(v, &path, makes)?);
     }
@@ -667,6 +673,10 @@ fn failure_on(v: &Value, path: &str) -> Result<FailureOn> {
     Ok(f)
 }
 
+/// Headers a `reject` or `fallback.static` answer may not set: Envoy sets or drops them, and a
+/// wrong one lies about the body (HTTP/2 resets the stream).
+const FRAMING_HEADERS: [&str; 3] = ["content-length", "transfer-encoding", "connection"];
+
 /// `reject`, or (`fallback`) a fallback's `static` answer, which may have any status from 200
 /// and a body of up to 64 KiB (never a gRPC client's grpc-message: gRPC requests do not get it).
 fn reject(v: &Value, path: &str, fallback: bool) -> Result<Reject> {
@@ -688,6 +698,10 @@ fn reject(v: &Value, path: &str, fallback: bool) -> Result<Reject> {
             let why = if fallback { "" } else { " (it is also gRPC's grpc-message header)" };
             return err(&p, format!("must be at most {max} bytes{why}, got {}", body.len()));
         }
+        if !body.is_empty() && (r.status == 204 || r.status == 304) {
+            let why = "Envoy would send it with a content-length, and HTTP/2 clients reset such a stream";
+            return err(&p, format!("must be empty: a {} answer has no body ({why})", r.status));
+        }
         r.body = Some(body.to_string());
     }
     if let Some((v, p)) = o.get("headers") {
@@ -702,6 +716,9 @@ fn reject(v: &Value, path: &str, fallback: bool) -> Result<Reject> {
             }
             if name == "x-breakwater" || name == "retry-after" {
                 return err(&hp, "is set by Breakwater itself");
+            }
+            if FRAMING_HEADERS.contains(&name.as_str()) {
+                return err(&hp, "is set by Envoy: it describes the connection or the body's length, and a wrong one lies about the body");
             }
             let value = match value.as_str() {
                 // Control characters (CR, LF, …) would break the response or be refused by Envoy.

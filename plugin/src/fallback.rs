@@ -26,6 +26,7 @@ use crate::host::Host;
 use crate::reply::{reject, Refusal};
 use crate::vm::Vm;
 use crate::{Compiled, Policy};
+use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use breakwater_policies::SECOND;
@@ -53,20 +54,46 @@ const CLUSTER: usize = 2;
 /// Slots of a worker's table of recent stores.
 const RECENT: usize = 256;
 
+/// A stream sent to a fallback cluster, until it ends.
+#[derive(Debug, Clone, Copy)]
+struct Reroute {
+    ticket: u32,
+    /// The index of the policy whose fallback sent it.
+    policy: usize,
+    /// Its response headers came, and it was counted served or missed.
+    decided: bool,
+}
+
 /// One worker's fallback state.
 #[derive(Debug)]
 pub struct Worker {
-    /// Streams sent to a fallback cluster, until they end: their responses are marked.
-    rerouted: RefCell<Vec<u32>>,
-    /// The request whose headers are being decided was just sent to a fallback cluster.
-    pending: Cell<bool>,
+    /// Streams sent to a fallback cluster, until they end: counted, and marked if the fallback
+    /// cluster answered, at their response headers.
+    rerouted: RefCell<Vec<Reroute>>,
+    /// The request whose headers are being decided was just sent to a fallback cluster by this
+    /// policy (its index).
+    pending: Cell<Option<usize>>,
     /// (key hash, when) of recent stores, direct-mapped: a worker stores a key at most once a second.
     recent: RefCell<[(u64, u64); RECENT]>,
+    /// Streams answered from the cache whose `content-type` Envoy's local reply changes, until
+    /// their response headers: the stored one to set back, or None to remove Envoy's.
+    replayed: RefCell<Vec<(u32, ContentType)>>,
+    /// Likewise for the request whose headers are being decided.
+    pending_replay: RefCell<Option<ContentType>>,
 }
+
+/// The `content-type` a cached answer had (None: it had none).
+type ContentType = Option<Vec<u8>>;
 
 impl Default for Worker {
     fn default() -> Self {
-        Worker { rerouted: RefCell::default(), pending: Cell::default(), recent: RefCell::new([(0, 0); RECENT]) }
+        Worker {
+            rerouted: RefCell::default(),
+            pending: Cell::default(),
+            recent: RefCell::new([(0, 0); RECENT]),
+            replayed: RefCell::default(),
+            pending_replay: RefCell::default(),
+        }
     }
 }
 
@@ -74,31 +101,59 @@ impl Worker {
     /// Whether the request refused on its headers just now was sent to a fallback cluster (it
     /// goes on); it is remembered as `ticket` until it ends.
     pub fn take_rerouted(&self, ticket: u32) -> bool {
-        let rerouted = self.pending.replace(false);
-        if rerouted {
-            self.mark(ticket);
+        if let Some(fix) = self.pending_replay.try_borrow_mut().ok().and_then(|mut p| p.take()) {
+            self.replay(ticket, fix);
         }
-        rerouted
+        match self.pending.take() {
+            Some(policy) => {
+                self.mark(ticket, policy);
+                true
+            }
+            None => false,
+        }
     }
 
-    fn mark(&self, ticket: u32) {
+    fn replay(&self, ticket: u32, fix: ContentType) {
+        if let Ok(mut r) = self.replayed.try_borrow_mut() {
+            r.push((ticket, fix));
+        }
+    }
+
+    /// The content-type fix of stream `ticket`, answered from the cache, once.
+    fn take_replay(&self, ticket: u32) -> Option<ContentType> {
+        let mut r = self.replayed.try_borrow_mut().ok()?;
+        let i = r.iter().position(|(t, _)| *t == ticket)?;
+        Some(r.swap_remove(i).1)
+    }
+
+    fn mark(&self, ticket: u32, policy: usize) {
         if let Ok(mut r) = self.rerouted.try_borrow_mut() {
-            r.push(ticket);
+            r.push(Reroute { ticket, policy, decided: false });
         }
     }
 
     /// Whether stream `ticket` was sent to a fallback cluster.
     pub fn is_rerouted(&self, ticket: u32) -> bool {
-        self.rerouted.try_borrow().is_ok_and(|r| r.contains(&ticket))
+        self.rerouted.try_borrow().is_ok_and(|r| r.iter().any(|t| t.ticket == ticket))
     }
 
-    /// The stream is over.
-    pub fn done(&self, ticket: u32) {
-        if let Ok(mut r) = self.rerouted.try_borrow_mut() {
-            if let Some(i) = r.iter().position(|t| *t == ticket) {
-                r.swap_remove(i);
-            }
-        }
+    /// The policy that sent stream `ticket` to its fallback cluster, the first time its
+    /// response headers come (then it is decided); None for any other stream.
+    fn decide(&self, ticket: u32) -> Option<usize> {
+        let mut r = self.rerouted.try_borrow_mut().ok()?;
+        let t = r.iter_mut().find(|t| t.ticket == ticket && !t.decided)?;
+        t.decided = true;
+        Some(t.policy)
+    }
+
+    /// The stream is over. Returns the policy that sent it to its fallback cluster if no
+    /// response headers came (it was not served).
+    pub fn done(&self, ticket: u32) -> Option<usize> {
+        self.take_replay(ticket);
+        let mut r = self.rerouted.try_borrow_mut().ok()?;
+        let i = r.iter().position(|t| t.ticket == ticket)?;
+        let t = r.swap_remove(i);
+        (!t.decided).then_some(t.policy)
     }
 
     /// Whether this worker stored `hash` less than a second before `now`; `store`: it is
@@ -148,22 +203,24 @@ fn answer(host: &impl Host, vm: &Vm, p: &Policy, f: &crate::config::Fallback, pa
         let request = HeaderMap::new(&request);
         let is_grpc = request.get(b"content-type").is_some_and(is_grpc);
         grpc = Some(is_grpc);
-        let hit = !is_grpc && serve_cached(host, vm, p, cache, &request);
+        let hit = !is_grpc && serve_cached(host, vm, p, cache, &request, paused);
         count(p, CACHE, hit);
         if hit {
             return true;
         }
     }
     if let Some(cluster) = &f.cluster {
+        // Counted when its response headers show which cluster answered (or missed now).
         let sent = host.set_property(FILTER_STATE, cluster.as_bytes()) && host.clear_route_cache();
-        count(p, CLUSTER, sent);
-        if sent {
+        if !sent {
+            count(p, CLUSTER, false);
+        } else {
             match paused {
                 Some(ticket) => {
-                    vm.fallback.mark(ticket);
+                    vm.fallback.mark(ticket, p.index);
                     host.resume_request();
                 }
-                None => vm.fallback.pending.set(true),
+                None => vm.fallback.pending.set(Some(p.index)),
             }
             return true;
         }
@@ -187,7 +244,14 @@ fn is_grpc(content_type: &[u8]) -> bool {
 }
 
 /// Answers from the cache if it holds a fresh entry for the request's key.
-fn serve_cached(host: &impl Host, vm: &Vm, p: &Policy, cache: &Cache, request: &HeaderMap) -> bool {
+fn serve_cached(
+    host: &impl Host,
+    vm: &Vm,
+    p: &Policy,
+    cache: &Cache,
+    request: &HeaderMap,
+    paused: Option<u32>,
+) -> bool {
     let method = request.get(b":method").unwrap_or_default();
     if method != b"GET" && method != b"HEAD" {
         return false;
@@ -201,16 +265,53 @@ fn serve_cached(host: &impl Host, vm: &Vm, p: &Policy, cache: &Cache, request: &
     }
     let mut digits = [0u8; 20];
     let mut headers: Vec<(&str, &[u8])> = Vec::new();
+    let mut upstream_age = 0;
+    let mut content_type = None;
     for (name, value) in HeaderMap::new(e.headers).iter() {
+        if name == b"age" {
+            upstream_age = age_seconds(value).unwrap_or(upstream_age);
+        }
+        if name == b"content-type" {
+            content_type = Some(value);
+        }
         let stored = !(name.starts_with(b":") || name.starts_with(b"x-envoy-") || NOT_STORED.contains(&name));
         if let (true, Ok(name)) = (stored, core::str::from_utf8(name)) {
             headers.push((name, value));
         }
     }
     headers.push(("x-breakwater", b"fallback-cache"));
-    headers.push(("age", decimal(age / SECOND, &mut digits)));
+    // RFC 9111 §5.1: the age it had when stored (the upstream's Age) plus the time since.
+    let age = upstream_age.saturating_add(age / SECOND).min(MAX_AGE);
+    headers.push(("age", decimal(age, &mut digits)));
     host.send_http_reply(u32::from(e.status), &headers, e.body);
+    // Envoy's local reply adds `content-type: text/plain` to a body without one, and drops it
+    // from an empty body: put it back as it was when the reply passes this filter.
+    let fix = match (content_type, e.body.is_empty()) {
+        (None, false) => Some(None),
+        (Some(ct), true) => Some(Some(ct.to_vec())),
+        _ => None,
+    };
+    if let Some(fix) = fix {
+        match paused {
+            Some(ticket) => vm.fallback.replay(ticket, fix),
+            None => {
+                if let Ok(mut p) = vm.fallback.pending_replay.try_borrow_mut() {
+                    *p = Some(fix);
+                }
+            }
+        }
+    }
     true
+}
+
+/// The largest `Age` sent (RFC 9111 §1.2.2: a larger or overflowing one is sent as this).
+const MAX_AGE: u64 = 1 << 31;
+
+/// An `Age` value: delta-seconds (digits only, at most [`MAX_AGE`]); None if it is not one (it
+/// is then ignored).
+fn age_seconds(value: &[u8]) -> Option<u64> {
+    let digits = !value.is_empty() && value.iter().all(u8::is_ascii_digit);
+    digits.then(|| parse_u64(value).unwrap_or(MAX_AGE).min(MAX_AGE))
 }
 
 /// The cache key of a request: its method, host (`:authority`), path and query, then the key
@@ -321,13 +422,14 @@ fn any_token(value: &[u8], names: &[&[u8]], among: bool) -> bool {
     }
 }
 
-/// At the response headers. A stream sent to a fallback cluster gets its mark. An upstream's
+/// At the response headers. A stream sent to a fallback cluster is counted served, and marked,
+/// if the fallback cluster answered (see [`answered`]). An upstream's
 /// cacheable answer to a request that may be stored ([`Pending`]) starts a capture (stored at
 /// once if it has no body): 2xx but 206, not gRPC, no `Cache-Control: no-store` or `private`,
 /// no `Set-Cookie`, no `Vary` beyond the key's headers, a body that may fit.
 #[allow(clippy::too_many_arguments)]
 pub fn on_response_headers(
-    c: &Compiled,
+    c: &Rc<Compiled>,
     host: &impl Host,
     vm: &Vm,
     ticket: u32,
@@ -336,8 +438,17 @@ pub fn on_response_headers(
     end_of_stream: bool,
     pending: Option<Pending>,
 ) -> Option<Capture> {
+    if let Some(fix) = vm.fallback.take_replay(ticket) {
+        match fix {
+            Some(content_type) => host.set_response_header("content-type", &content_type),
+            None => host.remove_response_header("content-type"),
+        }
+        return None;
+    }
     if vm.fallback.is_rerouted(ticket) {
-        host.set_response_header("x-breakwater", b"fallback-cluster");
+        if let Some(p) = vm.fallback.decide(ticket).and_then(|i| c.policy(i)) {
+            answered(c, host, vm, p);
+        }
         return None;
     }
     let (Stream::Tracked(t), Some(response), Some(pending)) = (stream, response, pending) else { return None };
@@ -371,6 +482,42 @@ pub fn on_response_headers(
         return None;
     }
     Some(capture)
+}
+
+/// The response headers of a stream the policy sent to its fallback cluster: served (and marked
+/// `x-breakwater: fallback-cluster`) only if that cluster answered, by Envoy's `xds.cluster_name`;
+/// else missed, with one warning per policy and configuration on a worker: no route matched the
+/// filter state (the request went where it was going), or its cluster does not exist (Envoy's
+/// local reply, no cluster). One property read, on rerouted streams only.
+fn answered(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, p: &Policy) {
+    let Some(cluster) = p.cfg.fallback.as_ref().and_then(|f| f.cluster.as_deref()) else { return };
+    let by = host.property(&["xds", "cluster_name"]);
+    let served = by.as_deref() == Some(cluster.as_bytes());
+    if served {
+        host.set_response_header("x-breakwater", b"fallback-cluster");
+    } else if !p.fallback_warned.replace(true) {
+        let why = match &by {
+            Some(by) => alloc::format!(
+                "request answered by cluster {}: no route matches filter state wasm.{FILTER_STATE}",
+                String::from_utf8_lossy(by)
+            ),
+            None => alloc::format!(
+                "request answered by no cluster: Envoy has no cluster for the route that matches filter state wasm.{FILTER_STATE}"
+            ),
+        };
+        log::warn!("policy {}: fallback cluster {cluster}: {why}", p.cfg.name);
+    }
+    count(p, CLUSTER, served);
+    vm.list(c, p);
+}
+
+/// At the end of a stream: one sent to a fallback cluster that got no response headers (reset,
+/// cancelled) was not served.
+pub fn on_log(c: &Rc<Compiled>, vm: &Vm, ticket: u32) {
+    if let Some(p) = vm.fallback.done(ticket).and_then(|i| c.policy(i)) {
+        count(p, CLUSTER, false);
+        vm.list(c, p);
+    }
 }
 
 /// A chunk of the response body passes (it is never held back): added to the capture, which is

@@ -134,7 +134,7 @@ pub fn on_response_trailers(c: &Compiled, host: &impl Host, stream: &mut Stream)
 /// Accounting, when the stream is over: the bulkhead permit back, the retries settled, the
 /// outcome to the breaker.
 pub fn on_log(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, ticket: u32, stream: Stream) {
-    vm.fallback.done(ticket);
+    crate::fallback::on_log(c, vm, ticket);
     let Stream::Tracked(t) = stream else { return };
     let Some(p) = c.policy(t.policy) else { return };
     let forwarded = bulkhead::finish(p, host, vm, ticket, t.permit) != Finished::NotForwarded;

@@ -108,6 +108,8 @@ pub struct Policy {
     holding: OnceCell<Rc<holdings::Holding>>,
     /// This worker's watch of the policy's breaker, looked up on first use.
     watch: OnceCell<Rc<watch::Watch>>,
+    /// This worker warned that a request its fallback sent on was answered by another cluster.
+    pub fallback_warned: core::cell::Cell<bool>,
 }
 
 /// A configuration with at most this many policies defines their stats when it is configured,
@@ -189,6 +191,7 @@ impl Compiled {
                 local: RefCell::new(Local::default()),
                 holding: OnceCell::new(),
                 watch: OnceCell::new(),
+                fallback_warned: core::cell::Cell::new(false),
             })
             .collect();
         let select = match only {

@@ -62,6 +62,8 @@ fn the_schema_refuses_the_bad_corpus_except_the_rules_its_comment_lists() {
         "mode-unknown",
         "force-unknown",
         "fallback-empty",
+        "fallback-without-refusal",
+        "fallback-static-204-body",
         "adaptive-and-max-concurrent",
         "timeout-without-max",
         "shed-at-zero",

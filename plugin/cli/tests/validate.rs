@@ -143,6 +143,8 @@ fn every_bad_configuration_is_refused_at_its_path() {
         ("fallback-empty", "policies.a.fallback", 1, 44),
         ("fallback-when-unmade", "policies.a.fallback.when[0]", 1, 66),
         ("fallback-cache-too-large", "policies.a.fallback.cache", 1, 57),
+        ("fallback-without-refusal", "policies.a.fallback", 1, 50),
+        ("fallback-static-204-body", "policies.a.fallback.static.body", 1, 83),
         ("adaptive-and-max-concurrent", "policies.a.bulkhead.adaptive", 1, 60),
         ("timeout-without-max", "policies.a.timeout.adaptive.max", 1, 37),
         ("shed-at-zero", "policies.a.bulkhead.priority.classes.bulk.shed_at", 1, 132),
@@ -154,7 +156,7 @@ fn every_bad_configuration_is_refused_at_its_path() {
         assert_eq!(first_error(&report), (path.to_string(), line, column), "{f}: {report}");
     }
     let corpus = std::fs::read_dir(root().join("plugin/cli/tests/bad")).unwrap().count();
-    assert_eq!(corpus, 30, "every file of the bad corpus is listed here");
+    assert_eq!(corpus, 32, "every file of the bad corpus is listed here");
 }
 
 #[test]

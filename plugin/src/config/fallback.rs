@@ -65,7 +65,10 @@ pub fn fallback(v: &Value, path: &str, makes: Makes) -> Result<Fallback> {
     if let Some((v, p)) = o.get("when") {
         let list = match v.as_array() {
             Some(l) if !l.is_empty() => l,
-            _ => return Err(expected(&p, "a list of refusals such as [circuit_open]", v)),
+            Some(_) => {
+                return err(&p, "the list is empty: list the refusals to answer, such as [circuit_open], or leave out when for all of them")
+            }
+            None => return Err(expected(&p, "a list of refusals such as [circuit_open]", v)),
         };
         when = [false; Refusal::ALL.len()];
         for (i, v) in list.iter().enumerate() {

@@ -122,6 +122,62 @@ fn the_last_good_response_is_served_while_the_breaker_is_open_with_its_age() {
 }
 
 #[test]
+fn the_age_served_is_the_upstreams_age_plus_the_time_since_it_was_stored() {
+    let w = worker(CACHE);
+    w.at(SECOND);
+    for (path, age) in [("/aged", "100"), ("/bad", "-5"), ("/fraction", "1.5"), ("/huge", "99999999999999999999999")] {
+        get_ok(&w, path, &[("age", age)], "x");
+    }
+    trip(&w);
+    w.at(4 * SECOND);
+    for (path, want) in [("/aged", "103"), ("/bad", "3"), ("/fraction", "3"), ("/huge", "2147483648")] {
+        let r = refused(&w, "GET", path, &[]);
+        assert_eq!(r.header("x-breakwater"), Some("fallback-cache"), "{path}");
+        let ages: alloc::vec::Vec<_> = r.headers.iter().filter(|(k, _)| k == "age").collect();
+        assert_eq!(ages.len(), 1, "{path}: one age: {ages:?}");
+        assert_eq!(r.header("age"), Some(want), "{path}");
+    }
+}
+
+/// Envoy's local reply of the last cached answer passes the filter: its content-type as the
+/// client gets it, from Envoy's `envoy_set` (what `Utility::encodeLocalReply` made of it).
+fn content_type_after_envoy(w: &Worker, envoy_set: Option<&str>) -> Option<alloc::string::String> {
+    w.host.response_headers.borrow_mut().clear();
+    w.host.set_response_header(":status", "200");
+    if let Some(ct) = envoy_set {
+        w.host.set_response_header("content-type", ct);
+    }
+    let mut s = Stream::Untracked;
+    let read = filter_response_headers(&w.c, &w.host, &mut s);
+    assert!(on_response_headers(&w.c, &w.host, &w.vm, 3, &s, read.as_deref(), false, None).is_none());
+    let ct = w.host.response_header("content-type");
+    w.log(3, s);
+    ct.map(|v| alloc::string::String::from_utf8(v).unwrap())
+}
+
+#[test]
+fn a_cached_answer_keeps_its_content_type_through_envoys_local_reply() {
+    let w = worker(CACHE);
+    get_ok(&w, "/none", &[], "plain bytes");
+    get_ok(&w, "/empty", &[("content-type", "application/json")], "");
+    get_ok(&w, "/json", &[("content-type", "application/json")], "[]");
+    trip(&w);
+    refused(&w, "GET", "/none", &[]);
+    assert_eq!(content_type_after_envoy(&w, Some("text/plain")), None, "Envoy's text/plain removed");
+    refused(&w, "GET", "/empty", &[]);
+    assert_eq!(content_type_after_envoy(&w, None).as_deref(), Some("application/json"), "set back");
+    refused(&w, "GET", "/json", &[]);
+    w.host.take_calls();
+    assert_eq!(content_type_after_envoy(&w, Some("application/json")).as_deref(), Some("application/json"));
+    let calls = w.host.take_calls();
+    assert!(!calls.contains_key("set_response_header") && !calls.contains_key("remove_header"), "{calls:?}");
+    // A stream that ends first forgets it: the next stream on that context id is left alone.
+    refused(&w, "GET", "/none", &[]);
+    w.log(3, Stream::Untracked);
+    assert_eq!(content_type_after_envoy(&w, Some("text/plain")).as_deref(), Some("text/plain"));
+}
+
+#[test]
 fn an_entry_older_than_ttl_is_a_miss_and_a_miss_falls_back_to_static() {
     let w = worker(r#"{"cache": {"ttl": "60s"}, "static": {"status": 203, "body": "degraded"}}"#);
     w.at(0);
@@ -252,6 +308,7 @@ fn an_open_breaker_sends_the_request_to_the_fallback_cluster_and_its_answer_is_m
     // The backup answers (even with a 500): marked, and the breaker hears nothing of it.
     w.host.response_headers.borrow_mut().clear();
     w.host.set_response_header(":status", "500");
+    w.host.set_prop("xds.cluster_name", b"payments-backup");
     let read = filter_response_headers(&w.c, &w.host, &mut s);
     assert!(on_response_headers(&w.c, &w.host, &w.vm, 7, &s, read.as_deref(), true, None).is_none());
     assert_eq!(w.host.response_header("x-breakwater").as_deref(), Some(&b"fallback-cluster"[..]));
@@ -319,10 +376,51 @@ fn a_queue_timeout_sent_to_the_fallback_cluster_is_resumed_and_its_answer_marked
     assert_eq!(w.host.filter_state.borrow().get(FILTER_STATE).map(|v| v.as_slice()), Some(&b"backup"[..]));
     w.host.response_headers.borrow_mut().clear();
     w.host.set_response_header(":status", "200");
+    w.host.set_prop("xds.cluster_name", b"backup");
     on_response_headers(&w.c, &w.host, &w.vm, 2, &s2, None, true, None);
     assert_eq!(w.host.response_header("x-breakwater").as_deref(), Some(&b"fallback-cluster"[..]));
     w.log(2, s2);
     assert_eq!(w.stat("bulkhead_queued.policy.q"), 0);
+    w.at(2 * SECOND).tick();
+    assert_eq!(w.stat("fallback_total.policy.q.kind.cluster.result.served"), 1);
+}
+
+/// A request sent to the fallback cluster `payments-backup`, answered (as Envoy's
+/// `xds.cluster_name` says) by `by`: the mark it got.
+fn rerouted_answered_by(w: &Worker, ticket: u32, by: Option<&str>) -> Option<alloc::vec::Vec<u8>> {
+    let (a, mut s, _) = request(w, ticket, "GET", "/pay", &[]);
+    assert_eq!(a, Action::Continue);
+    w.host.response_headers.borrow_mut().clear();
+    w.host.set_response_header(":status", "503");
+    w.host.props.borrow_mut().remove("xds.cluster_name");
+    if let Some(by) = by {
+        w.host.set_prop("xds.cluster_name", by.as_bytes());
+    }
+    let read = filter_response_headers(&w.c, &w.host, &mut s);
+    w.host.take_calls();
+    on_response_headers(&w.c, &w.host, &w.vm, ticket, &s, read.as_deref(), true, None);
+    assert_eq!(w.host.take_calls().get("property"), Some(&1), "one read of xds.cluster_name");
+    w.log(ticket, s);
+    w.host.response_header("x-breakwater")
+}
+
+#[test]
+fn a_request_the_fallback_cluster_did_not_answer_is_missed_and_not_marked() {
+    let w = worker(r#"{"cluster": "payments-backup"}"#);
+    trip(&w);
+    let policy = w.c.policy(0).unwrap();
+    // No route matches the filter state: the request stays on its route, to the failing upstream.
+    assert_eq!(rerouted_answered_by(&w, 7, Some("payments")), None);
+    assert!(policy.fallback_warned.get(), "warned");
+    // The route's cluster does not exist: Envoy's local reply (NC), no cluster.
+    assert_eq!(rerouted_answered_by(&w, 8, None), None);
+    assert_eq!(rerouted_answered_by(&w, 9, Some("payments-backup")).as_deref(), Some(&b"fallback-cluster"[..]));
+    // A stream that ends before its response headers (the client went away) was not served.
+    let (_, s, _) = request(&w, 10, "GET", "/pay", &[]);
+    w.log(10, s);
+    w.at(SECOND).tick();
+    assert_eq!((fallback_stat(&w, "cluster", "served"), fallback_stat(&w, "cluster", "missed")), (1, 3));
+    assert_eq!(w.stat("requests_total.policy.p.outcome.failure"), 1, "only the trip");
 }
 
 #[test]
@@ -424,7 +522,29 @@ fn a_bad_fallback_is_refused_at_its_path() {
             "policies.p.fallback.when[0]: expected a refusal this policy makes: circuit_open, bulkhead_full, queue_timeout or shed",
         ),
         (r#"{"static": {}, "when": ["queue_timeout"]}"#, "policies.p.fallback.when[0]: expected a refusal this policy makes"),
-        (r#"{"static": {}, "when": []}"#, "policies.p.fallback.when: expected a list of refusals"),
+        (
+            r#"{"static": {}, "when": []}"#,
+            "policies.p.fallback.when: the list is empty: list the refusals to answer, such as [circuit_open]",
+        ),
+        (r#"{"static": {}, "when": "circuit_open"}"#, "policies.p.fallback.when: expected a list of refusals"),
+        (
+            r#"{"static": {"status": 204, "body": "{}"}}"#,
+            "policies.p.fallback.static.body: must be empty: a 204 answer has no body (Envoy would send it with a content-length",
+        ),
+        (r#"{"static": {"status": 304, "body": "x"}}"#, "policies.p.fallback.static.body: must be empty: a 304 answer"),
+        (
+            r#"{"static": {"body": "x", "status": 204}}"#,
+            "policies.p.fallback.static.body: must be empty: a 204 answer has no body",
+        ),
+        (
+            r#"{"static": {"headers": {"content-length": "3"}}}"#,
+            "policies.p.fallback.static.headers.content-length: is set by Envoy: it describes the connection or the body's length",
+        ),
+        (
+            r#"{"static": {"headers": {"transfer-encoding": "chunked"}}}"#,
+            "policies.p.fallback.static.headers.transfer-encoding: is set by Envoy",
+        ),
+        (r#"{"static": {"headers": {"connection": "close"}}}"#, "policies.p.fallback.static.headers.connection: is set by Envoy"),
         (
             r#"{"static": {"status": 101}}"#,
             "policies.p.fallback.static.status: expected a whole number from 200 to 599",
@@ -462,6 +582,36 @@ fn a_bad_fallback_is_refused_at_its_path() {
         .join(",");
     let e = crate::config::parse(format!(r#"{{"policies": {{{five}}}}}"#).as_bytes()).unwrap_err().to_string();
     assert!(e.starts_with("policies: the fallback caches of all policies together may take at most 1GiB"), "{e}");
+}
+
+#[test]
+fn a_fallback_on_a_policy_that_refuses_nothing_is_refused() {
+    let e = crate::config::parse(
+        br#"{"policies": {"p": {"retry": {"max_retries": 2}, "fallback": {"static": {"body": "degraded"}}}}}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        "policies.p.fallback: a fallback needs a circuit_breaker or a bulkhead: without one this policy refuses nothing"
+    );
+    for with in [r#""circuit_breaker": {}"#, r#""bulkhead": {"max_concurrent": 1}"#] {
+        let c = format!(r#"{{"policies": {{"p": {{{with}, "fallback": {{"static": {{}}}}}}}}}}"#);
+        assert!(crate::config::parse(c.as_bytes()).is_ok(), "{with}");
+    }
+}
+
+#[test]
+fn an_empty_204_or_304_is_accepted() {
+    for status in [204, 304] {
+        for body in [r#""#, r#", "body": """#] {
+            let c = format!(
+                r#"{{"policies": {{"p": {{"circuit_breaker": {{}}, "fallback": {{"static": {{"status": {status}{body}}}}}}}}}}}"#
+            );
+            let c = crate::config::parse(c.as_bytes()).unwrap();
+            assert_eq!(c.policies[0].fallback.as_ref().unwrap().fixed.as_ref().unwrap().status, status);
+        }
+    }
 }
 
 #[test]
