@@ -263,7 +263,8 @@ async fn the_adaptive_limit_follows_a_capacity_drop_and_recovers() {
     up.set_capacity(Some(20));
     let policy =
         json!({ "bulkhead": { "adaptive": { "min": 4, "max": 100 }, "queue": { "max_size": 100, "timeout": "10s" } } });
-    let envoy = Envoy::start(&Spec::new(up.addr()).plugin(api(policy)).route("api", "/api", "backend")).await;
+    let spec = Spec::new(up.addr()).plugin(api(policy)).route("api", "/api", "backend").control(json!({ "control": {} }));
+    let envoy = Envoy::start(&spec).await;
     let addr = envoy.listener();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clients: Vec<_> = (0..40)
@@ -292,6 +293,21 @@ async fn the_adaptive_limit_follows_a_capacity_drop_and_recovers() {
         seen
     };
     let up_phase = watch(20).await;
+    // The status endpoint shows the live limit admission uses (the gauge's), and its bounds.
+    let (status, gauged) = until(
+        Duration::from_secs(5),
+        || async {
+            let (_, body) = envoy.control(hyper::Method::GET, "/breakwater/status/api").await;
+            let gauged = limit().await;
+            (body["policies"]["api"]["bulkhead"].clone(), gauged)
+        },
+        |(b, gauged)| b["limit"] == *gauged,
+    )
+    .await;
+    println!("status while settled: {status}");
+    assert_eq!(status["limit"], gauged, "{status}");
+    assert_eq!((&status["min"], &status["max"]), (&json!(4), &json!(100)), "{status}");
+    assert!(gauged > 4 && gauged < 100, "the live limit, not min or max: {status}");
     up.set_capacity(Some(10));
     let down = watch(10).await;
     up.set_capacity(Some(20));
