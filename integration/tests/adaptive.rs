@@ -263,7 +263,8 @@ async fn the_adaptive_limit_follows_a_capacity_drop_and_recovers() {
     up.set_capacity(Some(20));
     let policy =
         json!({ "bulkhead": { "adaptive": { "min": 4, "max": 100 }, "queue": { "max_size": 100, "timeout": "10s" } } });
-    let spec = Spec::new(up.addr()).plugin(api(policy)).route("api", "/api", "backend").control(json!({ "control": {} }));
+    let spec =
+        Spec::new(up.addr()).plugin(api(policy)).route("api", "/api", "backend").control(json!({ "control": {} }));
     let envoy = Envoy::start(&spec).await;
     let addr = envoy.listener();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
