@@ -159,6 +159,16 @@ mod tests {
         assert_eq!(class("critical").shed_at_milli, None);
         let t = parse(br#"{"policies": {"a": {"timeout": {"adaptive": {"percentile": 99.9, "max": "2s"}}}}}"#).unwrap();
         assert_eq!(t.policies[0].timeout.unwrap().percentile_tenths, 999);
+        // Tenths of a percent; a finer percentile is read as the next tenth up (as documented).
+        for (given, tenths) in [("95", 950), ("99.9", 999), ("99.91", 1000), ("99.95", 1000), ("0.1", 1), ("0.15", 2)] {
+            let t = parse(
+                format!(
+                    r#"{{"policies": {{"a": {{"timeout": {{"adaptive": {{"percentile": {given}, "max": "2s"}}}}}}}}}}"#
+                )
+                .as_bytes(),
+            );
+            assert_eq!(t.unwrap().policies[0].timeout.unwrap().percentile_tenths, tenths, "{given}");
+        }
         // A margin of zero is the default, and may be said.
         for zero in ["0ms", "0s", "0.4ms"] {
             let t = parse(
