@@ -61,8 +61,8 @@ async fn the_adaptive_timeout_follows_a_latency_shift_and_cuts_a_stall_at_it() {
     assert_eq!(fast, 100, "p95 of ~20 ms × 1.5 + 50 is below min");
 
     // The upstream slows to 200 ms. The first calls are cut at 100 ms (Envoy answers 504): they
-    // count at the timeout they were cut at, so the timeout grows (103 × 1.5 + 50 = 204, then
-    // ~360) until the calls fit.
+    // count a bucket above the timeout they were cut at, so the timeout grows (111 × 1.5 + 50 =
+    // 216, then ~360) until the calls fit.
     let (mut sent, mut cut, mut steps) = (0, 0, vec![fast]);
     let shifted = Instant::now();
     let slow = loop {
@@ -105,6 +105,51 @@ async fn the_adaptive_timeout_follows_a_latency_shift_and_cuts_a_stall_at_it() {
 
 /// Envoy takes `x-envoy-upstream-rq-timeout-ms` instead of the route's timeout, also when it is
 /// longer: the reason `max` is required, and must stay at or below the route's timeout.
+/// The reported outage: p50 × 1 from 100 ms answers is 103 ms, the top of 100 ms's bucket. When
+/// the upstream slows to 300 ms every request is cut; counted at 103 they gave back 103 and the
+/// timeout stayed there, cutting every request. Counted a bucket above, it climbs until 300 ms fit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_timeout_of_p50_times_1_climbs_past_a_slower_upstream_instead_of_locking() {
+    let up = start_upstream().await;
+    let policy = json!({ "timeout": { "adaptive": {
+        "percentile": 50, "multiplier": 1, "min": "1ms", "max": "3s", "minimum_requests": 3, "window": "2s" } } });
+    let spec =
+        Spec::new(up.addr()).plugin(api(policy)).route_with_timeout("api", "/api", "backend", Duration::from_secs(8));
+    let envoy = Envoy::start(&spec).await;
+    let fast = until(
+        Duration::from_secs(10),
+        || async {
+            load(&envoy, "/api?delay_ms=100", 8).await;
+            gauge(&envoy, "timeout_milliseconds").await
+        },
+        |ms| *ms > 0,
+    )
+    .await;
+    assert!((100..=111).contains(&fast), "p50 of 100 ms answers: 103 expected, got {fast}");
+    let (shifted, mut steps, mut cut, mut sent) = (Instant::now(), vec![fast], 0, 0);
+    let slow = loop {
+        let replies = load(&envoy, "/api?delay_ms=300", 16).await;
+        (sent, cut) = (sent + 16, cut + replies.iter().filter(|r| r.status == 504).count());
+        let ms = gauge(&envoy, "timeout_milliseconds").await;
+        if steps.last() != Some(&ms) {
+            steps.push(ms);
+        }
+        if ms > 300 || shifted.elapsed() > Duration::from_secs(40) {
+            break ms;
+        }
+    };
+    println!(
+        "p50 × 1: {fast} ms at 100 ms, {slow} ms at 300 ms after {:?} (steps {steps:?}; {cut} of {sent} slow calls cut)",
+        shifted.elapsed()
+    );
+    assert!(slow > 300, "locked below the upstream: {steps:?}");
+    // Every worker learns it within a slice: then 300 ms calls pass.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let replies = load(&envoy, "/api?delay_ms=300", 16).await;
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    assert!(ok >= 12, "{ok} of 16 passed at {slow} ms: {replies:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn envoy_takes_the_header_over_the_routes_timeout_even_when_longer() {
     let up = start_upstream().await;
@@ -218,7 +263,9 @@ async fn the_adaptive_limit_follows_a_capacity_drop_and_recovers() {
     up.set_capacity(Some(20));
     let policy =
         json!({ "bulkhead": { "adaptive": { "min": 4, "max": 100 }, "queue": { "max_size": 100, "timeout": "10s" } } });
-    let envoy = Envoy::start(&Spec::new(up.addr()).plugin(api(policy)).route("api", "/api", "backend")).await;
+    let spec =
+        Spec::new(up.addr()).plugin(api(policy)).route("api", "/api", "backend").control(json!({ "control": {} }));
+    let envoy = Envoy::start(&spec).await;
     let addr = envoy.listener();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clients: Vec<_> = (0..40)
@@ -247,6 +294,21 @@ async fn the_adaptive_limit_follows_a_capacity_drop_and_recovers() {
         seen
     };
     let up_phase = watch(20).await;
+    // The status endpoint shows the live limit admission uses (the gauge's), and its bounds.
+    let (status, gauged) = until(
+        Duration::from_secs(5),
+        || async {
+            let (_, body) = envoy.control(hyper::Method::GET, "/breakwater/status/api").await;
+            let gauged = limit().await;
+            (body["policies"]["api"]["bulkhead"].clone(), gauged)
+        },
+        |(b, gauged)| b["limit"] == *gauged,
+    )
+    .await;
+    println!("status while settled: {status}");
+    assert_eq!(status["limit"], gauged, "{status}");
+    assert_eq!((&status["min"], &status["max"]), (&json!(4), &json!(100)), "{status}");
+    assert!(gauged > 4 && gauged < 100, "the live limit, not min or max: {status}");
     up.set_capacity(Some(10));
     let down = watch(10).await;
     up.set_capacity(Some(20));

@@ -863,6 +863,11 @@ fn percent(v: &Value, path: &str) -> Result<u8> {
 /// "250ms", "10s", "1.5s", "5m", "1h" → nanoseconds; zero is refused, and a duration too long
 /// for 64 bits saturates (so that the caller's bounds refuse it with a plain message).
 pub fn parse_duration(s: &str) -> Option<u64> {
+    parse_duration_or_zero(s).filter(|ns| *ns > 0)
+}
+
+/// [`parse_duration`], with zero (`"0ms"`, `"0s"`) allowed.
+fn parse_duration_or_zero(s: &str) -> Option<u64> {
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
     let (number, unit) = s.split_at(split);
     let unit_ns = match unit {
@@ -880,8 +885,7 @@ pub fn parse_duration(s: &str) -> Option<u64> {
     let frac_value: u64 = if frac.is_empty() { 0 } else { frac.parse().ok()? };
     let frac_ns = unit_ns / 10u64.pow(frac.len() as u32) * frac_value;
     let ns = whole.saturating_mul(u128::from(unit_ns)).saturating_add(u128::from(frac_ns));
-    let ns = u64::try_from(ns).unwrap_or(u64::MAX);
-    (ns > 0).then_some(ns)
+    Some(u64::try_from(ns).unwrap_or(u64::MAX))
 }
 
 fn fmt_bound(ns: u64) -> String {
@@ -894,10 +898,15 @@ fn fmt_bound(ns: u64) -> String {
 
 /// A duration from `min` to `max`.
 fn duration_in(v: &Value, path: &str, min: u64, max: u64) -> Result<u64> {
-    let ns = v
-        .as_str()
-        .and_then(parse_duration)
-        .ok_or_else(|| expected(path, "a duration greater than zero such as \"250ms\", \"10s\" or \"5m\"", v))?;
+    // Zero only where `min` allows it (an adaptive timeout's `margin`).
+    let ns = v.as_str().and_then(if min == 0 { parse_duration_or_zero } else { parse_duration }).ok_or_else(|| {
+        let what = if min == 0 {
+            "a duration such as \"0ms\", \"250ms\" or \"10s\""
+        } else {
+            "a duration greater than zero such as \"250ms\", \"10s\" or \"5m\""
+        };
+        expected(path, what, v)
+    })?;
     if !(min..=max).contains(&ns) {
         return err(path, format!("must be from {} to {}, got {}", fmt_bound(min), fmt_bound(max), show(v)));
     }

@@ -214,9 +214,16 @@ fn policy_status(host: &impl Host, p: &Policy, namespace: &str, now: u64) -> Str
     if let Some(b) = &p.cfg.bulkhead {
         let (s, _) = store::load::<BulkheadState>(host, &p.bulkhead_key);
         let mut o = Json::object();
-        o.num("limit", b.machine.max_concurrent);
+        // The limit admission uses: an adaptive one's live value, with its bounds.
+        o.num("limit", s.limit(&b.machine));
+        if let Some(a) = &b.machine.adaptive {
+            o.num("min", a.min);
+            o.num("max", a.max);
+        }
         o.num("active", s.active());
-        o.num("leased_idle", s.leased());
+        // Of `active`, the permits in workers' leases: in use or idle (which, only the workers
+        // know).
+        o.num("leased", s.leased());
         o.num("queued", s.queued());
         o.num("queue_max", b.machine.queue_max);
         v.raw("bulkhead", &o.end());

@@ -9,9 +9,11 @@
 //!   timeout, longer or shorter, for this request: that is why `max` is required.
 //! * **When the stream ends** the upstream's latency (`x-envoy-upstream-service-time`, from the
 //!   response headers the filter reads once) joins the worker's batch, with no host call. A
-//!   request cut by the timeout it was given (`UT`) is counted at that timeout: it took at
-//!   least that long, and leaving it out would keep only the calls that beat the timeout, so
-//!   a timeout that is too short could never grow.
+//!   request cut by the timeout it was given (`UT`) is counted in the histogram bucket above
+//!   that timeout ([`breakwater_policies::latency::cut_ms`]): it took at least that long, and
+//!   leaving it out would keep only the calls that beat the timeout, so a timeout that is too
+//!   short could never grow; counted at the timeout itself it could be read back as the same
+//!   timeout (a bucket's top) and never grow either.
 //! * **On the tick** the batch goes to the shared histogram (one compare-and-swap, once a
 //!   window slice, at least `sync_interval` apart and at most a second), and the worker reads
 //!   the new timeout from what the CAS returned: no extra read. The adaptive limit's samples go
@@ -95,17 +97,19 @@ pub fn record(
     if !sent.sampled || !forwarded {
         return;
     }
-    let ms = match r.upstream_ms {
-        Some(ms) => ms,
+    // (latency, what the histogram counts): a cut request one bucket above its timeout.
+    let (ms, counted) = match r.upstream_ms {
+        Some(ms) => (ms, ms),
         None if sent.timeout_ms > 0 && response_flags() & flags::UPSTREAM_REQUEST_TIMEOUT != 0 => {
-            sent.timeout_ms.into()
+            let ms = u64::from(sent.timeout_ms);
+            (ms, breakwater_policies::latency::cut_ms(ms))
         }
         None => return,
     };
     let (timed, limited) = (p.cfg.timeout.is_some(), adaptive_limit(p));
     p.local(|l| {
         if timed {
-            l.adaptive.batch.add(ms);
+            l.adaptive.batch.add(counted);
         }
         if limited {
             l.adaptive.limit.add(ms);

@@ -44,6 +44,19 @@ pub fn upper_ms(b: usize) -> u64 {
     ((9 + sub) << (e - 3)) - 1
 }
 
+/// The latency to count for a request cut by its timeout of `timeout_ms`: the first value of
+/// the bucket above the timeout's. A percentile is read as the upper edge of its bucket, so
+/// counting the cut request at the timeout itself could read back the timeout exactly when it
+/// is its bucket's top (103 ms: `bucket(103)` ends at 103), and with a multiplier of 1 and no
+/// margin the timeout would stay there while every request is cut. One bucket up, a
+/// percentile that falls on cut requests is above the timeout (`upper_ms(bucket(t) + 1) >
+/// upper_ms(bucket(t)) ≥ t`): the timeout grows at every hand-over while they decide it,
+/// whatever the multiplier (≥ 1) and margin (≥ 0), until `max`, or the top bucket
+/// (2²⁰ − 1 ms, 17 minutes), past which nothing grows.
+pub fn cut_ms(timeout_ms: u64) -> u64 {
+    upper_ms(bucket(timeout_ms)).saturating_add(1)
+}
+
 /// Samples, counted by bucket.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Histogram {

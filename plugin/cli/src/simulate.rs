@@ -355,6 +355,21 @@ pub struct BulkheadReport {
     pub waited: u64,
     /// Left the queue because the client went away.
     pub left_queue: u64,
+    /// An adaptive limit, which the replay moves as the plugin does (from the latencies the
+    /// log shows); `max_concurrent` is then its `max`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<AdaptiveReport>,
+}
+
+/// What an adaptive limit did in the replay.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AdaptiveReport {
+    pub min: u32,
+    pub max: u32,
+    /// The limit when the peak in flight was reached, the highest it reached, and its last.
+    pub limit_at_peak: u32,
+    pub highest: u32,
+    pub last: u32,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -562,6 +577,13 @@ impl<'c> Sim<'c> {
             bulkhead: cfg.bulkhead.as_ref().map(|b| BulkheadReport {
                 max_concurrent: b.machine.max_concurrent,
                 queue_size: b.machine.queue_max,
+                adaptive: b.machine.adaptive.map(|a| AdaptiveReport {
+                    min: a.min,
+                    max: a.max,
+                    limit_at_peak: a.min,
+                    highest: a.min,
+                    last: a.min,
+                }),
                 ..BulkheadReport::default()
             }),
             retry: cfg.retry.as_ref().map(|r| RetryReport {
@@ -890,10 +912,17 @@ impl<'c, 'r> Replay<'c, 'r> {
             b.in_flight = b.in_flight.max(active);
         }
         s.moved = (bin, active);
+        let limit = s.bulkhead_cfg.as_ref().map_or(0, |c| s.bulkhead.limit(c));
         if let Some(r) = s.report.bulkhead.as_mut() {
+            if let Some(a) = r.adaptive.as_mut() {
+                (a.highest, a.last) = (a.highest.max(limit), limit);
+            }
             if active > r.peak_in_flight {
                 r.peak_in_flight = active;
                 r.peak_at = Some(when(now, origin));
+                if let Some(a) = r.adaptive.as_mut() {
+                    a.limit_at_peak = limit;
+                }
             }
             r.peak_queued = r.peak_queued.max(queued);
         }

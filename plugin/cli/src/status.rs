@@ -88,8 +88,15 @@ pub fn to_text(status: &Value) -> String {
         }
         if let Some(b) = p.get("bulkhead") {
             let mut line = format!("{} of {} permits taken", b["active"], b["limit"]);
-            if b["leased_idle"].as_u64().unwrap_or(0) > 0 {
-                let _ = write!(line, " ({} idle in workers' leases)", b["leased_idle"]);
+            let mut notes = Vec::new();
+            if let (Some(min), Some(max)) = (b["min"].as_u64(), b["max"].as_u64()) {
+                notes.push(format!("adaptive limit, {min} to {max}"));
+            }
+            if b["leased"].as_u64().unwrap_or(0) > 0 {
+                notes.push(format!("{} in workers' leases, in use or idle", b["leased"]));
+            }
+            if !notes.is_empty() {
+                let _ = write!(line, " ({})", notes.join("; "));
             }
             if b["queue_max"].as_u64().unwrap_or(0) > 0 {
                 let _ = write!(line, ", {} of {} queued", b["queued"], b["queue_max"]);
@@ -157,17 +164,19 @@ mod tests {
                 "window": { "length_ms": 10000, "calls": 0, "failures": 0, "slow_calls": 0,
                             "failure_rate_percent": 0.0, "slow_call_rate_percent": 0.0 },
                 "open_remaining_ms": 8200, "open_period_ms": 10000, "generation": 1 } },
-            "search": { "mode": "dry_run", "bulkhead": { "limit": 4, "active": 3, "leased_idle": 1, "queued": 1, "queue_max": 2 },
+            "search": { "mode": "dry_run", "bulkhead": { "limit": 4, "active": 3, "leased": 1, "queued": 1, "queue_max": 2 },
                         "retry_budget": { "remaining": 7 } },
+            "orders": { "mode": "enforce", "bulkhead": { "limit": 8, "min": 4, "max": 200, "active": 2, "leased": 0, "queued": 0, "queue_max": 0 } },
             "catalog": { "mode": "enforce", "fallback": { "static": { "served": 2, "missed": 0 }, "cache": { "served": 5, "missed": 1 } } }
         }});
         let text = to_text(&s);
         assert!(text.contains("checkout\n  breaker   open, 8.2s left; 0 consecutive failures\n"), "{text}");
         assert!(text.contains("search (dry_run)\n"), "{text}");
         assert!(
-            text.contains("  bulkhead  3 of 4 permits taken (1 idle in workers' leases), 1 of 2 queued\n"),
+            text.contains("  bulkhead  3 of 4 permits taken (1 in workers' leases, in use or idle), 1 of 2 queued\n"),
             "{text}"
         );
+        assert!(text.contains("orders\n  bulkhead  2 of 8 permits taken (adaptive limit, 4 to 200)\n"), "{text}");
         assert!(text.contains("  retries   7 left in the budget\n"), "{text}");
         assert!(text.contains("catalog\n  fallback  static 2 served, 0 missed; cache 5 served, 1 missed\n"), "{text}");
     }

@@ -110,3 +110,17 @@ fn durations_match_the_plugins_parser() {
         assert!(breakwater::config::parse(with(d).to_string().as_bytes()).is_err(), "the plugin refuses {d}");
     }
 }
+
+#[test]
+fn an_adaptive_timeouts_margin_may_be_zero_in_the_schema_as_in_the_plugin() {
+    let validator = jsonschema::draft202012::new(&schema()).unwrap();
+    let with = |d: &str| serde_json::json!({ "policies": { "a": { "timeout": { "adaptive": { "margin": d, "max": "2s" } } } } });
+    for d in ["0ms", "0s", "0.000ms", "50ms"] {
+        assert!(validator.is_valid(&with(d)), "{d} is a margin");
+        assert!(breakwater::config::parse(with(d).to_string().as_bytes()).is_ok(), "the plugin reads {d}");
+    }
+    for d in ["-1ms", "1.s", "10", "soon"] {
+        assert!(!validator.is_valid(&with(d)), "{d} is no margin");
+        assert!(breakwater::config::parse(with(d).to_string().as_bytes()).is_err(), "the plugin refuses {d}");
+    }
+}

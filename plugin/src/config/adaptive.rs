@@ -63,7 +63,7 @@ pub(super) fn timeout(v: &Value, path: &str) -> Result<TimeoutRule> {
         &[
             ("percentile", Kind::Milli(100, 100_000, "a percentile from 0.1 to 100 such as 99 or 99.9")),
             ("multiplier", Kind::Milli(1000, 10_000, "a multiplier from 1 to 10 such as 1.5")),
-            ("margin", Kind::Duration(MS, HOUR)),
+            ("margin", Kind::Duration(0, HOUR)),
             ("min", Kind::Duration(MS, HOUR)),
             ("max", Kind::Duration(MS, HOUR)),
             ("minimum_requests", Kind::Count(1, 1_000_000)),
@@ -159,6 +159,26 @@ mod tests {
         assert_eq!(class("critical").shed_at_milli, None);
         let t = parse(br#"{"policies": {"a": {"timeout": {"adaptive": {"percentile": 99.9, "max": "2s"}}}}}"#).unwrap();
         assert_eq!(t.policies[0].timeout.unwrap().percentile_tenths, 999);
+        // Tenths of a percent; a finer percentile is read as the next tenth up (as documented).
+        for (given, tenths) in [("95", 950), ("99.9", 999), ("99.91", 1000), ("99.95", 1000), ("0.1", 1), ("0.15", 2)] {
+            let t = parse(
+                format!(
+                    r#"{{"policies": {{"a": {{"timeout": {{"adaptive": {{"percentile": {given}, "max": "2s"}}}}}}}}}}"#
+                )
+                .as_bytes(),
+            );
+            assert_eq!(t.unwrap().policies[0].timeout.unwrap().percentile_tenths, tenths, "{given}");
+        }
+        // A margin of zero is the default, and may be said.
+        for zero in ["0ms", "0s", "0.4ms"] {
+            let t = parse(
+                format!(
+                    r#"{{"policies": {{"a": {{"timeout": {{"adaptive": {{"margin": "{zero}", "max": "2s"}}}}}}}}}}"#
+                )
+                .as_bytes(),
+            );
+            assert_eq!(t.unwrap().policies[0].timeout.unwrap().margin_ms, 0, "{zero}");
+        }
     }
 
     #[test]
@@ -177,6 +197,10 @@ mod tests {
              "policies.p.timeout.adaptive.max: must be at least min (100ms unless set)"),
             (r#"{"policies": {"p": {"timeout": {"adaptive": {"max": "1s", "window": "500ms"}}}}}"#,
              "policies.p.timeout.adaptive.window: must be from 1s to 1h, got \"500ms\""),
+            (r#"{"policies": {"p": {"timeout": {"adaptive": {"max": "1s", "margin": "-5ms"}}}}}"#,
+             "policies.p.timeout.adaptive.margin: expected a duration such as \"0ms\", \"250ms\" or \"10s\", got \"-5ms\""),
+            (r#"{"policies": {"p": {"timeout": {"adaptive": {"max": "0ms"}}}}}"#,
+             "policies.p.timeout.adaptive.max: expected a duration greater than zero"),
             (r#"{"policies": {"p": {"timeout": {"adaptive": {"max": "2h"}}}}}"#, "policies.p.timeout.adaptive.max: must be from 1ms to 1h"),
             (r#"{"policies": {"p": {"timeout": {"adaptive": {"max": "1s", "minimum_requests": 0}}}}}"#,
              "policies.p.timeout.adaptive.minimum_requests: expected a whole number from 1 to 1000000, got 0"),

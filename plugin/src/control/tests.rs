@@ -226,3 +226,56 @@ fn json_strings_are_escaped() {
     assert_eq!(percent(1, 3), "33.3");
     assert_eq!(percent(0, 0), "0.0");
 }
+
+/// The bulkhead's `limit` is the one admission uses: for an adaptive bulkhead the live limit
+/// (as the gauge shows it), with its `min` and `max`; `leased` counts every permit in workers'
+/// leases, in use or idle.
+#[test]
+fn status_shows_the_live_adaptive_limit_and_the_leased_permits() {
+    let w = Worker::first(
+        r#"{"policies": {"api": {"bulkhead": {"adaptive": {"min": 4, "max": 200}}}},
+            "routes": [{"match": {"route_name": "api"}, "policy": "api"}]}"#,
+    );
+    let a = control(false);
+    let bulkhead =
+        |w: &Worker| ask(w, &a, "GET", "/breakwater/status/api").unwrap().1["policies"]["api"]["bulkhead"].clone();
+    let b = bulkhead(&w);
+    assert_eq!(
+        (&b["limit"], &b["min"], &b["max"]),
+        (&Value::from(4), &Value::from(4), &Value::from(200)),
+        "starts at min, not max: {b}"
+    );
+    // Fast answers with the bulkhead full: the limit climbs (judged once a second).
+    let mut t = 0;
+    for _ in 0..24 {
+        let streams: alloc::vec::Vec<_> = (0..4).map(|i| (10 + i, w.send("api", 10 + i).1)).collect();
+        for (ticket, mut s) in streams {
+            w.respond(&mut s, 200, 10, &[]);
+            w.log(ticket, s);
+        }
+        t += 250 * breakwater_policies::MS;
+        w.at(t).tick();
+        w.wake();
+    }
+    let b = bulkhead(&w);
+    let live = w.stat("bulkhead_limit.policy.api");
+    assert!(live > 4 && live < 200, "{live}");
+    assert_eq!(b["limit"], live, "the live limit, as the gauge shows it: {b}");
+    // One request in flight and its worker's lease: leased counts the whole lease, in use or not.
+    let (_, s) = w.send("api", 1);
+    let b = bulkhead(&w);
+    let (active, leased) = (b["active"].as_u64().unwrap(), b["leased"].as_u64().unwrap());
+    assert!(leased >= 1 && leased <= active, "{b}");
+    assert!(b.get("leased_idle").is_none(), "{b}");
+    w.end(1, s, 200);
+    assert_eq!(bulkhead(&w)["leased"], leased, "still leased, now idle: {b}");
+}
+
+#[test]
+fn a_fixed_bulkhead_shows_max_concurrent_and_no_bounds() {
+    let w = Worker::first(CONFIG);
+    let a = control(false);
+    let (_, body) = ask(&w, &a, "GET", "/breakwater/status/search").unwrap();
+    let b = &body["policies"]["search"]["bulkhead"];
+    assert_eq!((&b["limit"], b.get("min"), b.get("max")), (&Value::from(2), None, None), "{b}");
+}

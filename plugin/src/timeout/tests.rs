@@ -62,32 +62,68 @@ fn a_shift_from_20ms_to_200ms_moves_the_timeout_within_the_window() {
     assert_eq!(call(&w, 20), Some(100));
 }
 
+/// One request that Envoy cuts at the timeout it was sent with (504, flag UT); returns that
+/// timeout.
+fn cut(w: &Worker) -> Option<String> {
+    let (_, mut s) = w.send("api", 1);
+    let sent = w.host.header_text(HEADER);
+    w.host.response_headers.borrow_mut().clear();
+    w.host.set_response_header(":status", "504");
+    on_response_headers(&w.c, &w.host, &mut s);
+    w.host.set_prop_u64("response.flags", flags::UPSTREAM_REQUEST_TIMEOUT);
+    w.log(1, s);
+    w.host.set_prop_u64("response.flags", 0);
+    sent
+}
+
 #[test]
-fn a_request_cut_by_its_timeout_counts_at_that_timeout_so_a_short_timeout_grows() {
+fn a_request_cut_by_its_timeout_counts_above_that_timeout_so_a_short_timeout_grows() {
     let w = Worker::first(TIMEOUT);
     calls(&w, 40, 20, SECOND);
     assert_eq!(call(&w, 20), Some(100));
     // The upstream now needs 150 ms: every call is cut at 100 ms by Envoy (504, flag UT).
-    let cut = |w: &Worker| {
-        let (_, mut s) = w.send("api", 1);
-        let sent = w.host.header_text(HEADER);
-        w.host.response_headers.borrow_mut().clear();
-        w.host.set_response_header(":status", "504");
-        on_response_headers(&w.c, &w.host, &mut s);
-        w.host.set_prop_u64("response.flags", flags::UPSTREAM_REQUEST_TIMEOUT);
-        w.log(1, s);
-        sent
-    };
     for _ in 0..3 {
         cut(&w);
     }
     w.at(2 * SECOND).tick();
-    assert_eq!(cut(&w).as_deref(), Some("204"), "p95 is now a cut call: 103 (its bucket's top) × 1.5 + 50");
+    assert_eq!(cut(&w).as_deref(), Some("216"), "p95 is now a cut call, one bucket above 100: 111 × 1.5 + 50");
     for _ in 0..3 {
         cut(&w);
     }
     w.at(3 * SECOND).tick();
-    assert_eq!(call(&w, 150), Some(360), "and again, until the upstream fits: 207 × 1.5 + 50");
+    assert_eq!(
+        call(&w, 150),
+        Some(408),
+        "and again (cut at 216, counted at 224), until the upstream fits: 239 × 1.5 + 50"
+    );
+}
+
+/// A timeout at its bucket's top (103 ms, from 100 ms answers), with a multiplier of 1 and no
+/// margin: counted at the timeout, the cut requests gave back 103 and the timeout locked there
+/// while the upstream needed 300 ms. Counted a bucket up, it grows each window until 300 ms fit.
+#[test]
+fn a_timeout_at_its_bucket_top_with_multiplier_1_does_not_lock_below_the_upstream() {
+    let w = Worker::first(
+        r#"{"policies": {"api": {"timeout": {"adaptive": {"percentile": 50, "multiplier": 1,
+            "min": "1ms", "max": "3s", "minimum_requests": 3, "window": "2s"}}}}, "policy": "api"}"#,
+    );
+    calls(&w, 10, 100, SECOND);
+    assert_eq!(call(&w, 100), Some(103));
+    // The upstream slows to 300 ms: every request is cut until the timeout passes 300.
+    let (mut t, mut timeout, mut windows) = (SECOND, 103u64, 0);
+    while timeout <= 300 {
+        assert!(windows < 20, "locked at {timeout}");
+        for _ in 0..10 {
+            assert_eq!(cut(&w), Some(timeout.to_string()));
+        }
+        // A window later only the cut requests are in it.
+        t += 2 * SECOND;
+        w.at(t).tick();
+        let next = w.stat("timeout_milliseconds.policy.api") as u64;
+        assert!(next > timeout, "{timeout} → {next}");
+        (timeout, windows) = (next, windows + 1);
+    }
+    assert_eq!(call(&w, 300), Some(timeout), "300 ms answers now fit");
 }
 
 #[test]

@@ -120,3 +120,48 @@ fn round_trips_through_bytes_and_refuses_what_it_did_not_write() {
     assert_eq!(LatencyState::decode(&[&[2], &bytes[1..]].concat()), None, "another version");
     assert_eq!(LatencyState::decode(&LatencyState::default().encode()), Some(LatencyState::default()));
 }
+
+#[test]
+fn a_cut_request_counts_in_the_bucket_above_its_timeout() {
+    assert_eq!(upper_ms(bucket(100)), 103, "100 ms answers make a 103 ms timeout (× 1 + 0)");
+    assert_eq!((cut_ms(103), upper_ms(bucket(cut_ms(103)))), (104, 111), "one bucket up");
+    assert_eq!(cut_ms(5), 6, "exact buckets below 16 ms");
+    let mut t = 1u64;
+    while t <= upper_ms(BUCKETS - 2) {
+        assert_eq!(bucket(cut_ms(t)), bucket(t) + 1, "{t}");
+        assert!(upper_ms(bucket(cut_ms(t))) > t, "{t}");
+        t += 1 + t / 64;
+    }
+    assert_eq!(bucket(cut_ms((1 << 20) - 1)), BUCKETS - 1, "the top bucket holds the rest");
+}
+
+/// With a multiplier of 1, no margin and every request cut by its timeout, the timeout grows
+/// each window until max, for any percentile: it can never lock below the upstream.
+#[test]
+fn with_every_request_cut_the_timeout_grows_each_window_until_max() {
+    for percentile_tenths in [1, 500, 950, 999, 1000] {
+        for start in [1u64, 15, 16, 100, 103, 1000, 4095] {
+            let r = TimeoutRule {
+                percentile_tenths,
+                multiplier_milli: 1000,
+                margin_ms: 0,
+                min_ms: 1,
+                max_ms: 600_000,
+                minimum_requests: 3,
+                window_ns: 2 * SECOND,
+            };
+            let mut s = LatencyState::default();
+            let (mut timeout, mut now, mut windows) = (start, 0, 0);
+            while timeout < r.max_ms {
+                // A whole window later only the cut requests of this one count.
+                now += r.window_ns;
+                s.record(r.window_ns, now, &batch(cut_ms(timeout), 5));
+                let next = r.timeout_ms(&s, now).unwrap_or(0);
+                assert!(next > timeout, "p{percentile_tenths}‰ from {start}: {timeout} → {next}");
+                (timeout, windows) = (next, windows + 1);
+            }
+            assert_eq!(timeout, r.max_ms);
+            assert!(windows < BUCKETS, "at least a bucket a window: {windows}");
+        }
+    }
+}

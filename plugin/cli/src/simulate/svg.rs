@@ -114,7 +114,11 @@ fn in_flight(o: &mut String, p: &PolicyReport, y: f64) {
     let _ =
         writeln!(o, r#"<polyline points="{}" fill="none" stroke="{IN_FLIGHT}" stroke-width="1.5"/>"#, points.join(" "));
     let _ = writeln!(o, r#"<line x1="{LEFT}" y1="{base}" x2="{:.1}" y2="{base}" class="axis"/>"#, LEFT + PLOT);
-    label(o, y + 12.0, &format!("in flight (limit {})", b.max_concurrent));
+    let limit = match &b.adaptive {
+        Some(a) => format!("adaptive limit {} to {}, reached {}; drawn at {}", a.min, a.max, a.highest, a.max),
+        None => format!("limit {}", b.max_concurrent),
+    };
+    label(o, y + 12.0, &format!("in flight ({limit})"));
 }
 
 pub fn render(r: &Report) -> String {

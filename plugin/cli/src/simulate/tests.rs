@@ -187,6 +187,35 @@ fn the_bulkhead_peaks_queues_times_out_and_refuses_from_start_times_and_duration
     assert_eq!(b.peak_at.as_ref().unwrap().ns - T0 * SEC, 10 * MS);
 }
 
+/// The replay moves an adaptive limit as the plugin does, and the report says where it went:
+/// not "of 200" (its max) when it stayed far below.
+#[test]
+fn an_adaptive_limit_is_reported_as_the_replay_moved_it_not_as_its_max() {
+    let c = one(
+        "a",
+        json!({ "bulkhead": { "adaptive": { "min": 2, "max": 200 }, "queue": { "max_size": 100, "timeout": "10s" } } }),
+    );
+    // Four at a time for 8 s, 10 ms each: the limit is full and fast, so it climbs.
+    let lines: Vec<String> =
+        (0..8000u64).step_by(10).flat_map(|t| (0..4).map(move |_| line("a", t, 10, 200, json!({})))).collect();
+    let r = run(&c, &lines);
+    let b = r.policies[0].bulkhead.clone().unwrap();
+    let a = b.adaptive.clone().unwrap();
+    assert_eq!((a.min, a.max, b.max_concurrent), (2, 200, 200));
+    assert!(a.highest > 2 && a.highest < 200 && a.last <= a.highest, "{a:?}");
+    assert!(b.peak_in_flight <= a.limit_at_peak && a.limit_at_peak <= a.highest, "{b:?}");
+    let text = text::render(&r);
+    let want = format!(
+        "peak {} in flight of {} (adaptive limit, 2 to 200: it reached {}, and ended at {})",
+        b.peak_in_flight, a.limit_at_peak, a.highest, a.last
+    );
+    assert!(text.contains(&want), "{text}");
+    assert!(svg::render(&r).contains(&format!("adaptive limit 2 to 200, reached {}", a.highest)));
+    // A fixed bulkhead has no such part.
+    let c = one("s", json!({ "bulkhead": { "max_concurrent": 2 } }));
+    assert!(run(&c, &lines[..4]).policies[0].bulkhead.as_ref().unwrap().adaptive.is_none());
+}
+
 #[test]
 fn time_a_request_spent_before_its_upstream_attempt_is_not_held_again() {
     // Live, the second request waited 400 ms in a queue before going upstream for 100 ms; here,

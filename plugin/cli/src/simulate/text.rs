@@ -99,10 +99,18 @@ fn policy(o: &mut String, p: &PolicyReport) {
     }
     if let Some(b) = &p.bulkhead {
         let at = b.peak_at.as_ref().map_or(String::new(), |w| format!(" at {:+.3}s", w.t));
+        // An adaptive limit moves: the peak is against the limit of its moment.
+        let of = match &b.adaptive {
+            Some(a) => format!(
+                "{} (adaptive limit, {} to {}: it reached {}, and ended at {})",
+                a.limit_at_peak, a.min, a.max, a.highest, a.last
+            ),
+            None => b.max_concurrent.to_string(),
+        };
         let _ = writeln!(
             o,
-            "  bulkhead: peak {} in flight of {}{at}, peak {} queued of {}; admitted {} ({} after waiting), {} left the queue",
-            b.peak_in_flight, b.max_concurrent, b.peak_queued, b.queue_size, b.admitted, b.waited, b.left_queue
+            "  bulkhead: peak {} in flight of {of}{at}, peak {} queued of {}; admitted {} ({} after waiting), {} left the queue",
+            b.peak_in_flight, b.peak_queued, b.queue_size, b.admitted, b.waited, b.left_queue
         );
     }
     if let Some(r) = &p.retry {
