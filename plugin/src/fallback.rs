@@ -423,7 +423,7 @@ fn any_token(value: &[u8], names: &[&[u8]], among: bool) -> bool {
 }
 
 /// At the response headers. A stream sent to a fallback cluster is counted served, and marked,
-/// if the fallback cluster answered (see [`answered`]). An upstream's
+/// if the fallback cluster answered (see `answered`). An upstream's
 /// cacheable answer to a request that may be stored ([`Pending`]) starts a capture (stored at
 /// once if it has no body): 2xx but 206, not gRPC, no `Cache-Control: no-store` or `private`,
 /// no `Set-Cookie`, no `Vary` beyond the key's headers, a body that may fit.
