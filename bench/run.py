@@ -458,6 +458,8 @@ def main():
     finally:
         for e in running:
             e.stop()
+        # Whatever ended the run (--only-callgrind's early return, an error, Ctrl-C).
+        shutil.rmtree(tmp, ignore_errors=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -465,7 +467,6 @@ def main():
     (out / "bench.md").write_text(md)
     (out / "bench.svg").write_text(chart(results))
     print(md)
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_variants(args, up_port, dead_port):
