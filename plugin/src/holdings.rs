@@ -6,18 +6,18 @@
 //! call. Kept per VM rather than per root context: after a configuration change, permits taken
 //! under the old configuration must still be renewed and returned.
 
+use crate::registry::{Listed, Listing, Registry};
 use crate::Compiled;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::cell::{Cell, RefCell};
-use hashbrown::HashMap;
+use core::cell::Cell;
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Holding {
     pub key: String,
-    /// The configuration to act with (the latest that used it); kept only while permits are held.
-    owner: RefCell<Option<(Rc<Compiled>, usize)>>,
+    /// The configuration to act with, kept only while permits are held; on the tick's list.
+    listing: Listing,
     /// Permits of the lease (all of class 0), and how many of them requests are using.
     pub lease: Cell<u32>,
     pub in_use: Cell<u32>,
@@ -29,8 +29,12 @@ pub struct Holding {
     pub exact: Cell<u32>,
     /// When the shared state last heard from this worker about this bulkhead.
     pub renewed_at: Cell<u64>,
-    /// On the list of holdings the tick visits.
-    listed: Cell<bool>,
+}
+
+impl Listed for Holding {
+    fn listing(&self) -> &Listing {
+        &self.listing
+    }
 }
 
 impl Holding {
@@ -44,74 +48,34 @@ impl Holding {
     }
 
     pub fn owner(&self) -> Option<(Rc<Compiled>, usize)> {
-        self.owner.try_borrow().ok().and_then(|o| o.clone())
+        self.listing.owner()
     }
 }
 
+/// Every bulkhead this worker has used, by key; listed while it holds permits (or did at the
+/// last tick).
 #[derive(Debug, Default)]
-pub struct Holdings {
-    /// Every bulkhead this worker has used, by key: bounded by configuration.
-    by_key: RefCell<HashMap<String, Rc<Holding>>>,
-    /// Those that hold permits (or did at the last tick).
-    listed: RefCell<Vec<Rc<Holding>>>,
-}
+pub struct Holdings(Registry<Holding>);
 
 impl Holdings {
     /// The holding of bulkhead `key`, made on first use.
     pub fn of(&self, key: &str) -> Option<Rc<Holding>> {
-        let mut m = self.by_key.try_borrow_mut().ok()?;
-        if let Some(h) = m.get(key) {
-            return Some(h.clone());
-        }
-        let h = Rc::new(Holding {
-            key: key.into(),
-            owner: RefCell::new(None),
-            lease: Cell::new(0),
-            in_use: Cell::new(0),
-            draining: Cell::new(false),
-            used: Cell::new(false),
-            exact: Cell::new(0),
-            renewed_at: Cell::new(0),
-            listed: Cell::new(false),
-        });
-        m.insert(key.into(), h.clone());
-        Some(h)
+        self.0.of(key, || Holding { key: key.into(), ..Holding::default() })
     }
 
     /// An existing holding (for a recall).
     pub fn find(&self, key: &[u8]) -> Option<Rc<Holding>> {
-        let key = core::str::from_utf8(key).ok()?;
-        self.by_key.try_borrow().ok()?.get(key).cloned()
+        self.0.find(key)
     }
 
     /// Records that `c`'s policy now acts on `h`, and lists it for the tick.
     pub fn touch(&self, h: &Rc<Holding>, c: &Rc<Compiled>, policy: usize) {
-        if let Ok(mut o) = h.owner.try_borrow_mut() {
-            if !o.as_ref().is_some_and(|(oc, op)| Rc::ptr_eq(oc, c) && *op == policy) {
-                *o = Some((c.clone(), policy));
-            }
-        }
-        if !h.listed.replace(true) {
-            if let Ok(mut l) = self.listed.try_borrow_mut() {
-                l.push(h.clone());
-            }
-        }
+        self.0.touch(h, c, policy);
     }
 
     /// The listed holdings, for the tick; those left empty are unlisted (and let go of their
     /// configuration).
     pub fn take_listed(&self) -> Vec<Rc<Holding>> {
-        let Ok(mut l) = self.listed.try_borrow_mut() else { return Vec::new() };
-        l.retain(|h| {
-            let keep = !h.is_empty();
-            if !keep {
-                h.listed.set(false);
-                if let Ok(mut o) = h.owner.try_borrow_mut() {
-                    *o = None;
-                }
-            }
-            keep
-        });
-        l.clone()
+        self.0.keep_listed(|h| !h.is_empty())
     }
 }

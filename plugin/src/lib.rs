@@ -43,6 +43,7 @@ pub mod metrics;
 pub mod outcome;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod per_route;
+pub mod registry;
 pub mod reply;
 pub mod retry;
 pub mod routes;

@@ -9,13 +9,13 @@
 //! trip made on one worker is seen by the others one queue hop later (about a millisecond).
 //! As a safety net against a lost message, an active view is refreshed at least every second.
 
+use crate::registry::{Listed, Listing, Registry};
 use crate::Compiled;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use breakwater_policies::{Batch, BreakerState, Phase};
-use core::cell::{Cell, RefCell};
-use hashbrown::HashMap;
+use core::cell::Cell;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum View {
@@ -61,7 +61,7 @@ impl View {
 }
 
 /// This worker's picture of one breaker.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Watch {
     pub key: String,
     pub view: Cell<View>,
@@ -73,14 +73,19 @@ pub struct Watch {
     pub synced_at: Cell<u64>,
     /// When a request last used it.
     pub used_at: Cell<u64>,
-    /// The configuration to act with (the latest that used it); kept only while listed.
-    owner: RefCell<Option<(Rc<Compiled>, usize)>>,
-    listed: Cell<bool>,
+    /// The configuration to act with, kept only while listed; on the tick's list.
+    listing: Listing,
+}
+
+impl Listed for Watch {
+    fn listing(&self) -> &Listing {
+        &self.listing
+    }
 }
 
 impl Watch {
     pub fn owner(&self) -> Option<(Rc<Compiled>, usize)> {
-        self.owner.try_borrow().ok().and_then(|o| o.clone())
+        self.listing.owner()
     }
 
     /// Takes the batch, leaving an empty one of the same generation.
@@ -91,67 +96,34 @@ impl Watch {
     }
 }
 
+/// Every breaker this worker has used, by key; listed while the tick has something to do for it.
 #[derive(Debug, Default)]
-pub struct Watches {
-    by_key: RefCell<HashMap<String, Rc<Watch>>>,
-    listed: RefCell<Vec<Rc<Watch>>>,
-}
+pub struct Watches(Registry<Watch>);
 
 impl Watches {
     /// The watch of breaker `key`, made on first use.
     pub fn of(&self, key: &str) -> Option<Rc<Watch>> {
-        let mut m = self.by_key.try_borrow_mut().ok()?;
-        if let Some(w) = m.get(key) {
-            return Some(w.clone());
-        }
-        let w = Rc::new(Watch {
-            key: key.into(),
-            view: Cell::new(View::Unknown),
-            batch: Cell::new(Batch::default()),
-            active: Cell::new(false),
-            synced_at: Cell::new(0),
-            used_at: Cell::new(0),
-            owner: RefCell::new(None),
-            listed: Cell::new(false),
-        });
-        m.insert(key.into(), w.clone());
-        Some(w)
+        self.0.of(key, || Watch { key: key.into(), ..Watch::default() })
     }
 
     /// An existing watch (for a message from another worker).
     pub fn find(&self, key: &[u8]) -> Option<Rc<Watch>> {
-        let key = core::str::from_utf8(key).ok()?;
-        self.by_key.try_borrow().ok()?.get(key).cloned()
+        self.0.find(key)
     }
 
     /// Records that `c`'s policy acts on `w`, and lists it for the tick.
     pub fn touch(&self, w: &Rc<Watch>, c: &Rc<Compiled>, policy: usize) {
-        if let Ok(mut o) = w.owner.try_borrow_mut() {
-            if !o.as_ref().is_some_and(|(oc, op)| Rc::ptr_eq(oc, c) && *op == policy) {
-                *o = Some((c.clone(), policy));
-            }
-        }
-        if !w.listed.replace(true) {
-            if let Ok(mut l) = self.listed.try_borrow_mut() {
-                l.push(w.clone());
-            }
-        }
+        self.0.touch(w, c, policy);
     }
 
     /// The listed watches, for the tick.
     pub fn listed(&self) -> Vec<Rc<Watch>> {
-        self.listed.try_borrow().map(|l| l.clone()).unwrap_or_default()
+        self.0.listed()
     }
 
     /// Takes `w` off the list (its view dropped, nothing to hand over), letting go of its
     /// configuration.
     pub fn unlist(&self, w: &Watch) {
-        w.listed.set(false);
-        if let Ok(mut o) = w.owner.try_borrow_mut() {
-            *o = None;
-        }
-        if let Ok(mut l) = self.listed.try_borrow_mut() {
-            l.retain(|x| !core::ptr::eq(Rc::as_ptr(x), w));
-        }
+        self.0.unlist(w);
     }
 }
