@@ -360,11 +360,40 @@ pub fn maintain(host: &impl Host, vm: &Vm, now: u64) {
             trim(p, host, vm, &h, keep, false);
         } else if now.saturating_sub(h.renewed_at.get()) >= b.machine.stale_after_ns / 4 {
             // A renewal is a hand-over of no latency samples.
-            if crate::timeout::renew(p, b, host, vm, now, Default::default()) {
+            if renew(p, b, host, vm, now, Default::default()) {
                 h.renewed_at.set(now);
             }
         }
     }
+}
+
+/// Hands `batch` to the bulkhead's adaptive limit, renewing this worker's permits (also
+/// [`maintain`]'s renewal, with no samples); false if shared data failed.
+pub fn renew(
+    p: &Policy,
+    b: &crate::config::Bulkhead,
+    host: &impl Host,
+    vm: &Vm,
+    now: u64,
+    batch: breakwater_policies::Latencies,
+) -> bool {
+    let worker = vm.worker.get();
+    let Some((u, taken)) = store::bulkhead(host, &p.bulkhead_key, |s| s.adapt(&b.machine, now, worker, batch)) else {
+        return false;
+    };
+    if u.value.judged {
+        metrics::set(host, p.metrics(host).bulkhead.limit, u.value.limit.into());
+    }
+    // A lower limit: lease holders give back their idle permits (this worker too, through its
+    // own queue; a worker without a lease ignores the message).
+    if u.value.recall {
+        let recall = message::about(message::RECALL, &p.bulkhead_key);
+        vm.broadcast(host, &recall);
+        host.enqueue(worker, &recall);
+    }
+    gauges(p, host, taken);
+    notify(p, host, vm, u.granted, u.refused);
+    true
 }
 
 /// On every tick: answers the waiters whose time is up: `queue-timeout`, or `bulkhead-full`

@@ -5,8 +5,9 @@
 //!   `x-envoy-upstream-rq-timeout-ms` to the timeout this worker last computed (one request
 //!   header set); until the shared window holds `minimum_requests` samples it sets nothing, and
 //!   the route's own timeout applies; so does a worker that has not handed samples over yet
-//!   under this configuration (a window slice at most after its first request). Envoy's router takes the header instead of the route's
-//!   timeout, longer or shorter, for this request: that is why `max` is required.
+//!   under this configuration (a window slice at most after its first request). Envoy's router
+//!   takes the header instead of the route's timeout, longer or shorter, for this request: that
+//!   is why `max` is required.
 //! * **When the stream ends** the upstream's latency (`x-envoy-upstream-service-time`, from the
 //!   response headers the filter reads once) joins the worker's batch, with no host call. A
 //!   request cut by the timeout it was given (`UT`) is counted in the histogram bucket above
@@ -24,7 +25,7 @@ use crate::config::Mode;
 use crate::headers::decimal;
 use crate::host::Host;
 use crate::outcome::{flags, Response};
-use crate::vm::{message, Vm};
+use crate::vm::Vm;
 use crate::{bulkhead, metrics, store, Compiled, Policy};
 use alloc::format;
 use alloc::rc::Rc;
@@ -151,31 +152,9 @@ pub fn sync(c: &Compiled, p: &Policy, host: &impl Host, vm: &Vm, now: u64) -> bo
         (samples, !a.batch.is_empty() || a.limit.count > 0)
     });
     if let (Some(b), Some(samples)) = (p.cfg.bulkhead.as_ref(), samples) {
-        renew(p, b, host, vm, now, samples);
+        bulkhead::renew(p, b, host, vm, now, samples);
     }
     left
-}
-
-/// Hands `batch` to the bulkhead's adaptive limit, renewing this worker's permits (also
-/// [`crate::bulkhead::maintain`]'s renewal, with no samples); false if shared data failed.
-pub fn renew(p: &Policy, b: &crate::config::Bulkhead, host: &impl Host, vm: &Vm, now: u64, batch: Latencies) -> bool {
-    let worker = vm.worker.get();
-    let Some((u, taken)) = store::bulkhead(host, &p.bulkhead_key, |s| s.adapt(&b.machine, now, worker, batch)) else {
-        return false;
-    };
-    if u.value.judged {
-        metrics::set(host, p.metrics(host).bulkhead.limit, u.value.limit.into());
-    }
-    // A lower limit: lease holders give back their idle permits (this worker too, through its
-    // own queue; a worker without a lease ignores the message).
-    if u.value.recall {
-        let recall = message::about(message::RECALL, &p.bulkhead_key);
-        vm.broadcast(host, &recall);
-        host.enqueue(worker, &recall);
-    }
-    bulkhead::gauges(p, host, taken);
-    bulkhead::notify(p, host, vm, u.granted, u.refused);
-    true
 }
 
 #[cfg(test)]
