@@ -710,7 +710,8 @@ impl Envoy {
     }
 
     /// The shipped `envoy/envoy.yaml` with only these changes: listener ports 10000 and 9902 (the
-    /// control endpoint) → 0, admin port 9901 → 0, upstream port 8081 → `upstream`'s port, the Wasm filename → the absolute path.
+    /// control endpoint) → 0, admin port 9901 → 0, upstream port 8081 → `upstream`'s port, the
+    /// Wasm filename → the absolute path.
     pub fn demo_yaml(upstream: SocketAddr) -> String {
         let mut text = demo_yaml_text();
         let wasm = wasm_path();

@@ -595,7 +595,8 @@ async fn wait_for_permits(envoy: &Envoy) {
 
 /// bh, last: 2 slow requests hold both permits to the end of the test; 2 more wait out the
 /// queue timeout, 3 find no room (at once, or after asking the other worker for an idle leased
-/// permit in vain: a short wait that the queue-wait histogram counts too). While 2 wait, the dashboard's bulkhead panel shows them.
+/// permit in vain: a short wait that the queue-wait histogram counts too) and get bh's static
+/// fallback. While 2 wait, the dashboard's bulkhead panel shows them.
 async fn saturate_the_bulkhead(envoy: &Envoy, up: &Upstream, prom: &Prometheus, panel: &[(String, String)]) -> Holders {
     let hold = |addr| tokio::spawn(get_and_abort(addr, "/bh?delay_ms=50000", Duration::from_secs(50)));
     let holders = Holders(vec![hold(envoy.listener()), hold(envoy.listener())]);
