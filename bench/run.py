@@ -386,6 +386,9 @@ def main():
                     help="requests per variant counted under callgrind (0: skip that pass)")
     ap.add_argument("--only-callgrind", action="store_true",
                     help="skip the CPU-time rounds and the idle pass (a quick look while developing; prints, writes nothing)")
+    ap.add_argument("--keep-callgrind", metavar="DIR",
+                    help="with --only-callgrind: copy each variant's callgrind dumps to DIR/<variant>/ "
+                         "(part 1: the measured requests, part 2: as long idle), for callgrind_annotate")
     ap.add_argument("--variants", default="",
                     help="with --only-callgrind: only these variants (comma-separated names, e.g. breaker_route,cache_route)")
     args = ap.parse_args()
@@ -410,7 +413,8 @@ def main():
             for name, make_yaml in variants.items():
                 if chosen and name not in chosen:
                     continue
-                per_req, window, idle = instructions_per_request(args.envoy, name, make_yaml, tmp, args.callgrind_requests)
+                per_req, window, idle = instructions_per_request(args.envoy, name, make_yaml, tmp, args.callgrind_requests,
+                                                                 keep=args.keep_callgrind)
                 print(f"{name}: {per_req:,.0f} instructions/request ({window:.1f}s; idle work {idle:,.0f}/request)")
             return
         for workers in (1, 2):
@@ -525,7 +529,7 @@ def rule_variants(args, up_port):
     return out
 
 
-def instructions_per_request(envoy_bin, name, make_yaml, tmp, requests):
+def instructions_per_request(envoy_bin, name, make_yaml, tmp, requests, keep=None):
     """Instructions Envoy executes per request, counted by callgrind (1 worker, 1 connection):
     the same figure run after run, whatever else the machine does. Only the measured requests
     are counted; start-up and warm-up are not."""
@@ -563,6 +567,11 @@ def instructions_per_request(envoy_bin, name, make_yaml, tmp, requests):
             part = int(re.search(r"^part: (\d+)", text, re.M).group(1))
             dumps.append((part, int(re.search(r"^summary: (\d+)", text, re.M).group(1))))
     dumps.sort()
+    if keep:
+        kept = Path(keep) / name
+        kept.mkdir(parents=True, exist_ok=True)
+        for f in d.glob("callgrind.out*"):
+            shutil.copy(f, kept / f.name)
     if len(dumps) < 2:
         return float("nan"), window, float("nan")
     return dumps[0][1] / requests, window, dumps[1][1] / requests

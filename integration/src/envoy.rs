@@ -906,8 +906,9 @@ impl Envoy {
         self.stats_matching(&exact).await.get(name).copied().unwrap_or(0)
     }
 
-    /// Polls until `name` equals `want` (stats are written in `on_log`, which may run just after
-    /// the client has its response); returns the last value seen, so callers assert on it.
+    /// Polls until `name` equals `want` (stats are written when the stream ends, which may be
+    /// just after the client has its response); returns the last value seen, so callers assert
+    /// on it.
     pub async fn wait_stat(&self, name: &str, want: i64) -> i64 {
         poll(|| self.stat(name), |v| *v == want).await
     }
@@ -970,7 +971,7 @@ impl Envoy {
     }
 
     /// Sends `path` `n` times, one after another, each on a new connection, and after each waits
-    /// until `policy` has recorded its outcome (on_log may run just after the client has its
+    /// until `policy` has recorded its outcome (the stream may end just after the client has its
     /// answer). For requests the breaker admits; returns the replies.
     pub async fn send_recorded(&self, policy: &str, path: &str, n: usize) -> Vec<Reply> {
         let mut replies = Vec::new();

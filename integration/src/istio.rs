@@ -584,7 +584,7 @@ impl IstioEnvoy {
             before = again;
         }
         let reply = self.request_to(host, method, path).await;
-        // Counters move in on_log, just after the client has its answer.
+        // Counters move when the stream ends, just after the client has its answer.
         let moved = |now: &BTreeMap<String, i64>| -> BTreeSet<String> {
             now.iter()
                 .filter(|(k, v)| before.get(*k).copied().unwrap_or(0) < **v)

@@ -345,9 +345,9 @@ impl Worker {
         self.host.set_prop_u64("response.flags", 0);
         self.log(ticket, stream);
     }
-    /// `on_log` for stream `ticket`.
+    /// The end of stream `ticket` (`proxy_on_delete`).
     pub fn log(&self, ticket: u32, stream: crate::filter::Stream) {
-        crate::filter::on_log(&self.c, &self.host, &self.vm, ticket, stream);
+        crate::filter::on_end(&self.c, &self.host, &self.vm, ticket, stream);
     }
     /// Stream `ticket` ends with `status` after one attempt.
     pub fn end(&self, ticket: u32, stream: crate::filter::Stream, status: u16) {

@@ -513,7 +513,7 @@ fn answered(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, p: &Policy) {
 
 /// At the end of a stream: one sent to a fallback cluster that got no response headers (reset,
 /// cancelled) was not served.
-pub fn on_log(c: &Rc<Compiled>, vm: &Vm, ticket: u32) {
+pub fn on_end(c: &Rc<Compiled>, vm: &Vm, ticket: u32) {
     if let Some(p) = vm.fallback.done(ticket).and_then(|i| c.policy(i)) {
         count(p, CLUSTER, false);
         vm.list(c, p);

@@ -1,7 +1,7 @@
 //! The request path, host-agnostic: which policy a request falls under, admission on the
 //! request headers, what the response said, and the accounting when the stream ends
-//! (`on_log`, which Envoy calls for every stream: responses, resets, timeouts and client aborts
-//! alike). Data flows one way: host → [`crate::outcome`] → policy state → reply.
+//! ([`on_end`], from `proxy_on_delete`, which Envoy calls last on every stream: responses,
+//! resets, timeouts and client aborts alike). Data flows one way: host → [`crate::outcome`] → policy state → reply.
 //!
 //! Host calls per request on the healthy path (nothing tripping, the bulkhead far from full,
 //! the retry budget from the worker's stock), counted by the unit tests:
@@ -11,7 +11,7 @@
 //!   adaptive timeout, once it has enough samples;
 //! * response headers: one read of all of them, for a policy with a breaker, retries, an
 //!   adaptive timeout or an adaptive limit;
-//! * `on_log`: none. Stats are counted on the worker and flushed on the tick.
+//! * [`on_end`]: none. Stats are counted on the worker and flushed on the tick.
 
 use crate::breaker::{self, Call};
 use crate::bulkhead::{self, Finished, Permit};
@@ -133,8 +133,8 @@ pub fn on_response_trailers(c: &Compiled, host: &impl Host, stream: &mut Stream)
 
 /// Accounting, when the stream is over: the bulkhead permit back, the retries settled, the
 /// outcome to the breaker.
-pub fn on_log(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, ticket: u32, stream: Stream) {
-    crate::fallback::on_log(c, vm, ticket);
+pub fn on_end(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, ticket: u32, stream: Stream) {
+    crate::fallback::on_end(c, vm, ticket);
     let Stream::Tracked(t) = stream else { return };
     let Some(p) = c.policy(t.policy) else { return };
     let forwarded = bulkhead::finish(p, host, vm, ticket, t.permit) != Finished::NotForwarded;

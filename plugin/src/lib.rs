@@ -111,6 +111,10 @@ pub struct Policy {
     watch: OnceCell<Rc<watch::Watch>>,
     /// This worker warned that a request its fallback sent on was answered by another cluster.
     pub fallback_warned: core::cell::Cell<bool>,
+    /// The reject reply's body when the configuration sets none, by [`reply::Refusal::index`]:
+    /// written on the first refusal, not on each (formatting is a good part of a fast-fail's
+    /// own work).
+    default_bodies: OnceCell<[String; 4]>,
 }
 
 /// A configuration with at most this many policies defines their stats when it is configured,
@@ -149,6 +153,14 @@ impl Policy {
 
     pub fn name(&self) -> &str {
         &self.cfg.name
+    }
+
+    /// The reject reply's default body for `why`: `breakwater: <x-breakwater value> (policy <name>)`.
+    pub fn default_body(&self, why: reply::Refusal) -> &str {
+        let bodies = self.default_bodies.get_or_init(|| {
+            reply::Refusal::ALL.map(|r| format!("breakwater: {} (policy {})\n", r.header(), self.name()))
+        });
+        bodies.get(why.index()).map_or("", String::as_str)
     }
 
     /// The worker's watch of this policy's breaker: `make` finds it the first time.
@@ -193,6 +205,7 @@ impl Compiled {
                 holding: OnceCell::new(),
                 watch: OnceCell::new(),
                 fallback_warned: core::cell::Cell::new(false),
+                default_bodies: OnceCell::new(),
             })
             .collect();
         let select = match only {

@@ -6,7 +6,6 @@
 use crate::headers::decimal;
 use crate::host::Host;
 use crate::Policy;
-use alloc::format;
 use breakwater_policies::SECOND;
 
 /// Why Breakwater refused a request.
@@ -57,13 +56,9 @@ pub fn reject(host: &impl Host, p: &Policy, why: Refusal, retry_after_ns: u64) {
     headers.push(("x-breakwater", why.header().as_bytes()));
     headers.push(("retry-after", retry_after));
     headers.extend(r.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
-    let default_body;
     let body = match &r.body {
         Some(b) => b.as_bytes(),
-        None => {
-            default_body = format!("breakwater: {} (policy {})\n", why.header(), p.name());
-            default_body.as_bytes()
-        }
+        None => p.default_body(why).as_bytes(),
     };
     host.send_http_reply(r.status, &headers, body);
 }

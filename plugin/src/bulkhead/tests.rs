@@ -361,7 +361,7 @@ fn permits_taken_before_a_configuration_reload_are_still_renewed_after_it() {
         w1.at(t * SECOND).tick();
     }
     assert_eq!(w2.at(30 * SECOND).send("plain", 2).0, Action::Stop, "the old stream's permit is still held");
-    crate::filter::on_log(&old, &w1.host, &w1.vm, 1, long_stream);
+    crate::filter::on_end(&old, &w1.host, &w1.vm, 1, long_stream);
     assert_eq!(w2.send("plain", 3).0, Action::Continue, "and returned when it ends");
 }
 

@@ -4,7 +4,7 @@
 //! data and queue messages — nothing panics and Breakwater keeps its promises.
 //!
 //! Two fake workers of one process run interleaved whole streams (request headers → response
-//! headers → trailers → `on_log`), ticks, cross-worker wake-ups, time passing and
+//! headers → trailers → the stream's end), ticks, cross-worker wake-ups, time passing and
 //! configuration reloads, under route rules on every attribute and a policy with every feature
 //! (breaker with all trip rules, bulkhead with a queue and priority classes that shed, budgeted
 //! retries, an adaptive timeout, a fallback cache and static answer), a leasing bulkhead with an
@@ -32,7 +32,7 @@
 //! Deterministic: a fixed seed, no failure files; `FUZZ_SEED` and `FUZZ_CASES` search further
 //! by hand.
 
-use super::{on_log, on_request_headers, on_response_headers, on_response_trailers, Action, Stream, Tracked};
+use super::{on_end, on_request_headers, on_response_headers, on_response_trailers, Action, Stream, Tracked};
 use crate::bulkhead::Permit;
 use crate::fake::Worker;
 use crate::host::Host;
@@ -396,7 +396,7 @@ fn garbage() -> BoxedStrategy<Vec<u8>> {
 // ---------------------------------------------------------------------------------------------
 // The run
 
-/// A stream Envoy has not yet called `on_log` for.
+/// A stream Envoy has not yet ended (`proxy_on_delete`).
 struct Open {
     worker: usize,
     ticket: u32,
@@ -676,7 +676,7 @@ impl Run {
                 w.host.set_prop(path, v);
             }
         }
-        on_log(&s.c, &w.host, &w.vm, s.ticket, s.stream);
+        on_end(&s.c, &w.host, &w.vm, s.ticket, s.stream);
     }
 
     fn wake(&mut self, w: usize) {

@@ -535,14 +535,33 @@ fn a_per_route_instance_breaker_alone_costs_one_data_call() {
 }
 
 #[test]
-fn a_per_route_instance_fails_fast_from_its_view_with_one_clock_read_and_the_reply() {
-    let w =
-        Worker::first(r#"{"policies": {"full": {"circuit_breaker": {"consecutive_failures": 1}}}, "policy": "full"}"#);
+fn a_per_route_instance_fails_fast_from_its_view_with_the_reply_alone() {
+    let w = Worker::first(
+        r#"{"policies": {"full": {"circuit_breaker": {"consecutive_failures": 1, "open_for": "30s"}}}, "policy": "full"}"#,
+    );
     let (_, s) = w.send("full", 1);
     w.end(1, s, 503);
     w.host.take_calls();
     assert_eq!(w.send("full", 2).0, Action::Stop);
     let calls = w.host.take_calls();
-    assert_eq!(FakeHost::data_calls(&calls), 0, "{calls:?}");
-    assert_eq!((calls.get("clock"), calls.get("reply")), (Some(&1), Some(&1)), "{calls:?}");
+    assert_eq!(calls.len(), 1, "no clock read far from open_for's end: {calls:?}");
+    assert_eq!(calls.get("reply"), Some(&1), "{calls:?}");
+    assert_eq!(w.host.last_reply().unwrap().header("retry-after"), Some("30"));
+}
+
+#[test]
+fn near_open_fors_end_the_clock_is_read_so_1ms_before_is_refused_and_1ms_after_is_the_probe() {
+    let w = Worker::first(
+        r#"{"policies": {"full": {"circuit_breaker": {"consecutive_failures": 1, "open_for": "30s"}}}, "policy": "full"}"#,
+    );
+    let (_, s) = w.send("full", 1);
+    w.end(1, s, 503); // open from 0 to 30 s
+    w.at(20 * SECOND).tick(); // ticks read the clock every sync_interval: 10 s left, within the margin
+    w.at(30 * SECOND - MS);
+    w.host.take_calls();
+    assert_eq!(w.send("full", 2).0, Action::Stop, "30s - 1ms: still open");
+    assert_eq!(w.host.take_calls().get("clock"), Some(&1));
+    assert_eq!(w.host.last_reply().unwrap().header("retry-after"), Some("1"));
+    w.at(30 * SECOND + MS);
+    assert_eq!(w.send("full", 3).0, Action::Continue, "30s + 1ms: the probe, no tick needed");
 }
