@@ -45,6 +45,8 @@ impl store::Stored for LatencyState {
 pub struct Local {
     /// Latencies not yet added to the shared histogram, and when the worker last added some.
     pub batch: Histogram,
+    /// Samples in `batch`: the tick checks this, not the histogram's 144 buckets.
+    pub batched: u32,
     pub handed_at: u64,
     /// The timeout this worker sets (ms; 0: none), as of its last hand-over.
     pub timeout_ms: u32,
@@ -111,6 +113,7 @@ pub fn record(
     p.local(|l| {
         if timed {
             l.adaptive.batch.add(counted);
+            l.adaptive.batched = l.adaptive.batched.saturating_add(1);
         }
         if limited {
             l.adaptive.limit.add(ms);
@@ -131,7 +134,7 @@ pub fn sync(c: &Compiled, p: &Policy, host: &impl Host, vm: &Vm, now: u64) -> bo
         let a = &mut l.adaptive;
         if let Some(rule) = p.cfg.timeout.as_ref() {
             let slice = rule.window_ns / breakwater_policies::latency::SLICES as u64;
-            if !a.batch.is_empty() && now.saturating_sub(a.handed_at) >= every(slice) {
+            if a.batched > 0 && now.saturating_sub(a.handed_at) >= every(slice) {
                 let key = format!("breakwater/v1/{}/latency/{}", c.namespace, p.name());
                 let done = store::apply(host, &key, |s: &mut LatencyState| {
                     s.record(rule.window_ns, now, &a.batch);
@@ -141,7 +144,7 @@ pub fn sync(c: &Compiled, p: &Policy, host: &impl Host, vm: &Vm, now: u64) -> bo
                     a.timeout_ms = rule.timeout_ms(&s, now).map_or(0, |ms| u32::try_from(ms).unwrap_or(u32::MAX));
                     metrics::set(host, p.metrics(host).timeout_ms, a.timeout_ms.into());
                 }
-                (a.handed_at, a.batch) = (now, Histogram::default());
+                (a.handed_at, a.batch, a.batched) = (now, Histogram::default(), 0);
             }
         }
         let due = a.limit.count > 0 && now.saturating_sub(a.limit_handed_at) >= every(SECOND / 4);
@@ -149,7 +152,7 @@ pub fn sync(c: &Compiled, p: &Policy, host: &impl Host, vm: &Vm, now: u64) -> bo
             a.limit_handed_at = now;
             core::mem::take(&mut a.limit)
         });
-        (samples, !a.batch.is_empty() || a.limit.count > 0)
+        (samples, a.batched > 0 || a.limit.count > 0)
     });
     if let (Some(b), Some(samples)) = (p.cfg.bulkhead.as_ref(), samples) {
         bulkhead::renew(p, b, host, vm, now, samples);
