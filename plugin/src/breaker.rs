@@ -127,6 +127,9 @@ fn exactly(p: &Policy, w: &Watch, host: &impl Host, vm: &Vm, now: u64) -> Admiss
 fn saw(p: &Policy, w: &Watch, host: &impl Host, vm: &Vm, view: View, now: u64, t: Option<Transition>) {
     let before = w.view.replace(view);
     w.synced_at.set(now);
+    if timed(view, now) {
+        vm.hurry(host);
+    }
     transitioned(p, host, t);
     // A transition, a run of failures starting, or a rate trip awaiting confirmation: the other
     // workers drop their view and hand over their successes now.
@@ -261,7 +264,10 @@ fn sync(p: &Policy, w: &Watch, host: &impl Host, vm: &Vm, now: u64) {
 /// The tick, for every breaker this worker watches: hands a batch over once it is due, keeps
 /// a suspect or open breaker moving on time, refreshes an active view now and then (a safety
 /// net: changes come as messages), and forgets a view nobody used for a while.
-pub fn tick(host: &impl Host, vm: &Vm, now: u64) {
+/// Returns whether a breaker on this worker is timed to the tick (see `timed`): the tick must
+/// keep the fine pace.
+pub fn tick(host: &impl Host, vm: &Vm, now: u64) -> bool {
+    let mut timed_any = false;
     for w in vm.watches.listed() {
         let Some((c, i)) = w.owner() else {
             vm.watches.unlist(&w);
@@ -284,10 +290,23 @@ pub fn tick(host: &impl Host, vm: &Vm, now: u64) {
         }
         let idle = now.saturating_sub(w.used_at.get()) >= REFRESH_NS;
         let watching = matches!(w.view.get(), View::Suspect | View::Open { .. });
+        timed_any |= timed(w.view.get(), now);
         if idle && !watching && w.batch.get().successes == 0 {
             w.view.set(View::Unknown);
             vm.watches.unlist(&w);
         }
+    }
+    timed_any
+}
+
+/// A view the tick must move on time, at the fine pace: a trip awaiting confirmation, or an
+/// open breaker within a coarse tick of turning half-open (until then, a request near the end
+/// reads the clock itself, and the tick only moves the state gauges).
+fn timed(view: View, now: u64) -> bool {
+    match view {
+        View::Suspect => true,
+        View::Open { until } => until.saturating_sub(now) <= crate::tick::COARSE_NS,
+        _ => false,
     }
 }
 

@@ -64,6 +64,8 @@ pub struct FakeHost {
     pub context: Cell<u32>,
     /// Contexts resumed, in order.
     pub resumed: RefCell<Vec<u32>>,
+    /// The tick's pace as last set (`pace_tick`): true, every `sync_interval`.
+    pub tick_fine: Cell<bool>,
 }
 
 impl FakeHost {
@@ -250,6 +252,11 @@ impl Host for FakeHost {
     }
     fn enter(&self, context_id: u32) -> bool {
         self.context.set(context_id);
+        true
+    }
+    fn pace_tick(&self, fine: bool) -> bool {
+        self.count("pace_tick");
+        self.tick_fine.set(fine);
         true
     }
     fn resume_request(&self) {

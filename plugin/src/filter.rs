@@ -69,6 +69,10 @@ pub enum Action {
 fn select<'c>(c: &'c Compiled, host: &impl Host) -> Option<&'c Policy> {
     let index = match &c.select {
         Select::Only(i) => *i,
+        Select::Rules(rules) if rules.names_only() => {
+            let name = host.route_name().filter(|n| !n.is_empty());
+            rules.by_route_name(name.as_deref()).flatten()?
+        }
         Select::Rules(rules) => rules.find(&mut HostAttributes::new(host))?,
     };
     c.policy(index)
@@ -94,7 +98,12 @@ pub fn on_request_headers(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, ticket: u
     let retry = retry::reserve(c, p, host, vm);
     let adaptive = timeout::apply(p, host);
     let stream = Tracked { policy: p.index, call, permit, retry, adaptive, response: Response::default() };
-    let action = if matches!(permit, Permit::Waiting(_)) { Action::Stop } else { Action::Continue };
+    let action = if matches!(permit, Permit::Waiting(_)) {
+        vm.hurry(host); // its queue timeout is checked on the tick
+        Action::Stop
+    } else {
+        Action::Continue
+    };
     (action, Stream::Tracked(stream))
 }
 

@@ -31,6 +31,10 @@ pub trait Host {
     /// An Envoy attribute such as `["response", "flags"]`, as raw bytes (integers arrive as
     /// 8-byte little-endian).
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// `xds.route_name` (a property; a host may have a cheaper way to ask for it).
+    fn route_name(&self) -> Option<Vec<u8>> {
+        self.property(&["xds", "route_name"])
+    }
     /// One request header's value, as raw bytes.
     fn request_header(&self, name: &str) -> Option<Vec<u8>>;
     /// Sets (replaces) a request header, before the request goes on to the router.
@@ -75,6 +79,10 @@ pub trait Host {
     fn enqueue(&self, queue: u32, message: &[u8]) -> bool;
     /// Takes the next message from one of this worker's shared queues.
     fn dequeue(&self, queue: u32) -> Option<Vec<u8>>;
+    /// Paces this worker's tick: every `sync_interval` (`fine`), or every
+    /// [`crate::tick::COARSE_NS`] at most (see [`crate::vm::Vm::pace`]). Callable from any
+    /// context; false if the pace could not be set.
+    fn pace_tick(&self, fine: bool) -> bool;
 }
 
 /// Reads an integer attribute (8 bytes, little-endian); None for anything else.

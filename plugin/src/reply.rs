@@ -52,13 +52,18 @@ pub fn reject(host: &impl Host, p: &Policy, why: Refusal, retry_after_ns: u64) {
     let r = &p.cfg.reject;
     let mut digits = [0u8; 20];
     let retry_after = decimal(retry_after_ns.div_ceil(SECOND).max(1), &mut digits);
-    let mut headers: alloc::vec::Vec<(&str, &[u8])> = alloc::vec::Vec::with_capacity(2 + r.headers.len());
-    headers.push(("x-breakwater", why.header().as_bytes()));
-    headers.push(("retry-after", retry_after));
-    headers.extend(r.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
+    let ours: [(&str, &[u8]); 2] = [("x-breakwater", why.header().as_bytes()), ("retry-after", retry_after)];
     let body = match &r.body {
         Some(b) => b.as_bytes(),
         None => p.default_body(why).as_bytes(),
     };
+    if r.headers.is_empty() {
+        // The usual case, without building a list: a fast-fail is mostly this reply.
+        host.send_http_reply(r.status, &ours, body);
+        return;
+    }
+    let mut headers: alloc::vec::Vec<(&str, &[u8])> = alloc::vec::Vec::with_capacity(2 + r.headers.len());
+    headers.extend_from_slice(&ours);
+    headers.extend(r.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
     host.send_http_reply(r.status, &headers, body);
 }

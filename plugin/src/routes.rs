@@ -138,6 +138,9 @@ pub struct RouteTable {
     by_name: HashMap<String, Vec<u32>>,
     /// Rules without a route_name, ascending.
     unnamed: Vec<u32>,
+    /// When every rule is a route_name and nothing else (how Istio recipes are written): the
+    /// policy of the first rule of each name, so a request costs one lookup by its route name.
+    names_only: Option<HashMap<Box<[u8]>, usize>>,
 }
 
 impl RouteTable {
@@ -150,7 +153,36 @@ impl RouteTable {
                 None => unnamed.push(i as u32),
             }
         }
-        RouteTable { rules, by_name, unnamed }
+        let only_names = |r: &Route| {
+            r.route_name.is_some()
+                && r.path_prefix.is_none()
+                && r.methods.is_empty()
+                && r.host.is_none()
+                && r.headers.is_empty()
+                && r.cluster.is_none()
+        };
+        let names_only = (!rules.is_empty() && rules.iter().all(only_names)).then(|| {
+            let mut m: HashMap<Box<[u8]>, usize> = HashMap::new();
+            for r in &rules {
+                if let Some(n) = &r.route_name {
+                    m.entry(n.as_bytes().into()).or_insert(r.policy);
+                }
+            }
+            m
+        });
+        RouteTable { rules, by_name, unnamed, names_only }
+    }
+
+    /// The policy of `route_name` when every rule is a route name alone (else None: use
+    /// [`RouteTable::find`]). `Some(None)`: no rule for this route.
+    pub fn by_route_name(&self, route_name: Option<&[u8]>) -> Option<Option<usize>> {
+        let m = self.names_only.as_ref()?;
+        Some(route_name.and_then(|n| m.get(n).copied()))
+    }
+
+    /// Whether [`RouteTable::by_route_name`] decides every request.
+    pub fn names_only(&self) -> bool {
+        self.names_only.is_some()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -18,14 +18,18 @@ use breakwater_policies::MS;
 
 /// Stats reach Envoy this long after they are counted, at most (plus a tick).
 const FLUSH_NS: u64 = 250 * MS;
+/// The tick's pace while nothing on the worker is timed to `sync_interval` (or `sync_interval`
+/// if longer): see [`Vm::pace`]. Each coarse tick flushes the stats.
+pub const COARSE_NS: u64 = FLUSH_NS;
 
 pub fn tick(host: &impl Host, vm: &Vm) {
     let now = vm.clock(host);
     vm.renew_roster(host, now, false);
+    let flush_all = vm.flushes_all();
     for (c, i) in vm.take_listed() {
         let Some(p) = c.policy(i) else { continue };
         let flush = p.local(|l| {
-            let due = now.saturating_sub(l.flushed_at) >= FLUSH_NS;
+            let due = flush_all || now.saturating_sub(l.flushed_at) >= FLUSH_NS;
             if due {
                 l.flushed_at = now;
                 Some(core::mem::take(&mut l.counts))
@@ -44,9 +48,10 @@ pub fn tick(host: &impl Host, vm: &Vm) {
             vm.list(&c, p);
         }
     }
-    breaker::tick(host, vm, now);
+    let watching = breaker::tick(host, vm, now);
     bulkhead::maintain(host, vm, now);
     bulkhead::expire(host, vm, now);
+    vm.pace(host, watching || vm.waiters.any_timed());
 }
 
 /// Adds every count still on the worker to Envoy's stats now (a root context retiring).

@@ -37,6 +37,13 @@ pub struct Vm {
     now: Cell<u64>,
     /// When this worker last renewed its place in the roster.
     roster_at: Cell<u64>,
+    /// The tick runs at the coarse pace ([`crate::tick::COARSE_NS`]), and for how many ticks
+    /// nothing has needed the fine one.
+    coarse: Cell<bool>,
+    calm_ticks: Cell<u32>,
+    /// The next tick flushes every count: the pace just turned fine because something happened
+    /// (a trip, a request waiting), and its counts belong with it on the dashboards.
+    flush_next: Cell<bool>,
 }
 
 /// The roster of Breakwater's workers in this process (see `breakwater_policies::roster`).
@@ -44,6 +51,9 @@ pub const ROSTER_KEY: &str = "breakwater/v1/roster";
 /// A worker renews its place this often, and is dropped after `ROSTER_STALE` of silence.
 const ROSTER_RENEW: u64 = 2 * SECOND;
 const ROSTER_STALE: u64 = 10 * SECOND;
+/// Ticks with nothing timed to `sync_interval` before the tick slows to the coarse pace (a
+/// second at the default 50 ms), so a worker that briefly queues does not flap.
+const CALM_TICKS: u32 = 20;
 
 impl Vm {
     pub fn new(worker: u32, can_wait: bool) -> Self {
@@ -61,6 +71,51 @@ impl Vm {
     /// the bucket a moment falls in (batched successes, the retry budget's stock).
     pub fn coarse_now(&self) -> u64 {
         self.now.get()
+    }
+
+    /// Paces the tick, at the end of each: every `sync_interval` while something on this worker
+    /// is timed to it (`fine`: requests waiting in a bulkhead queue, a breaker open or about to
+    /// trip), at the coarse pace after `CALM_TICKS` (20) ticks with nothing of the kind. A tick costs
+    /// Envoy about 10k instructions whatever it does; what a healthy worker hands over
+    /// (stats every 250 ms, batches once a second) needs no more.
+    pub fn pace(&self, host: &impl Host, fine: bool) {
+        if fine {
+            self.calm_ticks.set(0);
+            self.hurry(host);
+        } else if !self.coarse.get() {
+            let calm = self.calm_ticks.get().saturating_add(1);
+            self.calm_ticks.set(calm);
+            if calm >= CALM_TICKS && host.pace_tick(false) {
+                self.coarse.set(true);
+            }
+        }
+    }
+
+    /// Back to the fine pace at once (the request path: a request starts waiting, a breaker
+    /// opens or turns suspect). Free when the pace is fine already.
+    pub fn hurry(&self, host: &impl Host) {
+        if self.coarse.get() && host.pace_tick(true) {
+            self.coarse.set(false);
+            self.calm_ticks.set(0);
+            self.flush_next.set(true);
+        }
+    }
+
+    /// Whether this tick flushes every count it visits: at the coarse pace, and on the first
+    /// tick after the pace turned fine.
+    pub fn flushes_all(&self) -> bool {
+        self.flush_next.replace(false) || self.coarse.get()
+    }
+
+    /// The tick runs at the coarse pace.
+    pub fn is_coarse(&self) -> bool {
+        self.coarse.get()
+    }
+
+    /// A (re-)elected ticker starts at the fine pace.
+    pub fn paced_fine(&self) {
+        self.coarse.set(false);
+        self.calm_ticks.set(0);
     }
 
     /// Renews this worker's place in the roster, at most every two seconds (`force`: now).

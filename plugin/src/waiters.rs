@@ -104,6 +104,12 @@ impl Waiters {
         m.iter().filter(|(_, p)| p.state == Wait::Waiting && p.deadline() <= now).map(|(t, _)| *t).collect()
     }
 
+    /// Whether a request still waits, or an entry waits for word (`Left`): what the tick must
+    /// time at the fine pace. A granted request only waits for its stream to end.
+    pub fn any_timed(&self) -> bool {
+        self.parked.try_borrow().is_ok_and(|m| m.values().any(|p| matches!(p.state, Wait::Waiting | Wait::Left)))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.parked.try_borrow().map_or(true, |m| m.is_empty())
     }

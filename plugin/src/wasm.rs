@@ -29,6 +29,9 @@ std::thread_local! {
     static VM: Rc<Vm> = Rc::new(Vm::default());
     /// This worker's root contexts, and the one that ticks and receives the wake-up queue.
     static ROOTS: RefCell<Roots> = RefCell::new(Roots::default());
+    /// The context of the callback running now: where host calls go back to after one made on
+    /// behalf of another context (the ticker's pace).
+    static CURRENT: core::cell::Cell<u32> = const { core::cell::Cell::new(0) };
 }
 
 fn vm() -> Rc<Vm> {
@@ -44,6 +47,8 @@ struct Roots {
     live: Vec<(u32, u64)>,
     /// The one that ticks (0: none yet), at what interval.
     ticker: (u32, u64),
+    /// The ticker's period as last set, ns.
+    period: u64,
     queue_name: String,
 }
 
@@ -65,10 +70,32 @@ impl Roots {
         }
         if abi::enter(id) {
             abi::set_tick_period(interval);
-            self.register_queue(&vm());
+            self.period = interval;
+            let vm = vm();
+            vm.paced_fine();
+            self.register_queue(&vm);
         }
         abi::enter(current);
         self.ticker = (id, interval);
+    }
+
+    /// Sets the ticker's period: its sync interval (`fine`), or [`tick::COARSE_NS`] if longer.
+    /// `current`: the context to go back to.
+    fn pace(&mut self, fine: bool, current: u32) -> bool {
+        let (id, interval) = self.ticker;
+        if id == 0 {
+            return false;
+        }
+        let period = if fine { interval } else { interval.max(tick::COARSE_NS) };
+        if period != self.period {
+            if !abi::enter(id) {
+                return false;
+            }
+            abi::set_tick_period(period);
+            self.period = period;
+            abi::enter(current);
+        }
+        true
     }
 
     /// Registers this VM's wake-up queue on the current root context. Its token, unique in the
@@ -342,6 +369,11 @@ mod abi {
             }
             p.extend_from_slice(seg.as_bytes());
         }
+        property_path(&p)
+    }
+
+    /// A property by its path as the ABI wants it (segments joined by NUL).
+    pub fn property_path(p: &[u8]) -> Option<Vec<u8>> {
         let (mut data, mut size) = (core::ptr::null_mut(), 0);
         // SAFETY: a live path; the host writes a pointer and a size into live locals.
         let status = unsafe { proxy_get_property(p.as_ptr(), p.len(), &mut data, &mut size) };
@@ -443,6 +475,9 @@ impl Host for WasmHost {
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         abi::property(path)
     }
+    fn route_name(&self) -> Option<Vec<u8>> {
+        abi::property_path(b"xds\0route_name")
+    }
     fn request_header(&self, name: &str) -> Option<Vec<u8>> {
         abi::header(false, false, name)
     }
@@ -521,11 +556,15 @@ impl Host for WasmHost {
     fn dequeue(&self, queue: u32) -> Option<Vec<u8>> {
         abi::dequeue(queue)
     }
+    fn pace_tick(&self, fine: bool) -> bool {
+        let current = CURRENT.with(core::cell::Cell::get);
+        ROOTS.with(|r| r.try_borrow_mut().is_ok_and(|mut r| r.pace(fine, current)))
+    }
 }
 
 /// Envoy's callbacks, as the ABI names them. Only these are exported: see the module doc.
 mod exports {
-    use super::{abi, Http, Root};
+    use super::{abi, Http, Root, CURRENT};
     use core::cell::RefCell;
     use hashbrown::HashMap;
 
@@ -543,10 +582,12 @@ mod exports {
     /// Runs `f` on stream `id`; an unknown id (or a callback re-entered while one runs, which
     /// Envoy does not do) is a no-op with `default`, never a trap.
     fn with_stream<T>(id: u32, default: T, f: impl FnOnce(&mut Http) -> T) -> T {
+        CURRENT.with(|c| c.set(id));
         STREAMS.with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.get_mut(&id).map(f))).unwrap_or(default)
     }
 
     fn with_root<T>(id: u32, default: T, f: impl FnOnce(&mut Root) -> T) -> T {
+        CURRENT.with(|c| c.set(id));
         ROOT_CONTEXTS.with(|r| r.try_borrow_mut().ok().and_then(|mut r| r.get_mut(&id).map(f))).unwrap_or(default)
     }
 
@@ -648,6 +689,7 @@ mod exports {
     /// a root context's `on_done`, proxy-wasm-cpp-host `WasmBase::startShutdown`).
     #[no_mangle]
     pub extern "C" fn proxy_on_delete(id: u32) {
+        CURRENT.with(|c| c.set(id));
         // Out of the map first: ending a stream may call the host, never with a borrow held.
         let stream = STREAMS.with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.remove(&id)));
         if let Some(mut h) = stream {

@@ -468,3 +468,61 @@ fn a_waiter_the_shared_state_lost_is_answered_with_queue_timeout_soon_after_its_
     w.log(4, s4);
     assert!(w.wake().is_empty());
 }
+
+// The tick's pace (`Vm::pace`): fine while something is timed to `sync_interval`.
+
+/// `n` ticks 50 ms apart from `from`, with one request served before each; returns the end.
+fn calm_ticks(w: &Worker, route: &str, from: u64, n: u32) -> u64 {
+    let mut t = from;
+    for i in 0..n {
+        t += 50 * MS;
+        let (_, s) = w.at(t).send(route, 100 + i);
+        w.end(100 + i, s, 200);
+        w.tick();
+    }
+    t
+}
+
+#[test]
+fn a_healthy_worker_slows_its_tick_after_a_calm_second_and_still_flushes_stats_every_tick() {
+    let w = first();
+    let t = calm_ticks(&w, "orders", 0, 19);
+    assert!(!w.vm.is_coarse(), "19 calm ticks: still every sync_interval");
+    let t = calm_ticks(&w, "orders", t, 1);
+    assert!(w.vm.is_coarse() && !w.host.tick_fine.get(), "the 20th: coarse");
+    assert_eq!(w.host.take_calls().get("pace_tick"), Some(&1));
+    // At the coarse pace (250 ms) every tick flushes: a count reaches Envoy within one.
+    let (_, s) = w.at(t + 10 * MS).send("orders", 7);
+    w.end(7, s, 200);
+    let admitted = || w.host.metric("bulkhead_admitted_total.policy.orders");
+    let before = admitted();
+    w.at(t + 60 * MS).tick();
+    assert_eq!(admitted(), before + 1);
+}
+
+#[test]
+fn a_request_that_starts_waiting_brings_the_fine_pace_back_until_the_queue_is_empty() {
+    let w = first();
+    let t = calm_ticks(&w, "orders", 0, 20);
+    assert!(w.vm.is_coarse());
+    let (_, s1) = w.at(t).send("orders", 1);
+    let (_, s2) = w.send("orders", 2);
+    assert!(w.vm.is_coarse(), "nothing waits yet: the pace stays coarse");
+    let (action, s3) = w.send("orders", 3);
+    assert_eq!(action, Action::Stop);
+    assert!(!w.vm.is_coarse() && w.host.tick_fine.get(), "request 3 waits: its timeout needs the fine tick");
+    w.wake(); // the recall from 3: the lease drains
+    let mut s1 = Some(s1);
+    for k in 1..=32 {
+        w.at(t + k * 50 * MS).tick();
+        if k == 10 {
+            w.end(1, s1.take().unwrap(), 200); // back to the lease; the next tick hands it on
+        }
+        if k == 11 {
+            assert_eq!(w.wake(), [3], "request 1's permit went to request 3");
+        }
+        assert_eq!(w.vm.is_coarse(), k >= 31, "fine while request 3 waits, coarse 20 calm ticks after (tick {k})");
+    }
+    w.end(2, s2, 200);
+    w.end(3, s3, 200);
+}

@@ -605,3 +605,84 @@ fn zz_profile_fast_fail() {
         }
     }
 }
+
+#[test]
+fn an_open_breaker_keeps_the_coarse_pace_until_a_coarse_tick_before_its_end_and_turns_half_open_on_time() {
+    let w = worker();
+    let mut t = 0;
+    for i in 0..20 {
+        t += 50 * MS;
+        w.at(t);
+        assert_eq!(checkout(&w, 200), Action::Continue);
+        w.tick();
+        assert_eq!(w.vm.is_coarse(), i == 19, "coarse after 20 calm ticks (tick {i})");
+    }
+    for _ in 0..3 {
+        checkout(&w, 503); // open from t to t + 10 s
+    }
+    let until = t + 10 * SECOND;
+    while t + 250 * MS < until - 250 * MS {
+        t += 250 * MS;
+        w.at(t).tick();
+        assert!(w.vm.is_coarse(), "{} ms before the end: coarse", (until - t) / MS);
+    }
+    t += 250 * MS;
+    w.at(t).tick();
+    assert!(!w.vm.is_coarse(), "{} ms before the end: fine", (until - t) / MS);
+    while t < until {
+        assert_eq!(w.stat("circuit_state.policy.checkout.state.half_open"), 0);
+        t += 50 * MS;
+        w.at(t).tick();
+    }
+    assert_eq!(
+        w.stat("circuit_state.policy.checkout.state.half_open"),
+        1,
+        "half-open at the first tick after open_for"
+    );
+}
+
+#[test]
+fn a_rate_trip_awaiting_confirmation_brings_the_fine_pace_back_at_once() {
+    let w = worker();
+    let mut t = 0;
+    for _ in 0..20 {
+        t += 50 * MS;
+        assert_eq!(call(w.at(t), "checkout", 200), Action::Continue);
+        w.tick();
+    }
+    assert!(w.vm.is_coarse());
+    for _ in 0..4 {
+        let (_, mut s) = w.send("slowness", 1);
+        w.respond(&mut s, 200, 300, &[]); // slow: over 200ms
+        w.log(1, s);
+    }
+    assert!(!w.vm.is_coarse() && w.host.tick_fine.get(), "suspect: the trip is confirmed on the tick");
+}
+
+#[test]
+fn route_name_rules_alone_are_one_lookup_and_choose_as_the_general_matcher_does() {
+    let policies = r#""a": { "circuit_breaker": { "consecutive_failures": 1 } },
+                      "b": { "circuit_breaker": { "consecutive_failures": 1 } }"#;
+    let names = r#"[{ "match": { "route_name": "r1" }, "policy": "a" }, { "match": { "route_name": "r1" }, "policy": "b" },
+                    { "match": { "route_name": "r2" }, "policy": "b" }]"#;
+    let only_names = Worker::first(&alloc::format!(r#"{{"policies": {{{policies}}}, "routes": {names}}}"#));
+    // The same rules, and one more that needs the path: the general matcher decides.
+    let mixed = Worker::first(&alloc::format!(
+        r#"{{"policies": {{{policies}}}, "routes": [{}, {{ "match": {{ "path_prefix": "/never" }}, "policy": "a" }}]}}"#,
+        names.trim().trim_start_matches('[').trim_end_matches(']')
+    ));
+    let Select::Rules(t) = &only_names.c.select else { panic!("rules") };
+    assert!(t.names_only());
+    let Select::Rules(t) = &mixed.c.select else { panic!("rules") };
+    assert!(!t.names_only());
+    for w in [&only_names, &mixed] {
+        let policy_of = |route: &str| match w.send(route, 1).1 {
+            Stream::Tracked(t) => Some(w.c.policy(t.policy).unwrap().name().to_owned()),
+            Stream::Untracked => None,
+        };
+        assert_eq!(policy_of("r1").as_deref(), Some("a"), "the first rule for r1 wins");
+        assert_eq!(policy_of("r2").as_deref(), Some("b"));
+        assert_eq!(policy_of("r3"), None);
+        assert_eq!(policy_of(""), None, "a route without a name");
+    }
+}
