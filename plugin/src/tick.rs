@@ -1,4 +1,5 @@
-//! Each worker's tick (every `sync_interval`). It visits only what changed since the last one
+//! Each worker's tick: every `sync_interval` while something is timed to it, every
+//! [`COARSE_NS`] otherwise ([`Vm::pace`]). It visits only what changed since the last one
 //! (see [`Vm::list`]), and most of what it visits has nothing due, so an idle Envoy with
 //! thousands of policies does next to nothing and a busy one touches shared data about once a
 //! second per policy:

@@ -567,46 +567,6 @@ fn near_open_fors_end_the_clock_is_read_so_1ms_before_is_refused_and_1ms_after_i
 }
 
 #[test]
-#[ignore]
-fn zz_profile_stack_rules() {
-    let w = Worker::first(&alloc::format!(
-        r#"{{"policies": {{"full": {FULL_STACK}}}, "routes": [{{"match": {{"route_name": "full"}}, "policy": "full"}}]}}"#
-    ));
-    let mut t = 0;
-    for i in 0..20000u32 {
-        t += 4 * MS;
-        w.at(t);
-        let (_, mut s) = w.send("full", i);
-        w.respond(&mut s, 200, 5, &[("x-envoy-attempt-count", "1")]);
-        w.log(i, s);
-        if i % 12 == 0 {
-            w.tick();
-        }
-    }
-}
-
-#[test]
-#[ignore]
-fn zz_profile_fast_fail() {
-    let w = Worker::first(
-        r#"{"policies": {"full": {"circuit_breaker": {"consecutive_failures": 1, "open_for": "1h"}}}, "policy": "full"}"#,
-    );
-    let (_, s) = w.send("full", 1);
-    w.end(1, s, 503);
-    let mut t = 0;
-    for i in 0..20000u32 {
-        t += 4 * MS;
-        w.at(t);
-        let (_, mut s) = w.send("full", i);
-        crate::filter::on_response_headers(&w.c, &w.host, &mut s);
-        w.log(i, s);
-        if i % 12 == 0 {
-            w.tick();
-        }
-    }
-}
-
-#[test]
 fn an_open_breaker_keeps_the_coarse_pace_until_a_coarse_tick_before_its_end_and_turns_half_open_on_time() {
     let w = worker();
     let mut t = 0;
