@@ -85,14 +85,14 @@ pub fn on_request_headers(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, ticket: u
     let Some(p) = select(c, host) else { return (Action::Continue, Stream::Untracked) };
     let call = match breaker::admit(c, p, host, vm) {
         breaker::Admit::Pass(call) => call,
-        breaker::Admit::Rejected => return refused(vm, ticket),
+        breaker::Admit::Rejected => return refused(c, vm, ticket),
     };
     let permit = bulkhead::admit(c, p, host, vm, ticket);
     if permit == Permit::Refused {
         if let Some(call) = call.filter(|c| c.probe) {
             breaker::record(c, p, host, vm, call, None, false);
         }
-        return refused(vm, ticket);
+        return refused(c, vm, ticket);
     }
     // A waiting request reserves its retries now, with its headers.
     let retry = retry::reserve(c, p, host, vm);
@@ -108,8 +108,8 @@ pub fn on_request_headers(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, ticket: u
 }
 
 /// A request Breakwater refused: answered (stop), or sent to a fallback cluster (it goes on).
-fn refused(vm: &Vm, ticket: u32) -> (Action, Stream) {
-    let action = if vm.fallback.take_rerouted(ticket) { Action::Continue } else { Action::Stop };
+fn refused(c: &Compiled, vm: &Vm, ticket: u32) -> (Action, Stream) {
+    let action = if c.fallbacks && vm.fallback.take_rerouted(ticket) { Action::Continue } else { Action::Stop };
     (action, Stream::Untracked)
 }
 
@@ -143,7 +143,9 @@ pub fn on_response_trailers(c: &Compiled, host: &impl Host, stream: &mut Stream)
 /// Accounting, when the stream is over: the bulkhead permit back, the retries settled, the
 /// outcome to the breaker.
 pub fn on_end(c: &Rc<Compiled>, host: &impl Host, vm: &Vm, ticket: u32, stream: Stream) {
-    crate::fallback::on_end(c, vm, ticket);
+    if c.fallbacks {
+        crate::fallback::on_end(c, vm, ticket);
+    }
     let Stream::Tracked(t) = stream else { return };
     let Some(p) = c.policy(t.policy) else { return };
     let forwarded = bulkhead::finish(p, host, vm, ticket, t.permit) != Finished::NotForwarded;

@@ -47,20 +47,39 @@ fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
 
 /// Serializes pairs into the same format (for local replies, and the fake host).
 pub fn serialize(pairs: &[(&str, &[u8])]) -> Vec<u8> {
-    let size = 4 + pairs.iter().map(|(n, v)| n.len() + v.len() + 10).sum::<usize>();
-    let mut out = Vec::with_capacity(size);
-    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
-    for (n, v) in pairs {
-        out.extend_from_slice(&(n.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (n, v) in pairs {
-        out.extend_from_slice(n.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v);
-        out.push(0);
-    }
+    let mut out = alloc::vec![0; serialized_len(pairs)];
+    let n = serialize_into(pairs, &mut out).unwrap_or(0);
+    out.truncate(n);
     out
+}
+
+/// The size of `pairs` serialized.
+pub fn serialized_len(pairs: &[(&str, &[u8])]) -> usize {
+    4 + pairs.iter().map(|(n, v)| n.len() + v.len() + 10).sum::<usize>()
+}
+
+/// Serializes `pairs` into `out` (at least [`serialized_len`] long); returns the length written,
+/// None if `out` is too short. A local reply serializes its few headers on the stack.
+pub fn serialize_into(pairs: &[(&str, &[u8])], out: &mut [u8]) -> Option<usize> {
+    let mut at = 0usize;
+    let mut put = |bytes: &[u8]| {
+        let end = at.checked_add(bytes.len())?;
+        out.get_mut(at..end)?.copy_from_slice(bytes);
+        at = end;
+        Some(())
+    };
+    put(&(pairs.len() as u32).to_le_bytes())?;
+    for (n, v) in pairs {
+        put(&(n.len() as u32).to_le_bytes())?;
+        put(&(v.len() as u32).to_le_bytes())?;
+    }
+    for (n, v) in pairs {
+        put(n.as_bytes())?;
+        put(&[0])?;
+        put(v)?;
+        put(&[0])?;
+    }
+    Some(at)
 }
 
 /// A decimal number made of ASCII digits only (no sign, no spaces), as Envoy writes

@@ -87,6 +87,9 @@ pub struct Compiled {
     pub namespace: String,
     /// This instance is the status and control endpoint ([`control`]), with no policies.
     pub control: Option<config::Control>,
+    /// Some policy has a `fallback`: only then does a stream of this configuration go through
+    /// the fallback's bookkeeping (a few hundred instructions a stream otherwise saved).
+    pub fallbacks: bool,
 }
 
 /// One policy as the request path uses it.
@@ -190,7 +193,7 @@ impl Compiled {
     pub fn new(config: Config, namespace: &str) -> Self {
         let Config { policies, routes, sync_interval_ns, only, control } = config;
         let key = |kind: &str, name: &str| format!("breakwater/v1/{namespace}/{kind}/{name}");
-        let policies = policies
+        let policies: Vec<Policy> = policies
             .into_iter()
             .enumerate()
             .map(|(index, cfg)| Policy {
@@ -212,7 +215,8 @@ impl Compiled {
             Some(i) => Select::Only(i),
             None => Select::Rules(routes),
         };
-        Compiled { policies, select, sync_interval_ns, namespace: namespace.into(), control }
+        let fallbacks = policies.iter().any(|p: &Policy| p.cfg.fallback.is_some());
+        Compiled { policies, select, sync_interval_ns, namespace: namespace.into(), control, fallbacks }
     }
 
     pub fn policy(&self, index: usize) -> Option<&Policy> {

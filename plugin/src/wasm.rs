@@ -519,7 +519,17 @@ impl Host for WasmHost {
             .map_err(|mismatch| if mismatch { SharedError::CasMismatch } else { SharedError::Other })
     }
     fn send_http_reply(&self, status: u32, headers: &[(&str, &[u8])], body: &[u8]) {
-        let result = abi::send_local_response(status, &crate::headers::serialize(headers), body);
+        // The reject reply's few headers fit on the stack: no allocation on a fast-fail.
+        let mut small = [0u8; 256];
+        let large;
+        let serialized: &[u8] = match crate::headers::serialize_into(headers, &mut small) {
+            Some(n) => small.get(..n).unwrap_or_default(),
+            None => {
+                large = crate::headers::serialize(headers);
+                &large
+            }
+        };
+        let result = abi::send_local_response(status, serialized, body);
         if result != 0 {
             log::warn!("local reply failed: status {result}");
         }
@@ -710,8 +720,8 @@ struct Root {
 
 impl Root {
     /// The root context is going away (a configuration change, or shutdown): another root
-    /// context of this VM takes over the tick and the wake-up queue, and this one's counts are
-    /// flushed by the next tick (its policies stay on the VM's list).
+    /// context of this VM takes over the tick and the wake-up queue, and every count still on
+    /// the worker goes to Envoy now (the last root leaves no tick behind to do it).
     fn on_end(&self) {
         ROOTS.with(|r| {
             if let Ok(mut r) = r.try_borrow_mut() {
@@ -719,7 +729,9 @@ impl Root {
                 r.elect(self.id);
             }
         });
-        tick::tick(&WasmHost, &vm());
+        let vm = vm();
+        tick::tick(&WasmHost, &vm);
+        tick::flush_all(&WasmHost, &vm);
     }
 
     fn on_configure(&mut self) -> bool {
@@ -815,13 +827,18 @@ impl Http {
         let vm = vm();
         let (action, stream) = filter::on_request_headers(c, &WasmHost, &vm, self.id);
         self.stream = stream;
-        self.pending = crate::fallback::on_request_headers(c, &WasmHost, &vm, &self.stream);
+        if c.fallbacks {
+            self.pending = crate::fallback::on_request_headers(c, &WasmHost, &vm, &self.stream);
+        }
         action == filter::Action::Stop
     }
 
     fn on_response_headers(&mut self, end_of_stream: bool) {
         if let Some(c) = &self.compiled {
             let read = filter::on_response_headers(c, &WasmHost, &mut self.stream);
+            if !c.fallbacks {
+                return;
+            }
             self.capture = crate::fallback::on_response_headers(
                 c,
                 &WasmHost,
