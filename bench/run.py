@@ -355,12 +355,20 @@ def run_group(envoys, rounds, requests, connections, tmp, label):
 
 
 def start(envoy_bin, name, make_yaml, tmp, concurrency):
-    port, admin = free_port(), free_port()
-    e = Envoy(envoy_bin, name, make_yaml(port, admin), tmp, concurrency)
-    e.port = port
-    e.wait_ready(admin)
-    prime(name.rsplit("-w", 1)[0], port)
-    return e
+    for attempt in range(3):
+        port, admin = free_port(), free_port()
+        e = Envoy(envoy_bin, name, make_yaml(port, admin), tmp, concurrency)
+        e.port = port
+        try:
+            e.wait_ready(admin)
+        except RuntimeError as err:
+            e.stop()
+            # Another process took a port between free_port() and Envoy's bind: pick again.
+            if "Address already in use" in str(err) and attempt < 2:
+                continue
+            raise
+        prime(name.rsplit("-w", 1)[0], port)
+        return e
 
 
 def prime(variant, port):

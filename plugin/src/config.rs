@@ -172,7 +172,8 @@ pub struct Policy {
 pub struct Config {
     pub policies: Vec<Policy>,
     pub routes: RouteTable,
-    /// How often each worker hands its batched successes to the shared breakers.
+    /// How often each worker ticks while something is timed to the tick (see `tick::COARSE_NS`
+    /// for a calm worker).
     pub sync_interval_ns: u64,
     /// `policy`: this filter instance is enabled per route and applies this policy (an index
     /// into `policies`) to every request it sees, with no route lookup.

@@ -26,7 +26,8 @@ use core::cell::RefCell;
 
 std::thread_local! {
     /// This worker's state, shared by all its root contexts.
-    static VM: Rc<Vm> = Rc::new(Vm::default());
+    /// (Leaked: it lives as long as the VM, and a reference costs no count on every callback.)
+    static VM: &'static Vm = alloc::boxed::Box::leak(alloc::boxed::Box::new(Vm::default()));
     /// This worker's root contexts, and the one that ticks and receives the wake-up queue.
     static ROOTS: RefCell<Roots> = RefCell::new(Roots::default());
     /// The context of the callback running now: where host calls go back to after one made on
@@ -34,8 +35,8 @@ std::thread_local! {
     static CURRENT: core::cell::Cell<u32> = const { core::cell::Cell::new(0) };
 }
 
-fn vm() -> Rc<Vm> {
-    VM.with(Rc::clone)
+fn vm() -> &'static Vm {
+    VM.with(|v| *v)
 }
 
 /// The root contexts of this VM (one per filter instance and configuration). Only one of them
@@ -576,7 +577,12 @@ impl Host for WasmHost {
 mod exports {
     use super::{abi, Http, Root, CURRENT};
     use core::cell::RefCell;
+    use foldhash::fast::FixedState;
     use hashbrown::HashMap;
+
+    /// By context id. Envoy numbers contexts itself: a fixed seed needs no random state, so
+    /// the maps are built at compile time and a callback checks no lazy initialisation.
+    type ById<V> = HashMap<u32, V, FixedState>;
 
     /// proxy-wasm's `Action` and the booleans Envoy reads from a callback's `u32`.
     const CONTINUE: u32 = 0;
@@ -585,8 +591,8 @@ mod exports {
     std::thread_local! {
         /// This worker's root contexts (one per filter instance and configuration) and its live
         /// streams, by context id.
-        static ROOT_CONTEXTS: RefCell<HashMap<u32, Root>> = RefCell::new(HashMap::new());
-        static STREAMS: RefCell<HashMap<u32, Http>> = RefCell::new(HashMap::new());
+        static ROOT_CONTEXTS: RefCell<ById<Root>> = const { RefCell::new(HashMap::with_hasher(FixedState::with_seed(0))) };
+        static STREAMS: RefCell<ById<Http>> = const { RefCell::new(HashMap::with_hasher(FixedState::with_seed(0))) };
     }
 
     /// Runs `f` on stream `id`; an unknown id (or a callback re-entered while one runs, which

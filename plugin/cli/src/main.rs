@@ -202,6 +202,10 @@ pub(crate) enum Output {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: restores the default action of one signal before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match Cli::parse().command {
         Command::Status { policy, endpoint, output } => {
             let endpoint = endpoint.endpoint();

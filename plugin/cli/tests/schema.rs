@@ -124,3 +124,20 @@ fn an_adaptive_timeouts_margin_may_be_zero_in_the_schema_as_in_the_plugin() {
         assert!(breakwater::config::parse(with(d).to_string().as_bytes()).is_err(), "the plugin refuses {d}");
     }
 }
+
+#[test]
+fn a_reader_that_closes_the_pipe_early_ends_the_command_quietly() {
+    // As `breakwater schema | head -c 10`: the reader is gone before the schema is written.
+    use std::process::{Command, Stdio};
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .arg("schema")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.code().is_none_or(|c| c != 101), "not a panic's exit code: {:?}", out.status);
+}
