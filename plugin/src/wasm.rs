@@ -74,7 +74,7 @@ impl Roots {
             self.period = interval;
             let vm = vm();
             vm.paced_fine();
-            self.register_queue(&vm);
+            self.register_queue(vm);
         }
         abi::enter(current);
         self.ticker = (id, interval);
@@ -736,8 +736,8 @@ impl Root {
             }
         });
         let vm = vm();
-        tick::tick(&WasmHost, &vm);
-        tick::flush_all(&WasmHost, &vm);
+        tick::tick(&WasmHost, vm);
+        tick::flush_all(&WasmHost, vm);
     }
 
     fn on_configure(&mut self) -> bool {
@@ -784,11 +784,11 @@ impl Root {
     }
 
     fn on_tick(&mut self) {
-        tick::tick(&WasmHost, &vm());
+        tick::tick(&WasmHost, vm());
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
-        bulkhead::on_message(&WasmHost, &vm(), queue_id);
+        bulkhead::on_message(&WasmHost, vm(), queue_id);
     }
 }
 
@@ -817,7 +817,7 @@ impl Http {
         }
         let Some(c) = &self.compiled else { return false };
         if let Some(a) = &c.control {
-            return match crate::control::handle(a, &WasmHost, &vm()) {
+            return match crate::control::handle(a, &WasmHost, vm()) {
                 Some(reply) => {
                     let headers: [(&str, &[u8]); 2] =
                         [("content-type", b"application/json"), ("cache-control", b"no-store")];
@@ -831,10 +831,10 @@ impl Http {
             return false;
         }
         let vm = vm();
-        let (action, stream) = filter::on_request_headers(c, &WasmHost, &vm, self.id);
+        let (action, stream) = filter::on_request_headers(c, &WasmHost, vm, self.id);
         self.stream = stream;
         if c.fallbacks {
-            self.pending = crate::fallback::on_request_headers(c, &WasmHost, &vm, &self.stream);
+            self.pending = crate::fallback::on_request_headers(c, &WasmHost, vm, &self.stream);
         }
         action == filter::Action::Stop
     }
@@ -848,7 +848,7 @@ impl Http {
             self.capture = crate::fallback::on_response_headers(
                 c,
                 &WasmHost,
-                &vm(),
+                vm(),
                 self.id,
                 &self.stream,
                 read.as_deref(),
@@ -873,7 +873,7 @@ impl Http {
     /// The stream is over, however it ended (answered, reset, refused, the client gone).
     fn on_end(&mut self) {
         if let Some(c) = &self.compiled {
-            filter::on_end(c, &WasmHost, &vm(), self.id, core::mem::take(&mut self.stream));
+            filter::on_end(c, &WasmHost, vm(), self.id, core::mem::take(&mut self.stream));
         }
     }
 }
