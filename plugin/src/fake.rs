@@ -370,6 +370,19 @@ impl Worker {
     pub fn tick(&self) {
         crate::tick::tick(&self.host, &self.vm);
     }
+    /// `n` ticks 50 ms apart from `from` (ns), with one request on `route` served (200) before
+    /// each: a calm worker, for the tick's pace. Returns the time of the last tick.
+    pub fn calm_ticks(&self, route: &str, from: u64, n: u32) -> u64 {
+        let mut t = from;
+        for i in 0..n {
+            t += 50 * breakwater_policies::MS;
+            let (action, s) = self.at(t).send(route, 100 + i);
+            assert_eq!(action, crate::filter::Action::Continue, "a calm worker admits request {i}");
+            self.end(100 + i, s, 200);
+            self.tick();
+        }
+        t
+    }
     pub fn at(&self, ns: u64) -> &Self {
         self.host.now.set(ns);
         self

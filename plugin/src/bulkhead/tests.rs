@@ -471,24 +471,12 @@ fn a_waiter_the_shared_state_lost_is_answered_with_queue_timeout_soon_after_its_
 
 // The tick's pace (`Vm::pace`): fine while something is timed to `sync_interval`.
 
-/// `n` ticks 50 ms apart from `from`, with one request served before each; returns the end.
-fn calm_ticks(w: &Worker, route: &str, from: u64, n: u32) -> u64 {
-    let mut t = from;
-    for i in 0..n {
-        t += 50 * MS;
-        let (_, s) = w.at(t).send(route, 100 + i);
-        w.end(100 + i, s, 200);
-        w.tick();
-    }
-    t
-}
-
 #[test]
 fn a_healthy_worker_slows_its_tick_after_a_calm_second_and_still_flushes_stats_every_tick() {
     let w = first();
-    let t = calm_ticks(&w, "orders", 0, 19);
+    let t = w.calm_ticks("orders", 0, 19);
     assert!(!w.vm.is_coarse(), "19 calm ticks: still every sync_interval");
-    let t = calm_ticks(&w, "orders", t, 1);
+    let t = w.calm_ticks("orders", t, 1);
     assert!(w.vm.is_coarse() && !w.host.tick_fine.get(), "the 20th: coarse");
     assert_eq!(w.host.take_calls().get("pace_tick"), Some(&1));
     // At the coarse pace (250 ms) every tick flushes: a count reaches Envoy within one.
@@ -503,7 +491,7 @@ fn a_healthy_worker_slows_its_tick_after_a_calm_second_and_still_flushes_stats_e
 #[test]
 fn a_request_that_starts_waiting_brings_the_fine_pace_back_until_the_queue_is_empty() {
     let w = first();
-    let t = calm_ticks(&w, "orders", 0, 20);
+    let t = w.calm_ticks("orders", 0, 20);
     assert!(w.vm.is_coarse());
     let (_, s1) = w.at(t).send("orders", 1);
     let (_, s2) = w.send("orders", 2);

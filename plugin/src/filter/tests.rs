@@ -604,12 +604,7 @@ fn an_open_breaker_keeps_the_coarse_pace_until_a_coarse_tick_before_its_end_and_
 #[test]
 fn a_rate_trip_awaiting_confirmation_brings_the_fine_pace_back_at_once() {
     let w = worker();
-    let mut t = 0;
-    for _ in 0..20 {
-        t += 50 * MS;
-        assert_eq!(call(w.at(t), "checkout", 200), Action::Continue);
-        w.tick();
-    }
+    w.calm_ticks("checkout", 0, 20);
     assert!(w.vm.is_coarse());
     for _ in 0..4 {
         let (_, mut s) = w.send("slowness", 1);
