@@ -70,8 +70,8 @@ fn select<'c>(c: &'c Compiled, host: &impl Host) -> Option<&'c Policy> {
     let index = match &c.select {
         Select::Only(i) => *i,
         Select::Rules(rules) if rules.names_only() => {
-            let name = host.route_name().filter(|n| !n.is_empty());
-            rules.by_route_name(name.as_deref()).flatten()?
+            let name = host.route_name().filter(|n| !n.is_empty())?;
+            rules.by_route_name(&name)?
         }
         Select::Rules(rules) => rules.find(&mut HostAttributes::new(host))?,
     };

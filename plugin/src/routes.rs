@@ -173,11 +173,10 @@ impl RouteTable {
         RouteTable { rules, by_name, unnamed, names_only }
     }
 
-    /// The policy of `route_name` when every rule is a route name alone (else None: use
-    /// [`RouteTable::find`]). `Some(None)`: no rule for this route.
-    pub fn by_route_name(&self, route_name: Option<&[u8]>) -> Option<Option<usize>> {
-        let m = self.names_only.as_ref()?;
-        Some(route_name.and_then(|n| m.get(n).copied()))
+    /// The policy of the route named `route_name`, when [`RouteTable::names_only`] (otherwise
+    /// None for every name: use [`RouteTable::find`]).
+    pub fn by_route_name(&self, route_name: &[u8]) -> Option<usize> {
+        self.names_only.as_ref()?.get(route_name).copied()
     }
 
     /// Whether [`RouteTable::by_route_name`] decides every request.
